@@ -1,0 +1,45 @@
+//! Milliseconds per training step (forward, backward, Adam) at batch 64 on CPU, for the
+//! digits MLP and the CIFAR-10 CNN, each beside a forward-only pass of the same batch
+//! measured in the same run (the baseline the step is reported against).
+//!
+//! Run: `cargo bench -p weightgrad --bench train_step`
+
+use candle_core::{Device, Tensor};
+use criterion::{Criterion, criterion_group, criterion_main};
+use weightgrad::train::{Model, ModelSpec, Optimizer, OptimizerSpec};
+
+const BATCH: usize = 64;
+
+fn bench_model(c: &mut Criterion, name: &str, spec: ModelSpec, sample: &[usize]) {
+    let dev = Device::Cpu;
+    let model = Model::new(&spec, sample, 10, 0, &dev).expect("model");
+    let mut shape = vec![BATCH];
+    shape.extend(sample);
+    let x = Tensor::rand(0f32, 1.0, shape, &dev).expect("input");
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let y = Tensor::from_vec(labels, BATCH, &dev).expect("labels");
+    let mut opt = Optimizer::new(OptimizerSpec::adam(), model.vars()).expect("optimizer");
+    let mut group = c.benchmark_group(name);
+    group.bench_function("forward (baseline)", |b| {
+        b.iter(|| model.forward(&x).expect("forward"))
+    });
+    group.bench_function("train step", |b| {
+        b.iter(|| {
+            let (_, grads) = model.loss_and_grads(&x, &y).expect("grads");
+            opt.step(model.vars(), &grads, 1e-3).expect("step");
+        })
+    });
+    group.finish();
+}
+
+fn train_steps(c: &mut Criterion) {
+    bench_model(c, "mlp-digits-b64", ModelSpec::default_mlp(), &[1, 8, 8]);
+    bench_model(c, "cnn-cifar-b64", ModelSpec::Cnn, &[3, 32, 32]);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(5));
+    targets = train_steps
+}
+criterion_main!(benches);

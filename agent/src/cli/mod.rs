@@ -1,0 +1,28 @@
+//! The `weightgrad` command line.
+
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// WeightGrad: train one model across regions over slow WAN links.
+#[derive(Debug, Parser)]
+#[command(name = "weightgrad", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train one replica locally (no WAN): the single-region reference.
+    Train(train::TrainArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => train::run(args),
+    }
+}

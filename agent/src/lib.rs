@@ -1,0 +1,9 @@
+//! WeightGrad: one model trained across regions over slow WAN links.
+//!
+//! This crate is the per-region agent: the training engine ([`train`]), the update
+//! codec ([`codec`], re-exported from `weightgrad-codec`) and the `weightgrad` CLI ([`cli`]).
+
+pub mod cli;
+pub mod train;
+
+pub use weightgrad_codec as codec;

@@ -1,0 +1,34 @@
+//! Evaluation: top-1 accuracy and mean cross-entropy over a whole data set.
+
+use crate::train::{batch::batch_tensors, dataset::Dataset, model::Model};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+/// Result of evaluating a model on a data set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Fraction of samples whose arg-max prediction is the label, in `0..=1`.
+    pub accuracy: f64,
+    /// Mean cross-entropy per sample.
+    pub loss: f64,
+}
+
+const EVAL_BATCH: usize = 1024;
+
+/// Evaluates `model` on every sample of `data`.
+pub fn evaluate(model: &Model, data: &Dataset) -> Result<Evaluation> {
+    let mut correct = 0usize;
+    let mut loss_sum = 0.0f64;
+    let all: Vec<usize> = (0..data.len()).collect();
+    for chunk in all.chunks(EVAL_BATCH) {
+        let (x, y) = batch_tensors(data, chunk, model.device())?;
+        let (loss, ok) = model.loss_and_correct(&x, &y)?;
+        loss_sum += f64::from(loss) * chunk.len() as f64;
+        correct += ok;
+    }
+    let n = data.len().max(1) as f64;
+    Ok(Evaluation {
+        accuracy: correct as f64 / n,
+        loss: loss_sum / n,
+    })
+}

@@ -1,0 +1,24 @@
+//! The training engine: data sets, candle models, optimizers, schedules, evaluation,
+//! checkpoints and the single-replica training loop.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod dataset;
+pub mod device;
+pub mod eval;
+pub mod manifest;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod schedule;
+pub mod trainer;
+
+pub use checkpoint::Checkpoint;
+pub use dataset::{DataSplit, Dataset};
+pub use device::DeviceSpec;
+pub use eval::Evaluation;
+pub use manifest::{Manifest, TensorKind, TensorSpec};
+pub use model::{Model, ModelSpec};
+pub use optim::{Optimizer, OptimizerSpec};
+pub use schedule::LrSchedule;
+pub use trainer::{EpochReport, TrainConfig, Trainer};

@@ -1,0 +1,483 @@
+//! Candle models: MLP, the CIFAR-10 tutorial CNN and logistic regression.
+//!
+//! Parameters are initialised from a seeded stream (not candle's global RNG), so a
+//! model is a pure function of its spec, input shape and seed.
+
+use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
+use crate::train::rng::seeded_rng;
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{D, Device, Tensor, Var};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which model to build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ModelSpec {
+    /// Fully connected layers with ReLU; `hidden` lists the hidden widths.
+    Mlp {
+        /// Hidden layer widths, input side first.
+        hidden: Vec<usize>,
+    },
+    /// conv 5×5×64, max-pool 3/2, conv 5×5×64, max-pool 3/2, fc 384, fc 192, fc classes.
+    Cnn,
+    /// One linear layer and softmax.
+    Logreg,
+}
+
+impl ModelSpec {
+    /// The default MLP: one hidden layer of 256 units.
+    pub fn default_mlp() -> Self {
+        ModelSpec::Mlp { hidden: vec![256] }
+    }
+
+    /// Parses `mlp`, `mlp:256,128`, `cnn` or `logreg`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+        match (name, arg) {
+            ("mlp", "") => Ok(Self::default_mlp()),
+            ("mlp", widths) => {
+                let hidden = widths
+                    .split(',')
+                    .map(|w| match w.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => bail!("MLP width {w:?} in {s:?} is not a positive integer"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Self::Mlp { hidden })
+            }
+            ("cnn", "") => Ok(Self::Cnn),
+            ("logreg", "") => Ok(Self::Logreg),
+            _ => bail!("unknown model {s:?}; expected mlp, mlp:W1,W2,..., cnn or logreg"),
+        }
+    }
+}
+
+enum Layer {
+    /// `y = x Wᵀ + b`, optionally followed by ReLU.
+    Linear { w: usize, b: usize, relu: bool },
+    /// 5×5 same-padded convolution, ReLU, then 3×3 max-pool with stride 2.
+    ConvPool { w: usize, b: usize },
+    /// `[B, C, H, W]` to `[B, C·H·W]`.
+    Flatten,
+}
+
+/// A model replica: its manifest, parameters and layer graph.
+pub struct Model {
+    spec: ModelSpec,
+    manifest: Manifest,
+    vars: Vec<Var>,
+    layers: Vec<Layer>,
+    sample_shape: Vec<usize>,
+    device: Device,
+}
+
+struct Builder {
+    tensors: Vec<TensorSpec>,
+    vars: Vec<Var>,
+    rng: rand_chacha::ChaCha8Rng,
+    device: Device,
+}
+
+impl Builder {
+    /// Adds a tensor initialised uniformly in ±1/sqrt(fan_in) (PyTorch's default).
+    fn param(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        kind: TensorKind,
+        fan_in: usize,
+    ) -> Result<usize> {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-bound..bound))
+            .collect();
+        let var = Var::from_vec(data, shape.as_slice(), &self.device)?;
+        self.tensors.push(TensorSpec { name, shape, kind });
+        self.vars.push(var);
+        Ok(self.vars.len() - 1)
+    }
+
+    fn linear(&mut self, name: &str, inp: usize, out: usize, relu: bool) -> Result<Layer> {
+        let w = self.param(
+            format!("{name}.weight"),
+            vec![out, inp],
+            TensorKind::Weight,
+            inp,
+        )?;
+        let b = self.param(format!("{name}.bias"), vec![out], TensorKind::Bias, inp)?;
+        Ok(Layer::Linear { w, b, relu })
+    }
+
+    fn conv(&mut self, name: &str, cin: usize, cout: usize) -> Result<Layer> {
+        let fan_in = cin * 25;
+        let w = self.param(
+            format!("{name}.weight"),
+            vec![cout, cin, 5, 5],
+            TensorKind::Weight,
+            fan_in,
+        )?;
+        let b = self.param(format!("{name}.bias"), vec![cout], TensorKind::Bias, fan_in)?;
+        Ok(Layer::ConvPool { w, b })
+    }
+}
+
+/// Output side length after a 3×3 max-pool with stride 2 (no padding).
+fn pooled(side: usize) -> usize {
+    (side - 3) / 2 + 1
+}
+
+/// Max over windows of 3 at stride 2 along `dim`, built from differentiable ops.
+///
+/// Output `i` covers inputs `2i, 2i+1, 2i+2`. Splitting `dim` into pairs `(j, a)` with
+/// input `2j+a`, the window is `(i,0), (i,1), (i+1,0)`: three slices and two maxima.
+fn max_window3_stride2(x: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let n = x.dim(dim)?;
+    let out = pooled(n);
+    let len = 2 * (out + 1);
+    // Input 2·out+1 is never inside a window, so its padding value does not matter.
+    let x = if n >= len {
+        x.narrow(dim, 0, len)?
+    } else {
+        x.pad_with_same(dim, 0, len - n)?
+    };
+    let mut shape = x.dims().to_vec();
+    shape[dim] = out + 1;
+    shape.insert(dim + 1, 2);
+    let pairs = x.reshape(shape)?;
+    let even = pairs.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?;
+    let odd = pairs.narrow(dim + 1, 1, 1)?.squeeze(dim + 1)?;
+    even.narrow(dim, 0, out)?
+        .maximum(&odd.narrow(dim, 0, out)?)?
+        .maximum(&even.narrow(dim, 1, out)?)
+}
+
+/// Overlapping 3×3 max-pool with stride 2 on `[B, C, H, W]`, with a backward pass
+/// (candle's own max-pool has none when the window exceeds the stride).
+fn max_pool_3x3_stride2(x: &Tensor) -> candle_core::Result<Tensor> {
+    max_window3_stride2(&max_window3_stride2(x, 2)?, 3)
+}
+
+impl Model {
+    /// Builds `spec` for samples of `sample_shape` and `classes` outputs, initialised from `seed`.
+    pub fn new(
+        spec: &ModelSpec,
+        sample_shape: &[usize],
+        classes: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        ensure!(
+            classes >= 2,
+            "a classifier needs at least 2 classes, got {classes}"
+        );
+        let inputs: usize = sample_shape.iter().product();
+        let mut b = Builder {
+            tensors: Vec::new(),
+            vars: Vec::new(),
+            rng: seeded_rng(seed, "init", 0),
+            device: device.clone(),
+        };
+        let mut layers = Vec::new();
+        let label = match spec {
+            ModelSpec::Mlp { hidden } => {
+                let mut widths = vec![inputs];
+                widths.extend(hidden);
+                widths.push(classes);
+                for (i, pair) in widths.windows(2).enumerate() {
+                    let last = i + 2 == widths.len();
+                    layers.push(b.linear(&format!("fc{}", i + 1), pair[0], pair[1], !last)?);
+                }
+                format!(
+                    "mlp[{}]",
+                    widths
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("-")
+                )
+            }
+            ModelSpec::Logreg => {
+                layers.push(b.linear("linear", inputs, classes, false)?);
+                format!("logreg[{inputs}-{classes}]")
+            }
+            ModelSpec::Cnn => {
+                let &[c, h, w] = sample_shape else {
+                    bail!(
+                        "the CNN needs image samples [channels, height, width], got shape {sample_shape:?}"
+                    );
+                };
+                ensure!(
+                    h >= 7 && w >= 7,
+                    "the CNN needs images of at least 7×7 pixels (two 3/2 max-pools), got {h}×{w}"
+                );
+                layers.push(b.conv("conv1", c, 64)?);
+                layers.push(b.conv("conv2", 64, 64)?);
+                layers.push(Layer::Flatten);
+                let flat = 64 * pooled(pooled(h)) * pooled(pooled(w));
+                layers.push(b.linear("fc1", flat, 384, true)?);
+                layers.push(b.linear("fc2", 384, 192, true)?);
+                layers.push(b.linear("fc3", 192, classes, false)?);
+                format!("cnn[{c}x{h}x{w}-{classes}]")
+            }
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            manifest: Manifest {
+                model: label,
+                tensors: b.tensors,
+            },
+            vars: b.vars,
+            layers,
+            sample_shape: sample_shape.to_vec(),
+            device: device.clone(),
+        })
+    }
+
+    /// The spec this model was built from.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The ordered tensor list and its hash.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Trainable parameters, in manifest order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Shape of one input sample.
+    pub fn sample_shape(&self) -> &[usize] {
+        &self.sample_shape
+    }
+
+    /// Logits `[B, classes]` for a batch `[B, ...sample_shape]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let mut h = if matches!(self.spec, ModelSpec::Cnn) {
+            x.clone()
+        } else {
+            x.reshape((batch, ()))?
+        };
+        for layer in &self.layers {
+            h = match *layer {
+                Layer::Linear { w, b, relu } => {
+                    let y = h
+                        .matmul(&self.vars[w].as_tensor().t()?)?
+                        .broadcast_add(self.vars[b].as_tensor())?;
+                    if relu { y.relu()? } else { y }
+                }
+                Layer::ConvPool { w, b } => {
+                    let bias = self.vars[b].as_tensor().reshape((1, (), 1, 1))?;
+                    h.conv2d(self.vars[w].as_tensor(), 2, 1, 1, 1)?
+                        .broadcast_add(&bias)?
+                        .relu()
+                        .and_then(|h| max_pool_3x3_stride2(&h))?
+                }
+                Layer::Flatten => h.flatten_from(1)?,
+            };
+        }
+        Ok(h)
+    }
+
+    /// Mean cross-entropy on the batch and its gradient for every parameter, in manifest order.
+    pub fn loss_and_grads(&self, x: &Tensor, y: &Tensor) -> Result<(f32, Vec<Tensor>)> {
+        let logits = self.forward(x)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+        let grads = loss.backward()?;
+        let per_param = self
+            .vars
+            .iter()
+            .zip(&self.manifest.tensors)
+            .map(|(v, spec)| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("no gradient for {}", spec.name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss.to_scalar::<f32>()?, per_param))
+    }
+
+    /// Mean cross-entropy and number of correct top-1 predictions on a batch.
+    pub fn loss_and_correct(&self, x: &Tensor, y: &Tensor) -> Result<(f32, usize)> {
+        let logits = self.forward(x)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, y)?.to_scalar::<f32>()?;
+        let pred = logits.argmax(D::Minus1)?;
+        let correct = pred
+            .eq(y)?
+            .to_dtype(candle_core::DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()?;
+        Ok((loss, correct as usize))
+    }
+
+    /// Copies every parameter out as a flat `f32` vector, in manifest order.
+    pub fn export(&self) -> Result<Vec<Vec<f32>>> {
+        self.vars
+            .iter()
+            .map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect()
+    }
+
+    /// Overwrites every parameter from flat vectors in manifest order; shapes are checked.
+    pub fn import(&self, values: &[Vec<f32>]) -> Result<()> {
+        ensure!(
+            values.len() == self.vars.len(),
+            "{} tensors given, the model has {}",
+            values.len(),
+            self.vars.len()
+        );
+        for ((var, spec), v) in self.vars.iter().zip(&self.manifest.tensors).zip(values) {
+            ensure!(
+                v.len() == spec.numel(),
+                "{}: {} values given, shape {:?} needs {}",
+                spec.name,
+                v.len(),
+                spec.shape,
+                spec.numel()
+            );
+            var.set(&Tensor::from_slice(v, spec.shape.as_slice(), &self.device)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_model_specs() {
+        assert_eq!(ModelSpec::parse("mlp").unwrap(), ModelSpec::default_mlp());
+        assert_eq!(
+            ModelSpec::parse("mlp:32,16").unwrap(),
+            ModelSpec::Mlp {
+                hidden: vec![32, 16]
+            }
+        );
+        assert!(
+            ModelSpec::parse("mlp:0")
+                .unwrap_err()
+                .to_string()
+                .contains("positive")
+        );
+        assert!(
+            ModelSpec::parse("rnn")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown model")
+        );
+    }
+
+    #[test]
+    fn manifests_list_every_tensor() {
+        let dev = Device::Cpu;
+        let m = Model::new(
+            &ModelSpec::Mlp { hidden: vec![16] },
+            &[1, 8, 8],
+            10,
+            1,
+            &dev,
+        )
+        .unwrap();
+        let names: Vec<_> = m
+            .manifest()
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+        assert_eq!(m.manifest().params(), 64 * 16 + 16 + 16 * 10 + 10);
+        let cnn = Model::new(&ModelSpec::Cnn, &[3, 32, 32], 10, 1, &dev).unwrap();
+        assert_eq!(cnn.manifest().tensors[4].shape, vec![384, 64 * 7 * 7]);
+        let x = Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(cnn.forward(&x).unwrap().dims(), &[2, 10]);
+    }
+
+    #[test]
+    fn overlapping_max_pool_matches_candle_forward_and_has_gradients() {
+        let dev = Device::Cpu;
+        for (h, w) in [(8, 8), (7, 9), (32, 32), (15, 15)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let ours = max_pool_3x3_stride2(&x).unwrap();
+            let theirs = x.max_pool2d_with_stride(3, 2).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        }
+        let x = Var::from_slice(&[1f32, 5.0, 2.0, 0.0, 3.0, 4.0, 9.0], (1, 1, 1, 7), &dev).unwrap();
+        // Pool along width only: windows {1,5,2} {2,0,3} {3,4,9}.
+        let y = max_window3_stride2(x.as_tensor(), 3).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [5.0, 3.0, 9.0]
+        );
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(gx, [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn init_is_a_function_of_the_seed() {
+        let dev = Device::Cpu;
+        let spec = ModelSpec::Logreg;
+        let a = Model::new(&spec, &[5], 3, 9, &dev)
+            .unwrap()
+            .export()
+            .unwrap();
+        let b = Model::new(&spec, &[5], 3, 9, &dev)
+            .unwrap()
+            .export()
+            .unwrap();
+        let c = Model::new(&spec, &[5], 3, 10, &dev)
+            .unwrap()
+            .export()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn cnn_rejects_flat_or_tiny_inputs() {
+        let dev = Device::Cpu;
+        let err = Model::new(&ModelSpec::Cnn, &[12], 3, 0, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("image samples"), "{err}");
+        let err = Model::new(&ModelSpec::Cnn, &[1, 4, 4], 3, 0, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("at least 7"), "{err}");
+    }
+
+    #[test]
+    fn import_checks_sizes() {
+        let m = Model::new(&ModelSpec::Logreg, &[4], 2, 0, &Device::Cpu).unwrap();
+        let err = m
+            .import(&[vec![0.0; 3], vec![0.0; 2]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linear.weight"), "{err}");
+        let v = vec![vec![0.5; 8], vec![0.25; 2]];
+        m.import(&v).unwrap();
+        assert_eq!(m.export().unwrap(), v);
+    }
+}

@@ -1,0 +1,223 @@
+//! End-to-end tests of `weightgrad train` through the real binary.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn weightgrad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args(args)
+        .output()
+        .expect("run weightgrad")
+}
+
+fn last_json_line(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("stdout has a line");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line {line:?} is not JSON: {e}"))
+}
+
+#[test]
+fn digits_mlp_reaches_96_percent_within_30_epochs() {
+    let out = weightgrad(&[
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "30",
+        "--seed",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = last_json_line(&out);
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.96, "test top-1 {acc} < 0.96");
+    assert!(acc <= 1.0);
+    assert_eq!(v["epochs"], 30);
+    assert!(v["test_loss"].as_f64().unwrap().is_finite());
+    assert!(v["train_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["params"], 64 * 256 + 256 + 256 * 10 + 10);
+}
+
+#[test]
+fn checkpoint_and_resume_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("run.safetensors");
+    let ck = ck.to_str().unwrap();
+    let common = [
+        "train",
+        "--model",
+        "mlp:32",
+        "--seed",
+        "3",
+        "--schedule",
+        "constant",
+        "--json",
+    ];
+    let straight = weightgrad(&[&common[..], &["--epochs", "4"]].concat());
+    let first = weightgrad(&[&common[..], &["--epochs", "2", "--checkpoint", ck]].concat());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let resumed = weightgrad(&[&common[..], &["--epochs", "4", "--resume", ck]].concat());
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let (a, b) = (last_json_line(&straight), last_json_line(&resumed));
+    assert_eq!(
+        a["test_loss"], b["test_loss"],
+        "resumed run must match the uninterrupted one"
+    );
+    assert_eq!(b["epochs"], 4);
+
+    let other = weightgrad(&[
+        "train",
+        "--model",
+        "mlp:64",
+        "--seed",
+        "3",
+        "--schedule",
+        "constant",
+        "--epochs",
+        "4",
+        "--resume",
+        ck,
+    ]);
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("cannot resume"), "{err}");
+
+    // A cosine schedule is a function of the run length, so it cannot be extended.
+    let cosine = dir.path().join("cosine.safetensors");
+    let cosine = cosine.to_str().unwrap();
+    let first = weightgrad(&[
+        "train",
+        "--model",
+        "mlp:32",
+        "--epochs",
+        "1",
+        "--checkpoint",
+        cosine,
+    ]);
+    assert!(first.status.success());
+    let out = weightgrad(&[
+        "train", "--model", "mlp:32", "--epochs", "3", "--resume", cosine,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("depends on the number of epochs"),
+        "{err}"
+    );
+}
+
+fn write_idx(dir: &Path, images: &[u8], labels: &[u8]) {
+    for prefix in ["train", "t10k"] {
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+}
+
+#[test]
+fn corrupted_data_files_fail_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut images = vec![0, 0, 8, 3, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0, 0, 2];
+    images.extend([1u8; 15]); // one byte short of 4×2×2
+    let labels = [0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 0, 1];
+    write_idx(dir.path(), &images, &labels);
+    let out = weightgrad(&[
+        "train",
+        "--dataset",
+        "idx",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "a,b,label\n1,2,0\n3,oops,1\n").unwrap();
+    let out = weightgrad(&["train", "--dataset", "csv", "--data", csv.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 3, column 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_without_the_feature_and_bad_flags_are_clear_errors() {
+    let out = weightgrad(&["train", "--device", "cuda:0", "--epochs", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(not(feature = "cuda")) {
+        assert!(err.contains("built without CUDA support"), "{err}");
+    }
+    for (args, want) in [
+        (vec!["train", "--model", "transformer"], "unknown model"),
+        (vec!["train", "--schedule", "linear"], "unknown schedule"),
+        (vec!["train", "--optimizer", "lion"], "unknown optimizer"),
+        (vec!["train", "--device", "tpu"], "unknown device"),
+        (vec!["train", "--dataset", "cifar10"], "needs --data"),
+        (
+            vec!["train", "--batch-size", "0"],
+            "batch size must be positive",
+        ),
+    ] {
+        let out = weightgrad(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
+    }
+}
+
+#[test]
+fn logreg_trains_on_a_csv_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("blobs.csv");
+    let mut text = String::from("x1,x2,label\n");
+    for i in 0..200 {
+        let label = i % 2;
+        let centre = if label == 0 { -2.0 } else { 2.0 };
+        let jitter = ((i * 37) % 100) as f64 / 100.0 - 0.5;
+        text.push_str(&format!(
+            "{},{},{label}\n",
+            centre + jitter,
+            centre - jitter
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let out = weightgrad(&[
+        "train",
+        "--dataset",
+        "csv",
+        "--data",
+        csv.to_str().unwrap(),
+        "--model",
+        "logreg",
+        "--epochs",
+        "10",
+        "--lr",
+        "0.05",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(last_json_line(&out)["test_accuracy"].as_f64().unwrap() > 0.95);
+}
