@@ -1,1 +1,21 @@
-//! placeholder
+//! Sans-IO update codec for WeightGrad: quantizers, loss-aware weight quantization,
+//! the significance filter, bit packing, sparse indices and the wire frame.
+//!
+//! Everything here is a pure function of its inputs (randomness comes from an explicit,
+//! seeded generator), so the LAN path, the WAN path and the simulator share one codec, and
+//! decoding untrusted bytes returns a typed error instead of panicking.
+
+pub mod error;
+pub mod filter;
+pub mod frame;
+pub mod laq;
+pub mod pack;
+pub mod quant;
+pub mod rng;
+pub mod sparse;
+
+pub use error::CodecError;
+pub use filter::{Selection, significance_filter};
+pub use frame::{EncodeOptions, Frame, FrameHeader, FrameMeta, Limits, Update, decode, encode};
+pub use quant::{Quantized, Quantizer, Scheme, dequantize, quantize, top_k};
+pub use rng::DitherRng;

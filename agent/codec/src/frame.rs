@@ -1,0 +1,642 @@
+//! The update frame: what one tensor's update looks like on the LAN or the WAN.
+//!
+//! ```text
+//! "WGRD" | version: u8 | header length: u32 LE | CBOR header | payload (raw or zstd)
+//! ```
+//!
+//! The payload, once decompressed, is the sparse index section (if any) followed by the
+//! packed values. Every length is declared in the header, checked against [`Limits`] before
+//! anything is allocated or decompressed, and checked again against what arrives: decoding
+//! any byte string returns a value or a [`CodecError`], never a panic.
+
+use crate::error::CodecError;
+use crate::quant::{Quantizer, Scheme, dequantize, quantize};
+use crate::sparse::{IndexEncoding, decode_indices, encode_indices};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// First four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"WGRD";
+/// Frame format version this build writes and reads.
+pub const VERSION: u8 = 1;
+/// Bytes before the CBOR header: magic, version, header length.
+pub const PREAMBLE: usize = 9;
+
+/// Hard limits applied while decoding untrusted frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest CBOR header.
+    pub max_header: usize,
+    /// Largest whole frame.
+    pub max_frame: usize,
+    /// Largest decompressed payload.
+    pub max_payload: usize,
+    /// Largest tensor, in elements.
+    pub max_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header: 1 << 20,
+            max_frame: 256 << 20,
+            max_payload: 256 << 20,
+            max_elements: 1 << 28,
+        }
+    }
+}
+
+/// How the payload is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Stored as is.
+    None,
+    /// One zstd frame.
+    Zstd,
+}
+
+/// The sparse index section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SparseHeader {
+    /// How the indices are written.
+    pub encoding: IndexEncoding,
+    /// Number of indices (and values).
+    pub count: u32,
+    /// Bytes of the index section.
+    pub index_bytes: u32,
+}
+
+/// The CBOR header of a frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameHeader {
+    /// Region (or worker) that encoded the update.
+    pub sender: String,
+    /// Sender's clock (round) when the update was taken.
+    pub clock: u64,
+    /// Tensor index in the model manifest.
+    pub tensor: u32,
+    /// Elements in the whole tensor.
+    pub len: u32,
+    /// Value encoding, including its bit-width.
+    pub scheme: Scheme,
+    /// Quantization scales.
+    pub scales: Vec<f32>,
+    /// Present when only some elements are sent.
+    pub sparse: Option<SparseHeader>,
+    /// Payload bytes after decompression.
+    pub raw_len: u32,
+    /// Payload compression.
+    pub compression: Compression,
+}
+
+/// Who sends what: the parts of the header that do not depend on the encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameMeta {
+    /// Sender name.
+    pub sender: String,
+    /// Sender clock.
+    pub clock: u64,
+    /// Tensor index.
+    pub tensor: u32,
+}
+
+/// Encoder settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncodeOptions {
+    /// Value quantizer.
+    pub quantizer: Quantizer,
+    /// zstd level; `None` stores the payload uncompressed.
+    pub zstd_level: Option<i32>,
+}
+
+/// An update to one tensor: every element, or some of them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// One value per element.
+    Dense(Vec<f32>),
+    /// Values at strictly increasing indices.
+    Sparse {
+        /// Element indices.
+        indices: Vec<u32>,
+        /// Values, one per index.
+        values: Vec<f32>,
+    },
+}
+
+impl Update {
+    /// Adds `factor ·` this update into `target`.
+    pub fn add_to(&self, target: &mut [f32], factor: f32) {
+        match self {
+            Self::Dense(v) => target.iter_mut().zip(v).for_each(|(t, v)| *t += factor * v),
+            Self::Sparse { indices, values } => {
+                for (&i, &v) in indices.iter().zip(values) {
+                    target[i as usize] += factor * v;
+                }
+            }
+        }
+    }
+
+    /// Number of values carried.
+    pub fn value_count(&self) -> usize {
+        match self {
+            Self::Dense(v) => v.len(),
+            Self::Sparse { values, .. } => values.len(),
+        }
+    }
+}
+
+/// The encoded bytes, and the update exactly as the receiver will decode it (for error feedback).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// The frame.
+    pub bytes: Vec<u8>,
+    /// What decoding `bytes` yields.
+    pub decoded: Update,
+}
+
+/// Encodes an update to a tensor of `len` elements.
+///
+/// A sparse update whose dense form would be no larger is sent dense (unselected elements
+/// as zeros), so the receiver always gets the smaller encoding.
+pub fn encode<R: RngCore + ?Sized>(
+    meta: &FrameMeta,
+    len: usize,
+    update: &Update,
+    opts: &EncodeOptions,
+    rng: &mut R,
+) -> Result<Encoded, CodecError> {
+    if len > u32::MAX as usize {
+        return Err(CodecError::Invalid(format!(
+            "tensor of {len} elements is too large"
+        )));
+    }
+    let scheme = opts.quantizer.scheme();
+    scheme.validate()?;
+    let dense_size = scheme.payload_len(len);
+    let (sparse, values, index_bytes) = match update {
+        Update::Dense(v) => {
+            if v.len() != len {
+                return Err(CodecError::Invalid(format!(
+                    "{} values for a tensor of {len}",
+                    v.len()
+                )));
+            }
+            (None, v.as_slice(), Vec::new())
+        }
+        Update::Sparse { indices, values } => {
+            if indices.len() != values.len() {
+                return Err(CodecError::Invalid(
+                    "sparse update with unequal index and value counts".into(),
+                ));
+            }
+            if indices.windows(2).any(|p| p[0] >= p[1])
+                || indices.last().is_some_and(|&i| i as usize >= len)
+            {
+                return Err(CodecError::Invalid(
+                    "sparse indices must increase strictly and stay in range".into(),
+                ));
+            }
+            let (enc, bytes) = encode_indices(indices, len);
+            if bytes.len() + scheme.payload_len(values.len()) >= dense_size {
+                let mut dense = vec![0.0; len];
+                for (&i, &v) in indices.iter().zip(values) {
+                    dense[i as usize] = v;
+                }
+                return encode(meta, len, &Update::Dense(dense), opts, rng);
+            }
+            let header = SparseHeader {
+                encoding: enc,
+                count: values.len() as u32,
+                index_bytes: bytes.len() as u32,
+            };
+            (Some((header, indices)), values.as_slice(), bytes)
+        }
+    };
+    let q = quantize(&opts.quantizer, values, rng);
+    let decoded_values = q.decoded;
+    let mut raw = index_bytes;
+    raw.extend_from_slice(&q.payload);
+    let raw_len = raw.len();
+    let (compression, payload) = match opts.zstd_level {
+        Some(level) => (
+            Compression::Zstd,
+            zstd::bulk::compress(&raw, level)
+                .map_err(|e| CodecError::Compression(e.to_string()))?,
+        ),
+        None => (Compression::None, raw),
+    };
+    let header = FrameHeader {
+        sender: meta.sender.clone(),
+        clock: meta.clock,
+        tensor: meta.tensor,
+        len: len as u32,
+        scheme: q.scheme,
+        scales: q.scales,
+        sparse: sparse.map(|(h, _)| h),
+        raw_len: raw_len as u32,
+        compression,
+    };
+    let mut cbor = Vec::new();
+    ciborium::into_writer(&header, &mut cbor).map_err(|e| CodecError::Header(e.to_string()))?;
+    let mut bytes = Vec::with_capacity(PREAMBLE + cbor.len() + payload.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.push(VERSION);
+    bytes.extend_from_slice(&(cbor.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&cbor);
+    bytes.extend_from_slice(&payload);
+    let decoded = match sparse {
+        Some((_, indices)) => Update::Sparse {
+            indices: indices.clone(),
+            values: decoded_values,
+        },
+        None => Update::Dense(decoded_values),
+    };
+    Ok(Encoded { bytes, decoded })
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    /// The validated header.
+    pub header: FrameHeader,
+    /// The update it carries.
+    pub update: Update,
+}
+
+/// Reads and validates the header only (cheap; no decompression).
+pub fn decode_header<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<(FrameHeader, &'a [u8]), CodecError> {
+    if bytes.len() > limits.max_frame {
+        return Err(CodecError::TooLarge {
+            what: "frame",
+            size: bytes.len() as u64,
+            limit: limits.max_frame as u64,
+        });
+    }
+    if bytes.len() < 4 || bytes[..4] != MAGIC {
+        return Err(if bytes.len() < 4 && MAGIC.starts_with(bytes) {
+            CodecError::Truncated(format!("{} bytes, not even the magic", bytes.len()))
+        } else {
+            CodecError::BadMagic
+        });
+    }
+    if bytes.len() < PREAMBLE {
+        return Err(CodecError::Truncated(format!(
+            "{} bytes, preamble needs {PREAMBLE}",
+            bytes.len()
+        )));
+    }
+    if bytes[4] != VERSION {
+        return Err(CodecError::Version {
+            found: bytes[4],
+            supported: VERSION,
+        });
+    }
+    let header_len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
+    if header_len > limits.max_header {
+        return Err(CodecError::TooLarge {
+            what: "header",
+            size: header_len as u64,
+            limit: limits.max_header as u64,
+        });
+    }
+    let rest = &bytes[PREAMBLE..];
+    if rest.len() < header_len {
+        return Err(CodecError::Truncated(format!(
+            "header declares {header_len} bytes, {} remain",
+            rest.len()
+        )));
+    }
+    let (cbor, payload) = rest.split_at(header_len);
+    let mut cursor = std::io::Cursor::new(cbor);
+    let header: FrameHeader =
+        ciborium::from_reader(&mut cursor).map_err(|e| CodecError::Header(e.to_string()))?;
+    if cursor.position() as usize != cbor.len() {
+        return Err(CodecError::Header(format!(
+            "{} bytes after the CBOR header",
+            cbor.len() - cursor.position() as usize
+        )));
+    }
+    validate_header(&header, limits)?;
+    Ok((header, payload))
+}
+
+fn validate_header(h: &FrameHeader, limits: &Limits) -> Result<(), CodecError> {
+    h.scheme.validate()?;
+    let len = h.len as usize;
+    if len > limits.max_elements {
+        return Err(CodecError::TooLarge {
+            what: "tensor",
+            size: len as u64,
+            limit: limits.max_elements as u64,
+        });
+    }
+    if h.raw_len as usize > limits.max_payload {
+        return Err(CodecError::TooLarge {
+            what: "decompressed payload",
+            size: u64::from(h.raw_len),
+            limit: limits.max_payload as u64,
+        });
+    }
+    let (count, index_bytes) = match h.sparse {
+        Some(s) => {
+            if s.count as usize > len {
+                return Err(CodecError::Invalid(format!(
+                    "{} sparse values in a tensor of {len}",
+                    s.count
+                )));
+            }
+            (s.count as usize, s.index_bytes as usize)
+        }
+        None => (len, 0),
+    };
+    let expected = index_bytes as u64 + h.scheme.payload_len(count) as u64;
+    if expected != u64::from(h.raw_len) {
+        return Err(CodecError::Invalid(format!(
+            "header declares a {}-byte payload, its sections need {expected}",
+            h.raw_len
+        )));
+    }
+    if h.scales.len() != h.scheme.scale_count(count) {
+        return Err(CodecError::Invalid(format!(
+            "{:?} for {count} values needs {} scales, header has {}",
+            h.scheme,
+            h.scheme.scale_count(count),
+            h.scales.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes and validates a whole frame.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, CodecError> {
+    let (header, payload) = decode_header(bytes, limits)?;
+    let raw_len = header.raw_len as usize;
+    let raw = match header.compression {
+        Compression::None => {
+            if payload.len() != raw_len {
+                return Err(CodecError::Truncated(format!(
+                    "payload of {} bytes, header declares {raw_len}",
+                    payload.len()
+                )));
+            }
+            std::borrow::Cow::Borrowed(payload)
+        }
+        Compression::Zstd => {
+            // The capacity is the declared size (already under the limit): a payload that
+            // expands beyond it is an error, not an allocation.
+            let out = zstd::bulk::decompress(payload, raw_len)
+                .map_err(|e| CodecError::Compression(e.to_string()))?;
+            if out.len() != raw_len {
+                return Err(CodecError::Compression(format!(
+                    "payload expands to {} bytes, header declares {raw_len}",
+                    out.len()
+                )));
+            }
+            std::borrow::Cow::Owned(out)
+        }
+    };
+    let len = header.len as usize;
+    let update = match header.sparse {
+        Some(s) => {
+            let (idx, vals) = raw.split_at(s.index_bytes as usize);
+            let indices = decode_indices(s.encoding, idx, s.count as usize, len)?;
+            let values = dequantize(&header.scheme, &header.scales, vals, s.count as usize)?;
+            Update::Sparse { indices, values }
+        }
+        None => Update::Dense(dequantize(&header.scheme, &header.scales, &raw, len)?),
+    };
+    Ok(Frame { header, update })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::DitherRng;
+    use proptest::prelude::*;
+
+    fn meta() -> FrameMeta {
+        FrameMeta {
+            sender: "us-east".into(),
+            clock: 42,
+            tensor: 3,
+        }
+    }
+
+    fn opts(quantizer: Quantizer, zstd_level: Option<i32>) -> EncodeOptions {
+        EncodeOptions {
+            quantizer,
+            zstd_level,
+        }
+    }
+
+    fn quantizers() -> impl Strategy<Value = Quantizer> {
+        prop_oneof![
+            Just(Quantizer::Fp32),
+            Just(Quantizer::Fp16),
+            Just(Quantizer::Bf16),
+            Just(Quantizer::Sign),
+            Just(Quantizer::TernGrad { clip_sigma: None }),
+            (1u8..=8, 1u32..300).prop_map(|(bits, bucket)| Quantizer::Uniform {
+                bits,
+                bucket,
+                clip_sigma: None
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_yields_exactly_what_the_encoder_reported(
+            x in proptest::collection::vec(-5.0f32..5.0, 1..500),
+            q in quantizers(),
+            zstd in prop_oneof![Just(None), Just(Some(1)), Just(Some(3))],
+            keep_every in 1usize..20,
+            sparse in any::<bool>(),
+        ) {
+            let update = if sparse {
+                let indices: Vec<u32> = (0..x.len() as u32).step_by(keep_every).collect();
+                let values = indices.iter().map(|&i| x[i as usize]).collect();
+                Update::Sparse { indices, values }
+            } else {
+                Update::Dense(x.clone())
+            };
+            let enc = encode(&meta(), x.len(), &update, &opts(q, zstd), &mut DitherRng::new(1)).unwrap();
+            let frame = decode(&enc.bytes, &Limits::default()).unwrap();
+            prop_assert_eq!(&frame.update, &enc.decoded);
+            prop_assert_eq!(frame.header.sender.as_str(), "us-east");
+            prop_assert_eq!(frame.header.clock, 42);
+            if q == Quantizer::Fp32 {
+                let mut a = vec![0.0; x.len()];
+                let mut b = vec![0.0; x.len()];
+                update.add_to(&mut a, 1.0);
+                frame.update.add_to(&mut b, 1.0);
+                prop_assert_eq!(a, b, "fp32 must be lossless");
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes, &Limits::default());
+            let mut framed = MAGIC.to_vec();
+            framed.push(VERSION);
+            framed.extend((bytes.len() as u32).to_le_bytes());
+            framed.extend(&bytes);
+            let _ = decode(&framed, &Limits::default());
+        }
+
+        #[test]
+        fn every_truncation_or_bit_flip_is_an_error_or_a_valid_frame(cut in 0usize..200, flip in 0usize..2000) {
+            let x: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
+            let enc = encode(&meta(), 100, &Update::Dense(x), &opts(Quantizer::uniform(4), Some(3)), &mut DitherRng::new(0)).unwrap();
+            let cut = cut.min(enc.bytes.len() - 1);
+            prop_assert!(decode(&enc.bytes[..cut], &Limits::default()).is_err());
+            let mut flipped = enc.bytes.clone();
+            let at = flip % flipped.len();
+            flipped[at] ^= 1 << (flip % 8);
+            let _ = decode(&flipped, &Limits::default());
+        }
+    }
+
+    #[test]
+    fn sparse_is_chosen_only_when_smaller() {
+        let x = vec![1.0f32; 1000];
+        let few = Update::Sparse {
+            indices: vec![3, 500],
+            values: vec![1.0, 2.0],
+        };
+        let enc = encode(
+            &meta(),
+            1000,
+            &few,
+            &opts(Quantizer::Fp32, None),
+            &mut DitherRng::new(0),
+        )
+        .unwrap();
+        assert!(matches!(enc.decoded, Update::Sparse { .. }));
+        let all = Update::Sparse {
+            indices: (0..1000).collect(),
+            values: x,
+        };
+        let enc = encode(
+            &meta(),
+            1000,
+            &all,
+            &opts(Quantizer::uniform(2), None),
+            &mut DitherRng::new(0),
+        )
+        .unwrap();
+        assert!(matches!(enc.decoded, Update::Dense(_)));
+        let h = decode(&enc.bytes, &Limits::default()).unwrap().header;
+        assert_eq!(h.raw_len, 250, "1000 values × 2 bits, no index section");
+    }
+
+    #[test]
+    fn zstd_bombs_and_oversized_declarations_are_refused() {
+        // A real frame whose header claims a small payload but whose zstd data expands far beyond.
+        let zeros = vec![0u8; 10 << 20];
+        let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
+        let header = FrameHeader {
+            sender: "x".into(),
+            clock: 0,
+            tensor: 0,
+            len: 400,
+            scheme: Scheme::Fp32,
+            scales: vec![],
+            sparse: None,
+            raw_len: 1600,
+            compression: Compression::Zstd,
+        };
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&header, &mut cbor).unwrap();
+        let mut frame = MAGIC.to_vec();
+        frame.push(VERSION);
+        frame.extend((cbor.len() as u32).to_le_bytes());
+        frame.extend(&cbor);
+        frame.extend(&bomb);
+        let err = decode(&frame, &Limits::default()).unwrap_err();
+        assert!(matches!(err, CodecError::Compression(_)), "{err}");
+
+        let tight = Limits {
+            max_payload: 1000,
+            ..Limits::default()
+        };
+        let err = decode(&frame, &tight).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CodecError::TooLarge {
+                    what: "decompressed payload",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let tight = Limits {
+            max_frame: 100,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode(&frame, &tight).unwrap_err(),
+            CodecError::TooLarge { what: "frame", .. }
+        ));
+        let tight = Limits {
+            max_header: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode(&frame, &tight).unwrap_err(),
+            CodecError::TooLarge { what: "header", .. }
+        ));
+    }
+
+    #[test]
+    fn preamble_errors_are_specific() {
+        assert!(matches!(
+            decode(b"WG", &Limits::default()),
+            Err(CodecError::Truncated(_))
+        ));
+        assert!(matches!(
+            decode(b"HTTP/1.1", &Limits::default()),
+            Err(CodecError::BadMagic)
+        ));
+        assert!(matches!(
+            decode(b"WGRD\x02\0\0\0\0", &Limits::default()),
+            Err(CodecError::Version { found: 2, .. })
+        ));
+        assert!(matches!(
+            decode(b"WGRD\x01\x05\0\0\0ab", &Limits::default()),
+            Err(CodecError::Truncated(_))
+        ));
+    }
+
+    #[test]
+    fn inconsistent_headers_are_invalid() {
+        let x = vec![1.0f32; 8];
+        let enc = encode(
+            &meta(),
+            8,
+            &Update::Dense(x),
+            &opts(Quantizer::uniform(2), None),
+            &mut DitherRng::new(0),
+        )
+        .unwrap();
+        let (mut h, payload) = decode_header(&enc.bytes, &Limits::default()).unwrap();
+        let payload = payload.to_vec();
+        h.len = 9;
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&h, &mut cbor).unwrap();
+        let mut frame = MAGIC.to_vec();
+        frame.push(VERSION);
+        frame.extend((cbor.len() as u32).to_le_bytes());
+        frame.extend(&cbor);
+        frame.extend(&payload);
+        assert!(matches!(
+            decode(&frame, &Limits::default()),
+            Err(CodecError::Invalid(_))
+        ));
+    }
+}
