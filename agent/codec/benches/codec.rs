@@ -9,7 +9,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::hint::black_box;
 use weightgrad_codec::{
-    DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode, encode,
+    DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode_reusing, encode,
+    encode_reusing,
 };
 
 fn sizes() -> Vec<usize> {
@@ -72,13 +73,34 @@ fn codec(c: &mut Criterion) {
                         (4 * n) as f64 / frame.bytes.len() as f64
                     );
                     group.bench_function(BenchmarkId::new("encode", &label), |b| {
+                        // As the agent does each round: the decoded buffer is reused.
                         let mut rng = DitherRng::new(1);
+                        let mut spare = Vec::new();
                         b.iter(|| {
-                            encode(&meta, n, black_box(update), &opts, &mut rng).expect("encode")
+                            let e = encode_reusing(
+                                &meta,
+                                n,
+                                black_box(update),
+                                &opts,
+                                &mut rng,
+                                std::mem::take(&mut spare),
+                            )
+                            .expect("encode");
+                            spare = e.decoded.into_values();
+                            e.bytes.len()
                         })
                     });
                     group.bench_function(BenchmarkId::new("decode", &label), |b| {
-                        b.iter(|| decode(black_box(&frame.bytes), &limits).expect("decode"))
+                        let mut spare = Vec::new();
+                        b.iter(|| {
+                            let f = decode_reusing(
+                                black_box(&frame.bytes),
+                                &limits,
+                                std::mem::take(&mut spare),
+                            )
+                            .expect("decode");
+                            spare = f.update.into_values();
+                        })
                     });
                 }
             }

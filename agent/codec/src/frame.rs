@@ -10,7 +10,7 @@
 //! any byte string returns a value or a [`CodecError`], never a panic.
 
 use crate::error::CodecError;
-use crate::quant::{Quantizer, Scheme, dequantize, quantize};
+use crate::quant::{Quantizer, Scheme, dequantize, dequantize_reusing, quantize_reusing};
 use crate::sparse::{IndexEncoding, decode_indices, encode_indices};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -137,6 +137,13 @@ impl Update {
         }
     }
 
+    /// The carried values, giving back their allocation for reuse.
+    pub fn into_values(self) -> Vec<f32> {
+        match self {
+            Self::Dense(v) | Self::Sparse { values: v, .. } => v,
+        }
+    }
+
     /// Number of values carried.
     pub fn value_count(&self) -> usize {
         match self {
@@ -165,6 +172,18 @@ pub fn encode<R: RngCore + ?Sized>(
     update: &Update,
     opts: &EncodeOptions,
     rng: &mut R,
+) -> Result<Encoded, CodecError> {
+    encode_reusing(meta, len, update, opts, rng, Vec::new())
+}
+
+/// [`encode`], writing the decoded values into `spare`'s allocation (see [`Update::into_values`]).
+pub fn encode_reusing<R: RngCore + ?Sized>(
+    meta: &FrameMeta,
+    len: usize,
+    update: &Update,
+    opts: &EncodeOptions,
+    rng: &mut R,
+    spare: Vec<f32>,
 ) -> Result<Encoded, CodecError> {
     if len > u32::MAX as usize {
         return Err(CodecError::Invalid(format!(
@@ -203,7 +222,7 @@ pub fn encode<R: RngCore + ?Sized>(
                 for (&i, &v) in indices.iter().zip(values) {
                     dense[i as usize] = v;
                 }
-                return encode(meta, len, &Update::Dense(dense), opts, rng);
+                return encode_reusing(meta, len, &Update::Dense(dense), opts, rng, spare);
             }
             let header = SparseHeader {
                 encoding: enc,
@@ -213,7 +232,7 @@ pub fn encode<R: RngCore + ?Sized>(
             (Some((header, indices)), values.as_slice(), bytes)
         }
     };
-    let q = quantize(&opts.quantizer, values, rng);
+    let q = quantize_reusing(&opts.quantizer, values, rng, spare);
     let decoded_values = q.decoded;
     let mut raw = index_bytes;
     raw.extend_from_slice(&q.payload);
@@ -373,6 +392,11 @@ fn validate_header(h: &FrameHeader, limits: &Limits) -> Result<(), CodecError> {
 
 /// Decodes and validates a whole frame.
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, CodecError> {
+    decode_reusing(bytes, limits, Vec::new())
+}
+
+/// [`decode`], reusing `spare`'s allocation for dense values.
+pub fn decode_reusing(bytes: &[u8], limits: &Limits, spare: Vec<f32>) -> Result<Frame, CodecError> {
     let (header, payload) = decode_header(bytes, limits)?;
     let raw_len = header.raw_len as usize;
     let raw = match header.compression {
@@ -407,7 +431,13 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, CodecError> {
             let values = dequantize(&header.scheme, &header.scales, vals, s.count as usize)?;
             Update::Sparse { indices, values }
         }
-        None => Update::Dense(dequantize(&header.scheme, &header.scales, &raw, len)?),
+        None => Update::Dense(dequantize_reusing(
+            &header.scheme,
+            &header.scales,
+            &raw,
+            len,
+            spare,
+        )?),
     };
     Ok(Frame { header, update })
 }

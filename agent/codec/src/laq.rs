@@ -33,8 +33,17 @@ pub enum LaqSolver {
         /// Maximum alternations.
         iters: u32,
     },
-    /// `bits`-bit linear levels (`2^(bits-1) − 1` per sign), alternating from several starts.
+    /// `bits`-bit linear levels (`2^(bits-1) − 1` per sign): exact breakpoint sweep up to
+    /// [`LINEAR_EXACT_BUDGET`], alternating beyond.
     Linear {
+        /// Bits per weight, `2..=8`.
+        bits: u8,
+        /// Maximum alternations per start.
+        iters: u32,
+    },
+    /// `bits`-bit linear levels by alternating minimisation only: cheaper per call, for
+    /// re-quantizing weights every training step.
+    LinearApprox {
         /// Bits per weight, `2..=8`.
         bits: u8,
         /// Maximum alternations per start.
@@ -47,7 +56,9 @@ impl LaqSolver {
     pub fn levels(&self) -> i32 {
         match self {
             Self::TernaryExact | Self::TernaryApprox { .. } => 1,
-            Self::Linear { bits, .. } => (1i32 << (bits.clamp(&2, &8) - 1)) - 1,
+            Self::Linear { bits, .. } | Self::LinearApprox { bits, .. } => {
+                (1i32 << (bits.clamp(&2, &8) - 1)) - 1
+            }
         }
     }
 }
@@ -126,6 +137,9 @@ fn solve_subset(w: &[f32], d: &[f32], idx: &[usize], solver: LaqSolver, levels: 
     match solver {
         LaqSolver::TernaryExact => ternary_exact(w, d, idx, levels),
         LaqSolver::TernaryApprox { iters } => ternary_alternating(w, d, idx, iters, levels),
+        LaqSolver::LinearApprox { iters, .. } => {
+            linear_alternating(w, d, idx, solver.levels(), iters, levels)
+        }
         LaqSolver::Linear { iters, .. } => {
             let k = solver.levels();
             if idx.len().saturating_mul(k as usize) <= LINEAR_EXACT_BUDGET {

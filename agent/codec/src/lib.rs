@@ -16,6 +16,11 @@ pub mod sparse;
 
 pub use error::CodecError;
 pub use filter::{Selection, significance_filter};
-pub use frame::{EncodeOptions, Frame, FrameHeader, FrameMeta, Limits, Update, decode, encode};
-pub use quant::{Quantized, Quantizer, Scheme, dequantize, quantize, top_k};
+pub use frame::{
+    EncodeOptions, Frame, FrameHeader, FrameMeta, Limits, Update, decode, decode_reusing, encode,
+    encode_reusing,
+};
+pub use quant::{
+    Quantized, Quantizer, Scheme, dequantize, dequantize_reusing, quantize, quantize_reusing, top_k,
+};
 pub use rng::DitherRng;

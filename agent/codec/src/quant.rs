@@ -196,11 +196,13 @@ fn quantize_uniform<R: RngCore + ?Sized>(
     bucket: u32,
     clip: Option<f32>,
     rng: &mut R,
+    mut decoded: Vec<f32>,
 ) -> Quantized {
     let levels = ((1u32 << bits) - 1) as f32;
     let mut scales = Vec::with_capacity(x.len().div_ceil(bucket as usize));
     let mut payload = BitWriter::new(bits, x.len());
-    let mut decoded = Vec::with_capacity(x.len());
+    decoded.clear();
+    decoded.reserve(x.len());
     let mut codes = [0u8; BLOCK];
     let mut uniforms = [0f32; BLOCK];
     for chunk in x.chunks(bucket as usize) {
@@ -248,7 +250,12 @@ fn ternary_code(x: f32, inv_s: f32, u: f32) -> u8 {
 
 const TERNARY: [f32; 3] = [0.0, 1.0, -1.0];
 
-fn quantize_terngrad<R: RngCore + ?Sized>(x: &[f32], clip: Option<f32>, rng: &mut R) -> Quantized {
+fn quantize_terngrad<R: RngCore + ?Sized>(
+    x: &[f32],
+    clip: Option<f32>,
+    rng: &mut R,
+    mut decoded: Vec<f32>,
+) -> Quantized {
     let mut s = max_abs(x);
     if let Some(c) = clip {
         s = s.min(c * sigma(x));
@@ -256,7 +263,8 @@ fn quantize_terngrad<R: RngCore + ?Sized>(x: &[f32], clip: Option<f32>, rng: &mu
     let s = if s.is_finite() { s } else { 0.0 };
     let inv_s = if s > 0.0 { 1.0 / s } else { 0.0 };
     let mut payload = Vec::with_capacity(packed_len(x.len(), 2));
-    let mut decoded = Vec::with_capacity(x.len());
+    decoded.clear();
+    decoded.reserve(x.len());
     let mut codes = [0u8; BLOCK];
     let mut uniforms = [0f32; BLOCK];
     for block in x.chunks(BLOCK) {
@@ -276,7 +284,7 @@ fn quantize_terngrad<R: RngCore + ?Sized>(x: &[f32], clip: Option<f32>, rng: &mu
     }
 }
 
-fn quantize_sign(x: &[f32]) -> Quantized {
+fn quantize_sign(x: &[f32], mut decoded: Vec<f32>) -> Quantized {
     let alpha = if x.is_empty() {
         0.0
     } else {
@@ -285,14 +293,13 @@ fn quantize_sign(x: &[f32]) -> Quantized {
     let codes: Vec<u8> = x.iter().map(|&v| u8::from(v >= 0.0)).collect();
     let mut payload = Vec::new();
     pack_into(&codes, 1, &mut payload);
+    decoded.clear();
+    decoded.extend(codes.iter().map(|&c| if c == 1 { alpha } else { -alpha }));
     Quantized {
         scheme: Scheme::Sign,
         scales: if x.is_empty() { vec![] } else { vec![alpha] },
         payload,
-        decoded: codes
-            .iter()
-            .map(|&c| if c == 1 { alpha } else { -alpha })
-            .collect(),
+        decoded,
     }
 }
 
@@ -301,9 +308,11 @@ fn floats(
     x: &[f32],
     width: usize,
     to_bytes: fn(f32, &mut Vec<u8>) -> f32,
+    mut decoded: Vec<f32>,
 ) -> Quantized {
     let mut payload = Vec::with_capacity(width * x.len());
-    let decoded = x.iter().map(|&v| to_bytes(v, &mut payload)).collect();
+    decoded.clear();
+    decoded.extend(x.iter().map(|&v| to_bytes(v, &mut payload)));
     Quantized {
         scheme,
         scales: vec![],
@@ -314,28 +323,58 @@ fn floats(
 
 /// Quantizes `x`; stochastic schemes draw from `rng`.
 pub fn quantize<R: RngCore + ?Sized>(q: &Quantizer, x: &[f32], rng: &mut R) -> Quantized {
+    quantize_reusing(q, x, rng, Vec::new())
+}
+
+/// [`quantize`], writing the decoded values into `spare` (cleared first) so that a caller
+/// encoding the same tensor every round reuses one allocation instead of faulting in a
+/// fresh one.
+pub fn quantize_reusing<R: RngCore + ?Sized>(
+    q: &Quantizer,
+    x: &[f32],
+    rng: &mut R,
+    spare: Vec<f32>,
+) -> Quantized {
     match *q {
-        Quantizer::Fp32 => floats(Scheme::Fp32, x, 4, |v, out| {
-            out.extend_from_slice(&v.to_le_bytes());
-            v
-        }),
-        Quantizer::Fp16 => floats(Scheme::Fp16, x, 2, |v, out| {
-            let h = f16::from_f32(v);
-            out.extend_from_slice(&h.to_le_bytes());
-            h.to_f32()
-        }),
-        Quantizer::Bf16 => floats(Scheme::Bf16, x, 2, |v, out| {
-            let h = bf16::from_f32(v);
-            out.extend_from_slice(&h.to_le_bytes());
-            h.to_f32()
-        }),
+        Quantizer::Fp32 => floats(
+            Scheme::Fp32,
+            x,
+            4,
+            |v, out| {
+                out.extend_from_slice(&v.to_le_bytes());
+                v
+            },
+            spare,
+        ),
+        Quantizer::Fp16 => floats(
+            Scheme::Fp16,
+            x,
+            2,
+            |v, out| {
+                let h = f16::from_f32(v);
+                out.extend_from_slice(&h.to_le_bytes());
+                h.to_f32()
+            },
+            spare,
+        ),
+        Quantizer::Bf16 => floats(
+            Scheme::Bf16,
+            x,
+            2,
+            |v, out| {
+                let h = bf16::from_f32(v);
+                out.extend_from_slice(&h.to_le_bytes());
+                h.to_f32()
+            },
+            spare,
+        ),
         Quantizer::Uniform {
             bits,
             bucket,
             clip_sigma,
-        } => quantize_uniform(x, bits.clamp(1, 8), bucket.max(1), clip_sigma, rng),
-        Quantizer::TernGrad { clip_sigma } => quantize_terngrad(x, clip_sigma, rng),
-        Quantizer::Sign => quantize_sign(x),
+        } => quantize_uniform(x, bits.clamp(1, 8), bucket.max(1), clip_sigma, rng, spare),
+        Quantizer::TernGrad { clip_sigma } => quantize_terngrad(x, clip_sigma, rng, spare),
+        Quantizer::Sign => quantize_sign(x, spare),
     }
 }
 
@@ -346,8 +385,10 @@ fn dequantize_uniform(
     bucket: usize,
     scales: &[f32],
     n: usize,
+    mut out: Vec<f32>,
 ) -> Result<Vec<f32>, CodecError> {
-    let mut out = Vec::with_capacity(n);
+    out.clear();
+    out.reserve(n);
     let mut lut = [0f32; 256];
     if (bucket * usize::from(bits)).is_multiple_of(8) && 8 % bits == 0 {
         // Buckets start on byte boundaries: decode straight from the packed bytes.
@@ -379,6 +420,17 @@ pub fn dequantize(
     scales: &[f32],
     payload: &[u8],
     n: usize,
+) -> Result<Vec<f32>, CodecError> {
+    dequantize_reusing(scheme, scales, payload, n, Vec::new())
+}
+
+/// [`dequantize`], reusing `spare`'s allocation for the dense uniform path (the hot one).
+pub fn dequantize_reusing(
+    scheme: &Scheme,
+    scales: &[f32],
+    payload: &[u8],
+    n: usize,
+    spare: Vec<f32>,
 ) -> Result<Vec<f32>, CodecError> {
     scheme.validate()?;
     if scales.len() != scheme.scale_count(n) {
@@ -414,7 +466,7 @@ pub fn dequantize(
         Scheme::Fp16 => floats(2, |c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
         Scheme::Bf16 => floats(2, |c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         Scheme::Uniform { bits, bucket } => {
-            dequantize_uniform(payload, bits, bucket as usize, scales, n)
+            dequantize_uniform(payload, bits, bucket as usize, scales, n, spare)
         }
         Scheme::Ternary => {
             let codes = unpack(payload, 2, n)?;
