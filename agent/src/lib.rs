@@ -4,6 +4,10 @@
 //! codec ([`codec`], re-exported from `weightgrad-codec`) and the `weightgrad` CLI ([`cli`]).
 
 pub mod cli;
+pub mod lan;
+pub mod policies;
+pub mod sim;
+pub mod sync;
 pub mod train;
 
 pub use weightgrad_codec as codec;

@@ -1,5 +1,6 @@
 //! The `weightgrad` command line.
 
+mod demo;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +19,14 @@ pub struct Cli {
 pub enum Command {
     /// Train one replica locally (no WAN): the single-region reference.
     Train(train::TrainArgs),
+    /// Run several regions in one process over a simulated WAN (embedded digits).
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Demo(args) => demo::run_demo(args),
     }
 }

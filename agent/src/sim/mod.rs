@@ -1,0 +1,489 @@
+//! In-process regions over a virtual-time WAN: the same training, sync core, codec and
+//! policies as the agent, with time simulated so bytes and times are exact and repeatable.
+
+pub mod topology;
+pub mod wan;
+
+use crate::lan::RegionTrainer;
+use crate::sync::{RegionSync, SyncConfig};
+use crate::train::dataset::{ShardStrategy, shard_indices};
+use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
+use anyhow::{Result, bail};
+use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use topology::Topology;
+use wan::VirtualLink;
+use weightgrad_sdk::{LanPlan, Policy, PolicyInput, RoundContext, validate_output};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Regions and the links between them.
+    pub topology: Topology,
+    /// Workers per region.
+    pub workers: usize,
+    /// Passes over each region's data.
+    pub epochs: usize,
+    /// Samples per worker per step.
+    pub batch_size: usize,
+    /// Seed for data order, initialisation (shared by all regions) and rounding.
+    pub seed: u64,
+    /// Base learning rate (Adam; cosine schedule over the run).
+    pub lr: f64,
+    /// Virtual seconds one training step takes (deterministic compute cost).
+    pub compute_s: f64,
+    /// The model.
+    pub model: ModelSpec,
+    /// How samples are dealt to regions and workers.
+    pub sharding: ShardStrategy,
+    /// WAN-level settings.
+    pub sync: SyncConfig,
+}
+
+impl SimConfig {
+    /// The demo's defaults: digits MLP, `regions` regions of 2 workers.
+    pub fn demo(regions: usize, seed: u64) -> Self {
+        Self {
+            topology: Topology::default_for(regions),
+            workers: 2,
+            epochs: 30,
+            batch_size: 16,
+            seed,
+            lr: 1e-3,
+            compute_s: 0.005,
+            model: ModelSpec::default_mlp(),
+            sharding: ShardStrategy::Iid,
+            sync: SyncConfig::default(),
+        }
+    }
+}
+
+/// Accuracy of every region after a given number of rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    /// Rounds completed by every region.
+    pub round: u64,
+    /// Virtual time when the last region completed that round.
+    pub virtual_seconds: f64,
+    /// WAN bytes all regions had sent by then.
+    pub wan_bytes: u64,
+    /// LAN bytes all regions had moved by then.
+    pub lan_bytes: u64,
+    /// Lowest test top-1 over regions.
+    pub min_accuracy: f64,
+}
+
+/// A region's final state.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionReport {
+    /// Region name.
+    pub name: String,
+    /// Final test top-1.
+    pub test_accuracy: f64,
+    /// Final test loss.
+    pub test_loss: f64,
+}
+
+/// The outcome of one simulated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimReport {
+    /// Policy name.
+    pub policy: String,
+    /// Per-region results after every update has arrived.
+    pub regions: Vec<RegionReport>,
+    /// All WAN bytes sent.
+    pub wan_bytes: u64,
+    /// All LAN bytes moved.
+    pub lan_bytes: u64,
+    /// Virtual time until the last message arrived.
+    pub virtual_seconds: f64,
+    /// Rounds per region.
+    pub rounds: u64,
+    /// Accuracy after each epoch's worth of rounds.
+    pub curve: Vec<EvalPoint>,
+    /// Messages refused by receivers (should be 0).
+    pub rejected: u64,
+}
+
+impl SimReport {
+    /// The first evaluation at which every region reached `accuracy`.
+    pub fn first_reaching(&self, accuracy: f64) -> Option<&EvalPoint> {
+        self.curve.iter().find(|p| p.min_accuracy >= accuracy)
+    }
+}
+
+struct RegionRt {
+    trainer: RegionTrainer,
+    sync: RegionSync,
+    busy: bool,
+    pending: Option<(Vec<Vec<f32>>, f32)>,
+    lan_plan: LanPlan,
+    state: Vec<u8>,
+    wan_sent: u64,
+    evals: Vec<(f64, u64, u64, f64)>,
+}
+
+enum Event {
+    StepDone(usize),
+    Arrival {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+}
+
+fn link_index(me: usize, peer: usize) -> usize {
+    if peer < me { peer } else { peer - 1 }
+}
+
+fn peer_index(me: usize, link: usize) -> usize {
+    if link < me { link } else { link + 1 }
+}
+
+/// Runs `policy` on `data` under `cfg`; `progress(done, total)` sees rounds as they finish.
+pub fn run(
+    cfg: &SimConfig,
+    policy: &dyn Policy,
+    data: &DataSplit,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SimReport> {
+    let names = cfg.topology.regions.clone();
+    let n = names.len();
+    if n < 2 {
+        bail!("a simulation needs at least 2 regions, got {n}");
+    }
+    if cfg.workers == 0 || cfg.batch_size == 0 {
+        bail!("workers and batch size must be positive");
+    }
+    let shards_total = n * cfg.workers;
+    let mut regions = Vec::with_capacity(n);
+    for (r, name) in names.iter().enumerate() {
+        let shards = (0..cfg.workers)
+            .map(|k| {
+                data.train.subset(&shard_indices(
+                    &data.train.labels,
+                    shards_total,
+                    r * cfg.workers + k,
+                    cfg.sharding,
+                    cfg.seed,
+                ))
+            })
+            .collect();
+        let trainer = RegionTrainer::new(
+            name,
+            &cfg.model,
+            shards,
+            data.train.classes,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.seed.wrapping_add(r as u64 * 7919),
+        )?;
+        let peers: Vec<String> = names.iter().filter(|p| *p != name).cloned().collect();
+        let sync = RegionSync::new(
+            name,
+            &peers,
+            trainer.metas().to_vec(),
+            cfg.sync.clone(),
+            cfg.seed ^ (r as u64 + 1) << 32,
+        );
+        regions.push(RegionRt {
+            trainer,
+            sync,
+            busy: false,
+            pending: None,
+            lan_plan: LanPlan::FULL_PRECISION,
+            state: Vec::new(),
+            wan_sent: 0,
+            evals: Vec::new(),
+        });
+    }
+    let steps_per_epoch = regions
+        .iter()
+        .map(|r| r.trainer.samples().div_ceil(r.trainer.samples_per_step()))
+        .max()
+        .unwrap_or(1) as u64;
+    let total_rounds = steps_per_epoch * cfg.epochs as u64;
+    let schedule = LrSchedule::Cosine { min_factor: 0.0 };
+    let mut links: Vec<Vec<VirtualLink>> = (0..n)
+        .map(|a| {
+            (0..n)
+                .filter(|&b| b != a)
+                .map(|b| {
+                    VirtualLink::new(
+                        cfg.topology.link(a, b),
+                        cfg.seed ^ ((a * n + b) as u64) << 16,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+
+    // First LAN plan: ask the policy once with empty residuals.
+    for (r, rt) in regions.iter_mut().enumerate() {
+        let input = policy_input(rt, r, &links, &names, 0, cfg.lr, cfg.lr, f32::NAN, n);
+        let out = policy.decide(&input);
+        validate_output(&input, &out)
+            .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
+        rt.lan_plan = out.lan;
+        rt.state = out.state;
+    }
+
+    let mut queue: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut events: HashMap<u64, Event> = HashMap::new();
+    let mut seq = 0u64;
+    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64)>>,
+                    events: &mut HashMap<u64, Event>,
+                    t: f64,
+                    e: Event| {
+        seq += 1;
+        queue.push(Reverse(((t * 1e9).round() as u64, seq)));
+        events.insert(seq, e);
+    };
+    let mut now = 0.0f64;
+    let mut done_rounds = 0u64;
+    let mut rejected = 0u64;
+    for (r, rt) in regions.iter_mut().enumerate() {
+        if let Some(t) = try_start(rt, total_rounds, &schedule, cfg, now)? {
+            push(&mut queue, &mut events, t, Event::StepDone(r));
+        }
+    }
+    while let Some(Reverse((t_ns, id))) = queue.pop() {
+        now = t_ns as f64 / 1e9;
+        let event = events.remove(&id).expect("every queued id has an event");
+        match event {
+            Event::StepDone(r) => {
+                let round = regions[r].sync.round() + 1;
+                let lr = schedule.lr_at(cfg.lr, round - 1, total_rounds);
+                let rt = &mut regions[r];
+                let (delta, loss) = rt.pending.take().expect("a finished step has its update");
+                rt.sync.add_local_update(&delta);
+                let input = policy_input(rt, r, &links, &names, round, lr, cfg.lr, loss, n);
+                let out = policy.decide(&input);
+                validate_output(&input, &out)
+                    .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
+                let outgoing = rt.sync.finish_round(&rt.trainer.weights, &out.links)?;
+                rt.lan_plan = out.lan;
+                rt.state = out.state;
+                rt.busy = false;
+                for o in outgoing {
+                    let to = peer_index(r, o.link);
+                    for m in o.messages {
+                        let bytes = m.to_bytes();
+                        rt.wan_sent += bytes.len() as u64;
+                        let at = links[r][o.link].send(now, bytes.len() as u64);
+                        push(
+                            &mut queue,
+                            &mut events,
+                            at,
+                            Event::Arrival { to, from: r, bytes },
+                        );
+                    }
+                }
+                if round % steps_per_epoch == 0 || round == total_rounds {
+                    let eval = rt.trainer.evaluate(&data.test)?;
+                    rt.evals
+                        .push((now, rt.wan_sent, rt.trainer.lan_bytes(), eval.accuracy));
+                }
+                done_rounds += 1;
+                progress(done_rounds, total_rounds * n as u64);
+                if let Some(t) = try_start(&mut regions[r], total_rounds, &schedule, cfg, now)? {
+                    push(&mut queue, &mut events, t, Event::StepDone(r));
+                }
+            }
+            Event::Arrival { to, from, bytes } => {
+                let l = link_index(from, to);
+                links[from][l].delivered(bytes.len() as u64);
+                let rt = &mut regions[to];
+                let li = link_index(to, from);
+                if rt
+                    .sync
+                    .receive(li, &bytes, &mut rt.trainer.weights)
+                    .is_err()
+                {
+                    rejected += 1;
+                }
+                if let Some(t) = try_start(&mut regions[to], total_rounds, &schedule, cfg, now)? {
+                    push(&mut queue, &mut events, t, Event::StepDone(to));
+                }
+            }
+        }
+    }
+    if let Some(stuck) = regions.iter().find(|r| r.sync.round() < total_rounds) {
+        bail!(
+            "simulation stalled: {} finished {} of {total_rounds} rounds",
+            stuck.sync.name(),
+            stuck.sync.round()
+        );
+    }
+    let points = regions.iter().map(|r| r.evals.len()).min().unwrap_or(0);
+    let curve = (0..points)
+        .map(|k| EvalPoint {
+            round: ((k as u64 + 1) * steps_per_epoch).min(total_rounds),
+            virtual_seconds: regions.iter().map(|r| r.evals[k].0).fold(0.0, f64::max),
+            wan_bytes: regions.iter().map(|r| r.evals[k].1).sum(),
+            lan_bytes: regions.iter().map(|r| r.evals[k].2).sum(),
+            min_accuracy: regions.iter().map(|r| r.evals[k].3).fold(1.0, f64::min),
+        })
+        .collect();
+    let reports = regions
+        .iter()
+        .map(|r| {
+            let e = r.trainer.evaluate(&data.test)?;
+            Ok(RegionReport {
+                name: r.sync.name().to_string(),
+                test_accuracy: e.accuracy,
+                test_loss: e.loss,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SimReport {
+        policy: policy.info().name,
+        regions: reports,
+        wan_bytes: regions.iter().map(|r| r.wan_sent).sum(),
+        lan_bytes: regions.iter().map(|r| r.trainer.lan_bytes()).sum(),
+        virtual_seconds: now,
+        rounds: total_rounds,
+        curve,
+        rejected,
+    })
+}
+
+/// Starts region `rt`'s next step if it is idle, has rounds left and the staleness bound
+/// allows; returns when the step will be done.
+fn try_start(
+    rt: &mut RegionRt,
+    total: u64,
+    schedule: &LrSchedule,
+    cfg: &SimConfig,
+    now: f64,
+) -> Result<Option<f64>> {
+    if rt.busy || rt.sync.round() >= total || !rt.sync.may_start_next() {
+        return Ok(None);
+    }
+    let lr = schedule.lr_at(cfg.lr, rt.sync.round(), total);
+    let step = rt.trainer.step(&rt.lan_plan, lr)?;
+    rt.pending = Some((step.delta, step.loss));
+    rt.busy = true;
+    Ok(Some(now + cfg.compute_s))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn policy_input(
+    rt: &RegionRt,
+    r: usize,
+    links: &[Vec<VirtualLink>],
+    names: &[String],
+    round: u64,
+    lr: f64,
+    base_lr: f64,
+    loss: f32,
+    regions: usize,
+) -> PolicyInput {
+    let stats: Vec<weightgrad_sdk::LinkStats> = links[r]
+        .iter()
+        .enumerate()
+        .map(|(l, link)| weightgrad_sdk::LinkStats {
+            peer: names[peer_index(r, l)].clone(),
+            bandwidth_bps: link.model.bandwidth_bps,
+            rtt_s: link.model.rtt_s,
+            loss: link.model.loss,
+            queued_bytes: link.queued(),
+        })
+        .collect();
+    PolicyInput {
+        context: RoundContext {
+            round,
+            lr: lr as f32,
+            base_lr: base_lr as f32,
+            loss,
+            regions: regions as u32,
+        },
+        thresholds: rt.sync_thresholds(),
+        links: rt.sync.policy_links(&rt.trainer.weights, &stats),
+        state: rt.state.clone(),
+    }
+}
+
+impl RegionRt {
+    fn sync_thresholds(&self) -> Vec<f32> {
+        self.sync.stat_thresholds().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::builtin;
+    use crate::train::dataset::embedded_digits;
+
+    fn small(seed: u64) -> SimConfig {
+        SimConfig {
+            epochs: 2,
+            ..SimConfig::demo(2, seed)
+        }
+    }
+
+    #[test]
+    fn runs_are_exactly_repeatable_from_the_seed() {
+        let data = embedded_digits().unwrap();
+        let policy = builtin("weightgrad").unwrap();
+        let a = run(&small(4), policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        let b = run(&small(4), policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        assert_eq!(a.wan_bytes, b.wan_bytes);
+        assert_eq!(a.lan_bytes, b.lan_bytes);
+        assert_eq!(a.virtual_seconds, b.virtual_seconds);
+        assert_eq!(a.regions[0].test_loss, b.regions[0].test_loss);
+        assert_eq!(a.rejected, 0);
+        assert_eq!(a.curve.len(), 2);
+    }
+
+    #[test]
+    fn weightgrad_sends_far_less_than_full_sync_and_both_learn() {
+        let data = embedded_digits().unwrap();
+        let full = run(
+            &small(1),
+            builtin("full-sync").unwrap().as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let wg = run(
+            &small(1),
+            builtin("weightgrad").unwrap().as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            wg.wan_bytes * 5 < full.wan_bytes,
+            "{} vs {}",
+            wg.wan_bytes,
+            full.wan_bytes
+        );
+        assert!(wg.lan_bytes < full.lan_bytes);
+        for r in full.regions.iter().chain(&wg.regions) {
+            assert!(r.test_accuracy > 0.8, "{}: {}", r.name, r.test_accuracy);
+        }
+    }
+
+    #[test]
+    fn staleness_zero_keeps_regions_in_lockstep_and_finishes() {
+        let data = embedded_digits().unwrap();
+        let mut cfg = small(2);
+        cfg.sync.max_staleness = 0;
+        cfg.epochs = 1;
+        let r = run(
+            &cfg,
+            builtin("gaia").unwrap().as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.rejected, 0);
+        assert!(
+            r.virtual_seconds > r.rounds as f64 * 0.080 / 2.0,
+            "each round waits for the peer"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! What regions send each other: update frames, and the end-of-round marker that announces
+//! how many frames a round produced (so a receiver knows when the round is complete).
+
+use serde::{Deserialize, Serialize};
+use weightgrad_codec::CodecError;
+
+/// First four bytes of an end-of-round marker.
+pub const ROUND_END_MAGIC: [u8; 4] = *b"WGRE";
+/// Largest encoded marker accepted.
+const MAX_ROUND_END: usize = 1024;
+
+/// "Round `clock` of `sender` is over; it sent `frames` update frames on this link."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundEnd {
+    /// Sending region.
+    pub sender: String,
+    /// The round that ended.
+    pub clock: u64,
+    /// Update frames sent on this link for that round.
+    pub frames: u32,
+}
+
+/// A message on one WAN link.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WanMessage {
+    /// An update frame (see `weightgrad_codec::frame`).
+    Frame(Vec<u8>),
+    /// End of a round.
+    RoundEnd(RoundEnd),
+}
+
+impl WanMessage {
+    /// The bytes that cross the link.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Frame(b) => b.clone(),
+            Self::RoundEnd(r) => {
+                let mut out = ROUND_END_MAGIC.to_vec();
+                ciborium::into_writer(r, &mut out).expect("writing to a Vec cannot fail");
+                out
+            }
+        }
+    }
+
+    /// Size on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Self::Frame(b) => b.len(),
+            Self::RoundEnd(_) => self.to_bytes().len(),
+        }
+    }
+
+    /// Parses bytes from a link: a marker if it starts with its magic, else a frame
+    /// (validated later by the frame decoder).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
+        match bytes.strip_prefix(&ROUND_END_MAGIC[..]) {
+            Some(body) => {
+                if bytes.len() > MAX_ROUND_END {
+                    return Err(CodecError::TooLarge {
+                        what: "round-end marker",
+                        size: bytes.len() as u64,
+                        limit: MAX_ROUND_END as u64,
+                    });
+                }
+                let mut cursor = std::io::Cursor::new(body);
+                let r: RoundEnd = ciborium::from_reader(&mut cursor)
+                    .map_err(|e| CodecError::Header(format!("round-end marker: {e}")))?;
+                if cursor.position() as usize != body.len() {
+                    return Err(CodecError::Header(
+                        "bytes after the round-end marker".into(),
+                    ));
+                }
+                Ok(Self::RoundEnd(r))
+            }
+            None => Ok(Self::Frame(bytes.to_vec())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_end_round_trips_and_rejects_junk() {
+        let m = WanMessage::RoundEnd(RoundEnd {
+            sender: "eu-west".into(),
+            clock: 7,
+            frames: 3,
+        });
+        assert_eq!(WanMessage::from_bytes(&m.to_bytes()).unwrap(), m);
+        assert!(WanMessage::from_bytes(b"WGRE\xff\xff").is_err());
+        let mut long = m.to_bytes();
+        long.push(0);
+        assert!(WanMessage::from_bytes(&long).is_err());
+        let big = [&ROUND_END_MAGIC[..], &[0u8; 2000][..]].concat();
+        assert!(WanMessage::from_bytes(&big).is_err());
+    }
+}

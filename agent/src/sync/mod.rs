@@ -1,0 +1,280 @@
+//! The geo-sync core: per-peer residuals, significance filtering with error feedback, the
+//! mirror clock and the merge of peers' updates. Sans-IO; the simulator and the real WAN
+//! drive the same code.
+
+pub mod clock;
+pub mod message;
+pub mod region;
+
+pub use clock::MirrorClock;
+pub use message::{RoundEnd, WanMessage};
+pub use region::{LinkCounters, Outgoing, ReceiveError, RegionSync, SyncConfig, TensorMeta};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, seq::IndexedRandom};
+    use rand_chacha::ChaCha8Rng;
+    use weightgrad_sdk::{LinkPlan, TensorPlan, TensorRole};
+
+    const REGIONS: usize = 3;
+
+    fn metas() -> Vec<TensorMeta> {
+        vec![
+            TensorMeta {
+                numel: 40,
+                role: TensorRole::Weight,
+            },
+            TensorMeta {
+                numel: 7,
+                role: TensorRole::Bias,
+            },
+            TensorMeta {
+                numel: 300,
+                role: TensorRole::Weight,
+            },
+        ]
+    }
+
+    fn names() -> Vec<String> {
+        (0..REGIONS).map(|i| format!("r{i}")).collect()
+    }
+
+    fn random_plan(rng: &mut ChaCha8Rng, tensors: usize) -> LinkPlan {
+        LinkPlan {
+            tensors: (0..tensors)
+                .map(|_| TensorPlan {
+                    send: rng.random_bool(0.8),
+                    tau: *[0.0f32, 0.001, 0.01, 0.1, 1.0].choose(rng).unwrap(),
+                    bits: *[1u8, 2, 3, 4, 8, 16, 32].choose(rng).unwrap(),
+                })
+                .collect(),
+        }
+    }
+
+    struct Node {
+        sync: RegionSync,
+        weights: Vec<Vec<f32>>,
+        /// Σ local updates, per tensor (f64).
+        local_sum: Vec<Vec<f64>>,
+        /// Σ decoded sent, per link and tensor (f64).
+        sent_sum: Vec<Vec<Vec<f64>>>,
+    }
+
+    #[allow(clippy::needless_range_loop)] // element-wise checks across parallel tables
+    /// Thousands of rounds with random plans, random delivery order, duplicated frames and
+    /// random scheduling: per-link conservation, no double application, staleness bound.
+    #[test]
+    fn conservation_no_double_apply_and_staleness_under_random_plans() {
+        let metas = metas();
+        let names = names();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let max_staleness = 2;
+        let config = SyncConfig {
+            max_staleness,
+            ..SyncConfig::default()
+        };
+        let mut nodes: Vec<Node> = (0..REGIONS)
+            .map(|r| {
+                let peers: Vec<String> =
+                    names.iter().filter(|n| **n != names[r]).cloned().collect();
+                Node {
+                    sync: RegionSync::new(
+                        &names[r],
+                        &peers,
+                        metas.clone(),
+                        config.clone(),
+                        r as u64,
+                    ),
+                    weights: metas
+                        .iter()
+                        .map(|m| (0..m.numel).map(|i| (i % 5) as f32 - 2.0).collect())
+                        .collect(),
+                    local_sum: metas.iter().map(|m| vec![0.0; m.numel]).collect(),
+                    sent_sum: (0..REGIONS - 1)
+                        .map(|_| metas.iter().map(|m| vec![0.0; m.numel]).collect())
+                        .collect(),
+                }
+            })
+            .collect();
+        let initial: Vec<Vec<f32>> = nodes[0].weights.clone();
+        // In-flight messages: (to, from, bytes).
+        let mut in_flight: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+        let mut duplicates_refused = 0;
+        let link_to = |from: usize, to: usize| if to < from { to } else { to - 1 };
+        let target_rounds = 1500;
+        let mut steps = 0;
+        while nodes.iter().any(|n| n.sync.round() < target_rounds) || !in_flight.is_empty() {
+            steps += 1;
+            assert!(
+                steps < 1_000_000,
+                "no progress: the staleness bound deadlocked"
+            );
+            let deliver = !in_flight.is_empty()
+                && (rng.random_bool(0.5)
+                    || nodes
+                        .iter()
+                        .all(|n| n.sync.round() >= target_rounds || !n.sync.may_start_next()));
+            if deliver {
+                let k = rng.random_range(0..in_flight.len());
+                let (to, from, bytes) = in_flight.swap_remove(k);
+                let l = link_to(to, from);
+                let node = &mut nodes[to];
+                let before = node.weights.clone();
+                match node.sync.receive(l, &bytes, &mut node.weights) {
+                    Ok(()) => {}
+                    Err(ReceiveError::Rejected { problem, .. })
+                        if problem.contains("duplicate") =>
+                    {
+                        duplicates_refused += 1;
+                        assert_eq!(before, node.weights, "a refused frame changed the weights");
+                    }
+                    Err(e) => panic!("unexpected refusal: {e}"),
+                }
+                continue;
+            }
+            let r = rng.random_range(0..REGIONS);
+            let node = &mut nodes[r];
+            if node.sync.round() >= target_rounds || !node.sync.may_start_next() {
+                continue;
+            }
+            // Staleness bound: the round about to finish is at most max_staleness ahead.
+            if let Some(slowest) = node.sync.clock().slowest_live() {
+                assert!(
+                    node.sync.round() <= slowest + max_staleness,
+                    "staleness bound exceeded"
+                );
+            }
+            let delta: Vec<Vec<f32>> = metas
+                .iter()
+                .map(|m| {
+                    (0..m.numel)
+                        .map(|_| rng.random_range(-0.05f32..0.05))
+                        .collect()
+                })
+                .collect();
+            for (w, d) in node.weights.iter_mut().zip(&delta) {
+                w.iter_mut().zip(d).for_each(|(w, d)| *w += d);
+            }
+            for (s, d) in node.local_sum.iter_mut().zip(&delta) {
+                s.iter_mut().zip(d).for_each(|(s, d)| *s += f64::from(*d));
+            }
+            node.sync.add_local_update(&delta);
+            let plans: Vec<LinkPlan> = (0..REGIONS - 1)
+                .map(|_| random_plan(&mut rng, metas.len()))
+                .collect();
+            let outgoing = node.sync.finish_round(&node.weights, &plans).unwrap();
+            for out in outgoing {
+                for (t, upd) in &out.decoded {
+                    let mut dense = vec![0.0f32; metas[*t as usize].numel];
+                    upd.add_to(&mut dense, 1.0);
+                    for (s, v) in node.sent_sum[out.link][*t as usize].iter_mut().zip(&dense) {
+                        *s += f64::from(*v);
+                    }
+                }
+                let peer = if out.link < r { out.link } else { out.link + 1 };
+                for m in out.messages {
+                    let bytes = m.to_bytes();
+                    if matches!(m, WanMessage::Frame(_)) && rng.random_bool(0.05) {
+                        in_flight.push((peer, r, bytes.clone()));
+                    }
+                    in_flight.push((peer, r, bytes));
+                }
+            }
+        }
+        assert!(
+            duplicates_refused > 0,
+            "the test injected duplicates; some must have been refused"
+        );
+        for (r, node) in nodes.iter().enumerate() {
+            assert_eq!(node.sync.round(), target_rounds);
+            for l in 0..REGIONS - 1 {
+                // Conservation per link: Σ decoded sent + residual = Σ local updates.
+                for (t, m) in metas.iter().enumerate() {
+                    for i in 0..m.numel {
+                        let lhs = node.sent_sum[l][t][i] + f64::from(node.sync.residual(l)[t][i]);
+                        let rhs = node.local_sum[t][i];
+                        assert!(
+                            (lhs - rhs).abs() < 1e-3,
+                            "region {r} link {l} tensor {t}[{i}]: {lhs} vs {rhs}"
+                        );
+                    }
+                }
+                assert_eq!(node.sync.clock().complete(l), target_rounds);
+            }
+            // Every peer's decoded updates were applied exactly once: w = w0 + own + Σ peers' sent to r.
+            for (t, m) in metas.iter().enumerate() {
+                for i in 0..m.numel {
+                    let mut expect = f64::from(initial[t][i]) + node.local_sum[t][i];
+                    for (p, peer) in nodes.iter().enumerate().filter(|(p, _)| *p != r) {
+                        expect += peer.sent_sum[link_to(p, r)][t][i];
+                    }
+                    let got = f64::from(node.weights[t][i]);
+                    assert!(
+                        (got - expect).abs() < 1e-2,
+                        "region {r} tensor {t}[{i}]: {got} vs {expect}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_refused_and_change_nothing() {
+        let metas = metas();
+        let mut a = RegionSync::new("a", &["b".into()], metas.clone(), SyncConfig::default(), 1);
+        let mut b = RegionSync::new("b", &["a".into()], metas.clone(), SyncConfig::default(), 2);
+        let mut wa: Vec<Vec<f32>> = metas.iter().map(|m| vec![1.0; m.numel]).collect();
+        let mut wb = wa.clone();
+        let delta: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.5; m.numel]).collect();
+        a.add_local_update(&delta);
+        let plan = LinkPlan {
+            tensors: vec![
+                TensorPlan {
+                    send: true,
+                    tau: 0.0,
+                    bits: 32
+                };
+                3
+            ],
+        };
+        let out = a.finish_round(&wa, &[plan]).unwrap();
+        let frame = out[0].messages[0].to_bytes();
+
+        let snapshot = wb.clone();
+        let err = b
+            .receive(0, &frame[..frame.len() - 1], &mut wb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("from a"), "{err}");
+        let mut wrong_model = RegionSync::new(
+            "b",
+            &["a".into()],
+            vec![TensorMeta {
+                numel: 3,
+                role: TensorRole::Weight,
+            }],
+            SyncConfig::default(),
+            3,
+        );
+        let err = wrong_model
+            .receive(0, &frame, &mut wb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has 3 elements"), "{err}");
+        let mut impostor =
+            RegionSync::new("b", &["c".into()], metas.clone(), SyncConfig::default(), 3);
+        let err = impostor
+            .receive(0, &frame, &mut wb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("claims sender"), "{err}");
+        assert_eq!(wb, snapshot);
+        b.receive(0, &frame, &mut wb).unwrap();
+        assert_ne!(wb, snapshot);
+        let err = b.receive(0, &frame, &mut wb).unwrap_err().to_string();
+        assert!(err.contains("duplicate"), "{err}");
+        assert_eq!(b.counters(0).rejected, 2);
+        wa[0][0] = 0.0;
+    }
+}

@@ -1,0 +1,423 @@
+//! One region's WAN state machine: a residual per peer link, policy statistics, the
+//! significance filter and quantizer with error feedback, and the merge of peers' updates.
+//! Sans-IO: it produces and consumes bytes; time and transport belong to the caller.
+
+use crate::sync::clock::MirrorClock;
+use crate::sync::message::{RoundEnd, WanMessage};
+use std::collections::BTreeSet;
+use weightgrad_codec::filter::{is_significant, significant_fractions};
+use weightgrad_codec::{
+    CodecError, DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Selection, Update, decode,
+    encode, significance_filter,
+};
+use weightgrad_sdk::{LinkInput, LinkPlan, LinkStats, TensorPlan, TensorRole, TensorStats};
+
+/// Size and role of one tensor, in manifest order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Elements.
+    pub numel: usize,
+    /// Weight or bias.
+    pub role: TensorRole,
+}
+
+/// Settings of the WAN level.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Rounds a region may run ahead of the slowest live peer.
+    pub max_staleness: u64,
+    /// zstd level for frames (`None`: uncompressed).
+    pub zstd_level: Option<i32>,
+    /// Values per scale for m-bit quantization.
+    pub bucket: u32,
+    /// Limits applied to every received frame.
+    pub limits: Limits,
+    /// Thresholds at which policies are told the significant fraction.
+    pub stat_thresholds: Vec<f32>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            max_staleness: 1,
+            zstd_level: Some(1),
+            bucket: 512,
+            limits: Limits::default(),
+            stat_thresholds: vec![0.001, 0.01, 0.1],
+        }
+    }
+}
+
+/// Why a received message was refused (the region keeps running; nothing is applied).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The bytes are not a valid message.
+    #[error("from {peer}: {source}")]
+    Codec {
+        /// Link it came from.
+        peer: String,
+        /// What the decoder found.
+        source: CodecError,
+    },
+    /// The message is valid but does not fit this model or this link.
+    #[error("from {peer}: {problem}")]
+    Rejected {
+        /// Link it came from.
+        peer: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Byte and element counters for one link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Bytes handed to the link (frames and markers).
+    pub bytes_sent: u64,
+    /// Bytes received from the link.
+    pub bytes_received: u64,
+    /// Elements sent.
+    pub elements_sent: u64,
+    /// Frames refused.
+    pub rejected: u64,
+}
+
+struct Link {
+    peer: String,
+    residual: Vec<Vec<f32>>,
+    rounds_since_sent: Vec<u32>,
+    rng: DitherRng,
+    counters: LinkCounters,
+    /// (clock, tensor) pairs applied from this peer and not yet below its complete clock.
+    applied: BTreeSet<(u64, u32)>,
+}
+
+/// What one round produced for one link.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Index of the link.
+    pub link: usize,
+    /// Messages in order: frames, then the round-end marker.
+    pub messages: Vec<WanMessage>,
+    /// What the receiver will decode, per tensor sent (for conservation checks).
+    pub decoded: Vec<(u32, Update)>,
+}
+
+/// A region's WAN state: one residual per peer, the mirror clock, and counters.
+pub struct RegionSync {
+    name: String,
+    tensors: Vec<TensorMeta>,
+    links: Vec<Link>,
+    clock: MirrorClock,
+    config: SyncConfig,
+    round: u64,
+}
+
+impl RegionSync {
+    /// A region named `name` with `peers` links, for a model with `tensors`; `seed` drives
+    /// stochastic rounding.
+    pub fn new(
+        name: &str,
+        peers: &[String],
+        tensors: Vec<TensorMeta>,
+        config: SyncConfig,
+        seed: u64,
+    ) -> Self {
+        let links = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Link {
+                peer: p.clone(),
+                residual: tensors.iter().map(|t| vec![0.0; t.numel]).collect(),
+                rounds_since_sent: vec![0; tensors.len()],
+                rng: DitherRng::new(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1))),
+                counters: LinkCounters::default(),
+                applied: BTreeSet::new(),
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            clock: MirrorClock::new(peers.len(), config.max_staleness),
+            tensors,
+            links,
+            config,
+            round: 0,
+        }
+    }
+
+    /// This region's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Rounds this region has finished.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The mirror clock.
+    pub fn clock(&self) -> &MirrorClock {
+        &self.clock
+    }
+
+    /// Mutable mirror clock (liveness changes).
+    pub fn clock_mut(&mut self) -> &mut MirrorClock {
+        &mut self.clock
+    }
+
+    /// Thresholds at which policies are told the significant fraction.
+    pub fn stat_thresholds(&self) -> &[f32] {
+        &self.config.stat_thresholds
+    }
+
+    /// Number of peer links.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Peer name of link `l`.
+    pub fn peer(&self, l: usize) -> &str {
+        &self.links[l].peer
+    }
+
+    /// Counters of link `l`.
+    pub fn counters(&self, l: usize) -> LinkCounters {
+        self.links[l].counters
+    }
+
+    /// Residual of link `l`, per tensor.
+    pub fn residual(&self, l: usize) -> &[Vec<f32>] {
+        &self.links[l].residual
+    }
+
+    /// Whether the next round may start under the staleness bound.
+    pub fn may_start_next(&self) -> bool {
+        self.clock.may_start(self.round + 1)
+    }
+
+    /// Adds this region's own update (new weights minus old, per tensor) to every link's residual.
+    pub fn add_local_update(&mut self, delta: &[Vec<f32>]) {
+        for link in &mut self.links {
+            for (acc, d) in link.residual.iter_mut().zip(delta) {
+                for (a, v) in acc.iter_mut().zip(d) {
+                    *a += v;
+                }
+            }
+        }
+    }
+
+    /// Per-link statistics of every tensor's residual, for the policy.
+    pub fn policy_links(&self, weights: &[Vec<f32>], link_stats: &[LinkStats]) -> Vec<LinkInput> {
+        self.links
+            .iter()
+            .zip(link_stats)
+            .map(|(link, stats)| LinkInput {
+                link: stats.clone(),
+                tensors: link
+                    .residual
+                    .iter()
+                    .zip(weights)
+                    .zip(&self.tensors)
+                    .zip(&link.rounds_since_sent)
+                    .map(|(((acc, w), meta), &since)| TensorStats {
+                        numel: meta.numel as u64,
+                        role: meta.role,
+                        update_l2: l2(acc),
+                        weight_l2: l2(w),
+                        max_relative: acc
+                            .iter()
+                            .zip(w)
+                            .filter(|(_, w)| **w != 0.0)
+                            .map(|(a, w)| (a / w).abs())
+                            .fold(0.0, f32::max),
+                        significant_fraction: significant_fractions(
+                            acc,
+                            w,
+                            &self.config.stat_thresholds,
+                        ),
+                        rounds_since_sent: since,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Ends the current round: for every link, applies its plan (filter, quantize, encode,
+    /// error feedback) and returns the messages to send. `plans` has one entry per link.
+    pub fn finish_round(
+        &mut self,
+        weights: &[Vec<f32>],
+        plans: &[LinkPlan],
+    ) -> Result<Vec<Outgoing>, CodecError> {
+        self.round += 1;
+        let round = self.round;
+        let mut out = Vec::with_capacity(self.links.len());
+        for (l, (link, plan)) in self.links.iter_mut().zip(plans).enumerate() {
+            let mut messages = Vec::new();
+            let mut decoded = Vec::new();
+            for (t, tensor_plan) in plan.tensors.iter().enumerate() {
+                let acc = &mut link.residual[t];
+                if !tensor_plan.send {
+                    link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
+                    continue;
+                }
+                let selection = significance_filter(acc, &weights[t], tensor_plan.tau);
+                if selection.is_empty() {
+                    link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
+                    continue;
+                }
+                let meta = FrameMeta {
+                    sender: self.name.clone(),
+                    clock: round,
+                    tensor: t as u32,
+                };
+                let opts = EncodeOptions {
+                    quantizer: quantizer_for(tensor_plan, self.config.bucket),
+                    zstd_level: self.config.zstd_level,
+                };
+                let Selection { indices, values } = selection;
+                let update = Update::Sparse { indices, values };
+                let enc = encode(&meta, acc.len(), &update, &opts, &mut link.rng)?;
+                // Error feedback: what was taken out but not delivered goes back in.
+                update.add_to(acc, 1.0);
+                enc.decoded.add_to(acc, -1.0);
+                link.counters.bytes_sent += enc.bytes.len() as u64;
+                link.counters.elements_sent += update.value_count() as u64;
+                link.rounds_since_sent[t] = 0;
+                messages.push(WanMessage::Frame(enc.bytes));
+                decoded.push((t as u32, enc.decoded));
+            }
+            let end = WanMessage::RoundEnd(RoundEnd {
+                sender: self.name.clone(),
+                clock: round,
+                frames: messages.len() as u32,
+            });
+            link.counters.bytes_sent += end.wire_len() as u64;
+            messages.push(end);
+            out.push(Outgoing {
+                link: l,
+                messages,
+                decoded,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Handles bytes from link `l`: a frame is validated and added into `weights` (sum
+    /// merge); a marker advances the mirror clock. Bad or duplicate input is refused with
+    /// an error and changes nothing.
+    pub fn receive(
+        &mut self,
+        l: usize,
+        bytes: &[u8],
+        weights: &mut [Vec<f32>],
+    ) -> Result<(), ReceiveError> {
+        let peer = self.links[l].peer.clone();
+        let result = self.receive_inner(l, &peer, bytes, weights);
+        let link = &mut self.links[l];
+        link.counters.bytes_received += bytes.len() as u64;
+        if result.is_err() {
+            link.counters.rejected += 1;
+        }
+        result
+    }
+
+    fn receive_inner(
+        &mut self,
+        l: usize,
+        peer: &str,
+        bytes: &[u8],
+        weights: &mut [Vec<f32>],
+    ) -> Result<(), ReceiveError> {
+        let codec = |source| ReceiveError::Codec {
+            peer: peer.to_string(),
+            source,
+        };
+        let reject = |problem: String| ReceiveError::Rejected {
+            peer: peer.to_string(),
+            problem,
+        };
+        match WanMessage::from_bytes(bytes).map_err(codec)? {
+            WanMessage::RoundEnd(end) => {
+                if end.sender != peer {
+                    return Err(reject(format!("marker claims sender {:?}", end.sender)));
+                }
+                self.clock.round_ended(l, end.clock, end.frames);
+                self.prune_applied(l);
+                Ok(())
+            }
+            WanMessage::Frame(frame) => {
+                let frame = decode(&frame, &self.config.limits).map_err(codec)?;
+                let h = &frame.header;
+                if h.sender != peer {
+                    return Err(reject(format!("frame claims sender {:?}", h.sender)));
+                }
+                let Some(meta) = self.tensors.get(h.tensor as usize) else {
+                    return Err(reject(format!(
+                        "tensor {} does not exist (the model has {})",
+                        h.tensor,
+                        self.tensors.len()
+                    )));
+                };
+                if h.len as usize != meta.numel {
+                    return Err(reject(format!(
+                        "tensor {} has {} elements, the frame says {}",
+                        h.tensor, meta.numel, h.len
+                    )));
+                }
+                if h.clock <= self.clock.complete(l)
+                    || !self.links[l].applied.insert((h.clock, h.tensor))
+                {
+                    return Err(reject(format!(
+                        "duplicate update for tensor {} of round {}",
+                        h.tensor, h.clock
+                    )));
+                }
+                frame.update.add_to(&mut weights[h.tensor as usize], 1.0);
+                self.clock.frame_arrived(l, h.clock);
+                self.prune_applied(l);
+                Ok(())
+            }
+        }
+    }
+
+    fn prune_applied(&mut self, l: usize) {
+        let complete = self.clock.complete(l);
+        let applied = &mut self.links[l].applied;
+        while applied.first().is_some_and(|&(c, _)| c <= complete) {
+            applied.pop_first();
+        }
+    }
+
+    /// Elements of link `l`'s residual that are significant at `tau` (for statistics).
+    pub fn significant_count(&self, l: usize, weights: &[Vec<f32>], tau: f32) -> usize {
+        self.links[l]
+            .residual
+            .iter()
+            .zip(weights)
+            .map(|(a, w)| {
+                a.iter()
+                    .zip(w)
+                    .filter(|&(&a, &w)| is_significant(a, w, tau))
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// The quantizer for a plan's bit-width.
+pub fn quantizer_for(plan: &TensorPlan, bucket: u32) -> Quantizer {
+    match plan.bits {
+        32 => Quantizer::Fp32,
+        16 => Quantizer::Bf16,
+        b => Quantizer::Uniform {
+            bits: b.clamp(1, 8),
+            bucket,
+            clip_sigma: None,
+        },
+    }
+}
+
+fn l2(x: &[f32]) -> f32 {
+    x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt() as f32
+}

@@ -1,0 +1,39 @@
+//! `full-sync`: every non-zero update crosses every link every round in fp32, and workers
+//! send fp32 gradients. The baseline every other policy is measured against.
+
+use weightgrad_sdk::{
+    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan,
+};
+
+/// The full-synchronisation baseline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullSync;
+
+impl Policy for FullSync {
+    fn info(&self) -> PolicyInfo {
+        PolicyInfo {
+            name: "full-sync".into(),
+            version: "1.0.0".into(),
+            description: "every update, every round, fp32 (the baseline)".into(),
+        }
+    }
+
+    fn decide(&self, input: &PolicyInput) -> PolicyOutput {
+        let send = TensorPlan {
+            send: true,
+            tau: 0.0,
+            bits: 32,
+        };
+        PolicyOutput {
+            links: input
+                .links
+                .iter()
+                .map(|l| LinkPlan {
+                    tensors: vec![send; l.tensors.len()],
+                })
+                .collect(),
+            lan: LanPlan::FULL_PRECISION,
+            state: input.state.clone(),
+        }
+    }
+}

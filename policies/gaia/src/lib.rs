@@ -1,0 +1,49 @@
+//! `gaia`: Gaia's approximate synchronous parallel. An accumulated update crosses a link
+//! once `|A_i / w_i| > τ`, with `τ = τ0 · lr / base_lr` (τ0 = 1%); values travel in fp32.
+
+use weightgrad_sdk::{
+    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan,
+};
+
+/// Gaia's significance filter with full-precision values.
+#[derive(Debug, Clone, Copy)]
+pub struct Gaia {
+    /// Threshold at the base learning rate.
+    pub tau0: f32,
+}
+
+impl Default for Gaia {
+    fn default() -> Self {
+        Self { tau0: 0.01 }
+    }
+}
+
+impl Policy for Gaia {
+    fn info(&self) -> PolicyInfo {
+        PolicyInfo {
+            name: "gaia".into(),
+            version: "1.0.0".into(),
+            description:
+                "significance filter (tau0 1%, decaying with the learning rate), fp32 values".into(),
+        }
+    }
+
+    fn decide(&self, input: &PolicyInput) -> PolicyOutput {
+        let plan = TensorPlan {
+            send: true,
+            tau: input.context.decayed_tau(self.tau0),
+            bits: 32,
+        };
+        PolicyOutput {
+            links: input
+                .links
+                .iter()
+                .map(|l| LinkPlan {
+                    tensors: vec![plan; l.tensors.len()],
+                })
+                .collect(),
+            lan: LanPlan::FULL_PRECISION,
+            state: input.state.clone(),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! `weightgrad`: the WeightGrad scheme. Between regions, Gaia's significance filter
+//! (`τ = τ0 · lr / base_lr`) with the survivors quantized to a few bits (weights at
+//! `weight_bits`, biases at `bias_bits`; error feedback keeps what quantization loses).
+//! Inside a region, workers train on 8-bit loss-aware quantized weights and send TernGrad
+//! (2-bit) gradients for weight tensors.
+
+use weightgrad_sdk::{
+    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan, TensorRole,
+};
+
+/// The WeightGrad policy and its knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightGrad {
+    /// Threshold at the base learning rate.
+    pub tau0: f32,
+    /// WAN bits for weight tensors.
+    pub weight_bits: u8,
+    /// WAN bits for bias tensors.
+    pub bias_bits: u8,
+    /// LAN gradient bits for weight tensors (biases stay fp32).
+    pub lan_gradient_bits: u8,
+    /// Bits of the loss-aware quantized weights workers train on.
+    pub lan_weight_bits: u8,
+}
+
+impl Default for WeightGrad {
+    fn default() -> Self {
+        Self {
+            tau0: 0.01,
+            weight_bits: 2,
+            bias_bits: 8,
+            lan_gradient_bits: 2,
+            lan_weight_bits: 8,
+        }
+    }
+}
+
+impl Policy for WeightGrad {
+    fn info(&self) -> PolicyInfo {
+        PolicyInfo {
+            name: "weightgrad".into(),
+            version: "1.0.0".into(),
+            description: "significance filter plus low-bit WAN updates and TernGrad LAN gradients"
+                .into(),
+        }
+    }
+
+    fn decide(&self, input: &PolicyInput) -> PolicyOutput {
+        let tau = input.context.decayed_tau(self.tau0);
+        let roles: Vec<TensorRole> = input
+            .links
+            .first()
+            .map(|l| l.tensors.iter().map(|t| t.role).collect())
+            .unwrap_or_default();
+        let plan_for = |role: TensorRole| TensorPlan {
+            send: true,
+            tau,
+            bits: match role {
+                TensorRole::Weight => self.weight_bits,
+                TensorRole::Bias => self.bias_bits,
+            },
+        };
+        PolicyOutput {
+            links: input
+                .links
+                .iter()
+                .map(|l| LinkPlan {
+                    tensors: l.tensors.iter().map(|t| plan_for(t.role)).collect(),
+                })
+                .collect(),
+            lan: LanPlan {
+                gradient_bits: roles
+                    .iter()
+                    .map(|r| match r {
+                        TensorRole::Weight => self.lan_gradient_bits,
+                        TensorRole::Bias => 32,
+                    })
+                    .collect(),
+                weight_bits: self.lan_weight_bits,
+            },
+            state: input.state.clone(),
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The policy contract in plain Rust.
+//!
+//! Once per round the agent hands a policy a [`PolicyInput`] — the round's context, per-link
+//! statistics and, for each link, statistics of every tensor's accumulated (not yet sent)
+//! update — and the policy returns a [`PolicyOutput`]: for every link and tensor whether to
+//! send, at which significance threshold τ and at how many bits, the LAN gradient plan, and
+//! its new state blob. Policies are pure functions of their input (state travels in and out
+//! explicitly), so the same code runs natively in tests and the simulator.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+/// What role a tensor plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TensorRole {
+    /// Weight matrix or kernel.
+    Weight,
+    /// Bias vector.
+    Bias,
+}
+
+/// The round being planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundContext {
+    /// Rounds completed by this region.
+    pub round: u64,
+    /// Current learning rate.
+    pub lr: f32,
+    /// Base learning rate (the schedule's start), so policies can decay with it.
+    pub base_lr: f32,
+    /// Latest training loss of this region.
+    pub loss: f32,
+    /// Number of regions in the run.
+    pub regions: u32,
+}
+
+impl RoundContext {
+    /// `tau0` scaled by how far the learning rate has decayed from its base (Gaia's rule:
+    /// the threshold falls with the rate, so late, small updates still cross).
+    pub fn decayed_tau(&self, tau0: f32) -> f32 {
+        if self.base_lr > 0.0 && self.lr.is_finite() {
+            tau0 * (self.lr / self.base_lr).clamp(0.0, 1.0)
+        } else {
+            tau0
+        }
+    }
+}
+
+/// Measured or configured state of one WAN link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Peer region name.
+    pub peer: String,
+    /// Estimated bandwidth, bits per second.
+    pub bandwidth_bps: f64,
+    /// Round-trip time, seconds.
+    pub rtt_s: f64,
+    /// Fraction of packets lost.
+    pub loss: f64,
+    /// Bytes handed to the link and not yet delivered.
+    pub queued_bytes: u64,
+}
+
+/// Statistics of one tensor's accumulated update on one link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorStats {
+    /// Elements in the tensor.
+    pub numel: u64,
+    /// Weight or bias.
+    pub role: TensorRole,
+    /// L2 norm of the accumulated update.
+    pub update_l2: f32,
+    /// L2 norm of the weights.
+    pub weight_l2: f32,
+    /// Largest `|A_i / w_i|` over elements with `w_i ≠ 0`.
+    pub max_relative: f32,
+    /// Fraction of elements significant at each of [`PolicyInput::thresholds`].
+    pub significant_fraction: Vec<f32>,
+    /// Rounds since anything of this tensor was sent on this link.
+    pub rounds_since_sent: u32,
+}
+
+/// One link's view: its statistics and its tensors' statistics (manifest order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkInput {
+    /// The link.
+    pub link: LinkStats,
+    /// One entry per tensor.
+    pub tensors: Vec<TensorStats>,
+}
+
+/// Everything a policy sees for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInput {
+    /// The round.
+    pub context: RoundContext,
+    /// Thresholds at which [`TensorStats::significant_fraction`] was measured.
+    pub thresholds: Vec<f32>,
+    /// One entry per peer link.
+    pub links: Vec<LinkInput>,
+    /// The policy's state blob from its previous call (empty at first).
+    pub state: Vec<u8>,
+}
+
+/// Bit-widths a plan may choose for WAN values: 1..=8 (stochastic uniform), 16 (bf16) or 32 (fp32).
+pub const ALLOWED_BITS: [u8; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 16, 32];
+
+/// What to do with one tensor on one link this round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TensorPlan {
+    /// Send the significant part now, or hold everything in the residual.
+    pub send: bool,
+    /// Significance threshold τ on `|A_i / w_i|` (0 sends every non-zero element).
+    pub tau: f32,
+    /// Bits per value, one of [`ALLOWED_BITS`].
+    pub bits: u8,
+}
+
+impl TensorPlan {
+    /// Keep everything in the residual.
+    pub const HOLD: TensorPlan = TensorPlan {
+        send: false,
+        tau: 0.0,
+        bits: 32,
+    };
+}
+
+/// Plans for one link, one per tensor in manifest order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkPlan {
+    /// One plan per tensor.
+    pub tensors: Vec<TensorPlan>,
+}
+
+/// How workers send gradients to their region's aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LanPlan {
+    /// Bits per gradient value per tensor: 2 means TernGrad, 1 and 3..=8 stochastic uniform,
+    /// 32 full precision. Empty means 32 for every tensor.
+    pub gradient_bits: Vec<u8>,
+    /// Bits of the loss-aware quantized weights ŵ that workers train on (2..=8; 2 is
+    /// ternary), or 32 for full-precision weights. Biases always stay full precision.
+    pub weight_bits: u8,
+}
+
+impl LanPlan {
+    /// Full precision both ways.
+    pub const FULL_PRECISION: LanPlan = LanPlan {
+        gradient_bits: Vec::new(),
+        weight_bits: 32,
+    };
+}
+
+/// A policy's decisions for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyOutput {
+    /// One plan per link, in input order.
+    pub links: Vec<LinkPlan>,
+    /// The LAN plan.
+    pub lan: LanPlan,
+    /// State to hand back next round.
+    pub state: Vec<u8>,
+}
+
+/// Name, version and one-line description of a policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// Short name, e.g. `weightgrad`.
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// What it does.
+    pub description: String,
+}
+
+/// A policy: a pure function from a round's input to its decisions.
+pub trait Policy {
+    /// Who this is.
+    fn info(&self) -> PolicyInfo;
+    /// The decisions for one round.
+    fn decide(&self, input: &PolicyInput) -> PolicyOutput;
+}
+
+/// Checks an output against its input: one plan per link and tensor, bits allowed, τ finite
+/// and non-negative. Returns a description of the first problem.
+pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(), String> {
+    if output.links.len() != input.links.len() {
+        return Err(format!(
+            "{} link plans for {} links",
+            output.links.len(),
+            input.links.len()
+        ));
+    }
+    for (l, (plan, link)) in output.links.iter().zip(&input.links).enumerate() {
+        if plan.tensors.len() != link.tensors.len() {
+            return Err(format!(
+                "link {l} ({}): {} tensor plans for {} tensors",
+                link.link.peer,
+                plan.tensors.len(),
+                link.tensors.len()
+            ));
+        }
+        for (t, p) in plan.tensors.iter().enumerate() {
+            if !ALLOWED_BITS.contains(&p.bits) {
+                return Err(format!(
+                    "link {l}, tensor {t}: {} bits is not allowed",
+                    p.bits
+                ));
+            }
+            if !p.tau.is_finite() || p.tau < 0.0 {
+                return Err(format!(
+                    "link {l}, tensor {t}: tau {} is not finite and >= 0",
+                    p.tau
+                ));
+            }
+        }
+    }
+    let tensors = input.links.first().map_or(0, |l| l.tensors.len());
+    if !output.lan.gradient_bits.is_empty() && output.lan.gradient_bits.len() != tensors {
+        return Err(format!(
+            "LAN plan has {} gradient widths for {tensors} tensors",
+            output.lan.gradient_bits.len()
+        ));
+    }
+    if let Some(b) = output
+        .lan
+        .gradient_bits
+        .iter()
+        .find(|b| !matches!(b, 1..=8 | 32))
+    {
+        return Err(format!("LAN gradient width {b} is not allowed"));
+    }
+    if !matches!(output.lan.weight_bits, 2..=8 | 32) {
+        return Err(format!(
+            "LAN weight width {} is not allowed",
+            output.lan.weight_bits
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(links: usize, tensors: usize) -> PolicyInput {
+        let t = TensorStats {
+            numel: 10,
+            role: TensorRole::Weight,
+            update_l2: 0.0,
+            weight_l2: 1.0,
+            max_relative: 0.0,
+            significant_fraction: vec![],
+            rounds_since_sent: 0,
+        };
+        PolicyInput {
+            context: RoundContext {
+                round: 0,
+                lr: 0.1,
+                base_lr: 0.1,
+                loss: 1.0,
+                regions: 2,
+            },
+            thresholds: vec![],
+            links: (0..links)
+                .map(|i| LinkInput {
+                    link: LinkStats {
+                        peer: format!("p{i}"),
+                        bandwidth_bps: 1e8,
+                        rtt_s: 0.1,
+                        loss: 0.0,
+                        queued_bytes: 0,
+                    },
+                    tensors: vec![t.clone(); tensors],
+                })
+                .collect(),
+            state: vec![],
+        }
+    }
+
+    fn output(links: usize, tensors: usize, plan: TensorPlan) -> PolicyOutput {
+        PolicyOutput {
+            links: vec![
+                LinkPlan {
+                    tensors: vec![plan; tensors]
+                };
+                links
+            ],
+            lan: LanPlan::FULL_PRECISION,
+            state: vec![],
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let ok = TensorPlan {
+            send: true,
+            tau: 0.01,
+            bits: 2,
+        };
+        assert!(validate_output(&input(2, 3), &output(2, 3, ok)).is_ok());
+        assert!(
+            validate_output(&input(2, 3), &output(1, 3, ok))
+                .unwrap_err()
+                .contains("1 link plans")
+        );
+        assert!(
+            validate_output(&input(2, 3), &output(2, 2, ok))
+                .unwrap_err()
+                .contains("2 tensor plans")
+        );
+        let bad_bits = TensorPlan { bits: 77, ..ok };
+        assert!(
+            validate_output(&input(1, 1), &output(1, 1, bad_bits))
+                .unwrap_err()
+                .contains("77 bits")
+        );
+        let nan = TensorPlan {
+            tau: f32::NAN,
+            ..ok
+        };
+        assert!(
+            validate_output(&input(1, 1), &output(1, 1, nan))
+                .unwrap_err()
+                .contains("tau")
+        );
+        let mut lan = output(1, 2, ok);
+        lan.lan.gradient_bits = vec![2];
+        assert!(
+            validate_output(&input(1, 2), &lan)
+                .unwrap_err()
+                .contains("LAN plan")
+        );
+    }
+}
