@@ -164,6 +164,23 @@ pub struct PolicyOutput {
     pub state: Vec<u8>,
 }
 
+impl PolicyOutput {
+    /// The same plan for every tensor on every link, with `lan` and the state passed through.
+    pub fn uniform(input: &PolicyInput, plan: TensorPlan, lan: LanPlan) -> Self {
+        Self {
+            links: input
+                .links
+                .iter()
+                .map(|l| LinkPlan {
+                    tensors: vec![plan; l.tensors.len()],
+                })
+                .collect(),
+            lan,
+            state: input.state.clone(),
+        }
+    }
+}
+
 /// Name, version and one-line description of a policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyInfo {

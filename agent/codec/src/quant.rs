@@ -126,6 +126,13 @@ impl Quantizer {
         }
     }
 
+    /// TernGrad with the paper's default scale, 2.5·σ.
+    pub fn terngrad() -> Self {
+        Self::TernGrad {
+            clip_sigma: Some(2.5),
+        }
+    }
+
     /// Unbiased stochastic `bits`-bit quantization with the default bucket of 512.
     pub fn uniform(bits: u8) -> Self {
         Self::Uniform {

@@ -1,7 +1,7 @@
 //! `weightgrad demo`: N regions in one process over the virtual-time WAN, optionally
 //! beside a baseline policy trained in the same invocation with the same seeds.
 
-use crate::policies::builtin;
+use crate::policies::{builtin, merge_mode_for};
 use crate::sim::{SimConfig, SimReport, run, topology::Topology};
 use crate::train::dataset::{ShardStrategy, embedded_digits};
 use anyhow::{Result, bail};
@@ -18,7 +18,7 @@ pub struct DemoArgs {
     /// Workers per region.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Policy to run: full-sync, gaia or weightgrad.
+    /// Policy to run: full-sync, gaia, weightgrad or diloco.
     #[arg(long, default_value = "weightgrad")]
     policy: String,
     /// Also run this baseline policy and report ratios against it.
@@ -43,6 +43,9 @@ pub struct DemoArgs {
 
 fn simulate(cfg: &SimConfig, name: &str, data: &crate::train::DataSplit) -> Result<SimReport> {
     let policy = builtin(name).map_err(anyhow::Error::msg)?;
+    let mut cfg = cfg.clone();
+    cfg.sync.merge = merge_mode_for(name);
+    let cfg = &cfg;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(

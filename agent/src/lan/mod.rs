@@ -213,9 +213,7 @@ impl RegionTrainer {
                                 let bits = gradient_bits.get(t).copied().unwrap_or(32);
                                 let quantizer = match bits {
                                     32 => Quantizer::Fp32,
-                                    2 => Quantizer::TernGrad {
-                                        clip_sigma: Some(2.5),
-                                    },
+                                    2 => Quantizer::terngrad(),
                                     b => Quantizer::uniform(b),
                                 };
                                 let meta = FrameMeta {

@@ -180,13 +180,14 @@ pub fn run(
             cfg.seed.wrapping_add(r as u64 * 7919),
         )?;
         let peers: Vec<String> = names.iter().filter(|p| *p != name).cloned().collect();
-        let sync = RegionSync::new(
+        let mut sync = RegionSync::new(
             name,
             &peers,
             trainer.metas().to_vec(),
             cfg.sync.clone(),
             cfg.seed ^ (r as u64 + 1) << 32,
         );
+        sync.start(&trainer.weights);
         regions.push(RegionRt {
             trainer,
             sync,
@@ -358,7 +359,12 @@ fn try_start(
     cfg: &SimConfig,
     now: f64,
 ) -> Result<Option<f64>> {
-    if rt.busy || rt.sync.round() >= total || !rt.sync.may_start_next() {
+    if rt.busy {
+        return Ok(None);
+    }
+    // A due outer step (mean merge) runs once every peer's update for it has arrived.
+    rt.sync.apply_outer_step(&mut rt.trainer.weights);
+    if rt.sync.round() >= total || !rt.sync.may_start_next() {
         return Ok(None);
     }
     let lr = schedule.lr_at(cfg.lr, rt.sync.round(), total);

@@ -8,7 +8,9 @@ pub mod region;
 
 pub use clock::MirrorClock;
 pub use message::{RoundEnd, WanMessage};
-pub use region::{LinkCounters, Outgoing, ReceiveError, RegionSync, SyncConfig, TensorMeta};
+pub use region::{
+    LinkCounters, MergeMode, Outgoing, ReceiveError, RegionSync, SyncConfig, TensorMeta,
+};
 
 #[cfg(test)]
 mod tests {
@@ -276,5 +278,76 @@ mod tests {
         assert!(err.contains("duplicate"), "{err}");
         assert_eq!(b.counters(0).rejected, 2);
         wa[0][0] = 0.0;
+    }
+
+    #[test]
+    fn mean_merge_averages_regions_and_steps_from_the_anchor() {
+        let metas = vec![TensorMeta {
+            numel: 3,
+            role: TensorRole::Weight,
+        }];
+        let config = SyncConfig {
+            merge: MergeMode::Mean {
+                every: 2,
+                outer_lr: 1.0,
+                momentum: 0.0,
+            },
+            max_staleness: 5,
+            ..SyncConfig::default()
+        };
+        let mut a = RegionSync::new("a", &["b".into()], metas.clone(), config.clone(), 1);
+        let mut b = RegionSync::new("b", &["a".into()], metas.clone(), config, 2);
+        let w0 = vec![vec![1.0f32, 2.0, 3.0]];
+        let (mut wa, mut wb) = (w0.clone(), w0.clone());
+        a.start(&wa);
+        b.start(&wb);
+        let hold = LinkPlan {
+            tensors: vec![TensorPlan::HOLD],
+        };
+        let send = LinkPlan {
+            tensors: vec![TensorPlan {
+                send: true,
+                tau: 0.0,
+                bits: 32,
+            }],
+        };
+        let exchange = |a: &mut RegionSync,
+                            b: &mut RegionSync,
+                            wa: &mut Vec<Vec<f32>>,
+                            wb: &mut Vec<Vec<f32>>,
+                            da: f32,
+                            db: f32,
+                            plan: &LinkPlan| {
+            for (w, d, s) in [(&mut *wa, da, &mut *a), (&mut *wb, db, &mut *b)] {
+                let delta = vec![vec![d; 3]];
+                w[0].iter_mut().for_each(|v| *v += d);
+                s.add_local_update(&delta);
+            }
+            let out_a = a.finish_round(wa, std::slice::from_ref(plan)).unwrap();
+            let out_b = b.finish_round(wb, std::slice::from_ref(plan)).unwrap();
+            for m in &out_a[0].messages {
+                b.receive(0, &m.to_bytes(), wb).unwrap();
+            }
+            for m in &out_b[0].messages {
+                a.receive(0, &m.to_bytes(), wa).unwrap();
+            }
+        };
+        exchange(&mut a, &mut b, &mut wa, &mut wb, 0.5, 0.1, &hold);
+        assert!(a.outer_due().is_none() && a.may_start_next());
+        assert_eq!(
+            wa[0],
+            vec![1.5, 2.5, 3.5],
+            "received updates wait for the outer step"
+        );
+        exchange(&mut a, &mut b, &mut wa, &mut wb, 0.5, 0.1, &send);
+        assert_eq!(a.outer_due(), Some(2));
+        assert!(!a.may_start_next(), "the outer step must come first");
+        assert!(a.apply_outer_step(&mut wa) && b.apply_outer_step(&mut wb));
+        // Mean of (+1.0, +0.2) from the anchor, with η = 1 and no momentum.
+        for (x, w) in wa[0].iter().zip(&w0[0]) {
+            assert!((x - (w + 0.6)).abs() < 1e-6, "{x}");
+        }
+        assert_eq!(wa, wb, "both regions restart from the same anchor");
+        assert!(a.may_start_next() && !a.apply_outer_step(&mut wa));
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::sync::clock::MirrorClock;
 use crate::sync::message::{RoundEnd, WanMessage};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use weightgrad_codec::filter::{is_significant, significant_fractions};
 use weightgrad_codec::{
     CodecError, DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Selection, Update, decode,
@@ -21,9 +21,28 @@ pub struct TensorMeta {
     pub role: TensorRole,
 }
 
+/// How peers' updates are merged into a region's weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MergeMode {
+    /// Gaia / WeightGrad: every region's updates are added everywhere as they arrive.
+    Sum,
+    /// DiLoCo: every `every` rounds, average all regions' updates since the last anchor and
+    /// take an outer Nesterov step from the anchor; in between, regions train alone.
+    Mean {
+        /// Rounds between outer steps.
+        every: u64,
+        /// Outer learning rate.
+        outer_lr: f32,
+        /// Outer Nesterov momentum.
+        momentum: f32,
+    },
+}
+
 /// Settings of the WAN level.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
+    /// How received updates are merged.
+    pub merge: MergeMode,
     /// Rounds a region may run ahead of the slowest live peer.
     pub max_staleness: u64,
     /// zstd level for frames (`None`: uncompressed).
@@ -39,6 +58,7 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         Self {
+            merge: MergeMode::Sum,
             max_staleness: 1,
             zstd_level: Some(1),
             bucket: 512,
@@ -103,6 +123,17 @@ pub struct Outgoing {
     pub decoded: Vec<(u32, Update)>,
 }
 
+/// State of the `mean` merge: the shared anchor, the outer momentum and peers' updates
+/// received for outer steps not yet taken.
+#[derive(Debug, Default)]
+struct OuterState {
+    anchor: Vec<Vec<f32>>,
+    momentum: Vec<Vec<f32>>,
+    /// Sum of peers' decoded updates, by the round they belong to.
+    inbox: BTreeMap<u64, Vec<Vec<f32>>>,
+    last: u64,
+}
+
 /// A region's WAN state: one residual per peer, the mirror clock, and counters.
 pub struct RegionSync {
     name: String,
@@ -111,6 +142,7 @@ pub struct RegionSync {
     clock: MirrorClock,
     config: SyncConfig,
     round: u64,
+    outer: OuterState,
 }
 
 impl RegionSync {
@@ -142,7 +174,68 @@ impl RegionSync {
             links,
             config,
             round: 0,
+            outer: OuterState::default(),
         }
+    }
+
+    /// Records the starting weights (the first anchor of the `mean` merge).
+    pub fn start(&mut self, weights: &[Vec<f32>]) {
+        self.outer.anchor = weights.to_vec();
+        self.outer.momentum = weights.iter().map(|w| vec![0.0; w.len()]).collect();
+    }
+
+    /// The round whose outer step (`mean` merge) is due before the next round may start.
+    pub fn outer_due(&self) -> Option<u64> {
+        match self.config.merge {
+            MergeMode::Mean { every, .. }
+                if self.round > self.outer.last && self.round.is_multiple_of(every.max(1)) =>
+            {
+                Some(self.round)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether every live peer's round `round` has fully arrived.
+    pub fn round_complete_everywhere(&self, round: u64) -> bool {
+        self.clock
+            .slowest_live()
+            .is_none_or(|slowest| slowest >= round)
+    }
+
+    /// Takes the due outer step once every live peer's update for it has arrived: the mean
+    /// of this region's change since the anchor and the peers' decoded updates is the
+    /// (negated) pseudo-gradient; Nesterov momentum steps the anchor, and the weights
+    /// restart from it. Returns false (changing nothing) when it is not due or not ready.
+    pub fn apply_outer_step(&mut self, weights: &mut [Vec<f32>]) -> bool {
+        let (
+            Some(round),
+            MergeMode::Mean {
+                outer_lr, momentum, ..
+            },
+        ) = (self.outer_due(), self.config.merge)
+        else {
+            return false;
+        };
+        if !self.round_complete_everywhere(round) {
+            return false;
+        }
+        let regions = (self.links.len() + 1) as f32;
+        let inbox = self.outer.inbox.remove(&round);
+        for (t, w) in weights.iter_mut().enumerate() {
+            let anchor = &mut self.outer.anchor[t];
+            let m = &mut self.outer.momentum[t];
+            for i in 0..w.len() {
+                let peers = inbox.as_ref().map_or(0.0, |b| b[t][i]);
+                let mean = (w[i] - anchor[i] + peers) / regions;
+                let g = -mean;
+                m[i] = momentum * m[i] + g;
+                anchor[i] -= outer_lr * (g + momentum * m[i]);
+                w[i] = anchor[i];
+            }
+        }
+        self.outer.last = round;
+        true
     }
 
     /// This region's name.
@@ -190,9 +283,10 @@ impl RegionSync {
         &self.links[l].residual
     }
 
-    /// Whether the next round may start under the staleness bound.
+    /// Whether the next round may start: under the staleness bound, and with no outer
+    /// step pending.
     pub fn may_start_next(&self) -> bool {
-        self.clock.may_start(self.round + 1)
+        self.clock.may_start(self.round + 1) && self.outer_due().is_none()
     }
 
     /// Adds this region's own update (new weights minus old, per tensor) to every link's residual.
@@ -373,7 +467,16 @@ impl RegionSync {
                         h.tensor, h.clock
                     )));
                 }
-                frame.update.add_to(&mut weights[h.tensor as usize], 1.0);
+                match self.config.merge {
+                    MergeMode::Sum => frame.update.add_to(&mut weights[h.tensor as usize], 1.0),
+                    MergeMode::Mean { .. } => {
+                        let tensors = &self.tensors;
+                        let slot = self.outer.inbox.entry(h.clock).or_insert_with(|| {
+                            tensors.iter().map(|m| vec![0.0; m.numel]).collect()
+                        });
+                        frame.update.add_to(&mut slot[h.tensor as usize], 1.0);
+                    }
+                }
                 self.clock.frame_arrived(l, h.clock);
                 self.prune_applied(l);
                 Ok(())

@@ -10,16 +10,10 @@ pub fn batch_tensors(
     indices: &[usize],
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let n = data.sample_numel();
-    let mut features = Vec::with_capacity(indices.len() * n);
-    let mut labels = Vec::with_capacity(indices.len());
-    for &i in indices {
-        features.extend_from_slice(data.sample(i));
-        labels.push(data.labels[i]);
-    }
+    let batch = data.subset(indices);
     let mut shape = vec![indices.len()];
-    shape.extend(&data.sample_shape);
-    let x = Tensor::from_vec(features, shape, device)?;
-    let y = Tensor::from_vec(labels, indices.len(), device)?;
+    shape.extend(&batch.sample_shape);
+    let x = Tensor::from_vec(batch.features, shape, device)?;
+    let y = Tensor::from_vec(batch.labels, indices.len(), device)?;
     Ok((x, y))
 }

@@ -1,9 +1,7 @@
 //! `full-sync`: every non-zero update crosses every link every round in fp32, and workers
 //! send fp32 gradients. The baseline every other policy is measured against.
 
-use weightgrad_sdk::{
-    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan,
-};
+use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
 
 /// The full-synchronisation baseline.
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,16 +22,6 @@ impl Policy for FullSync {
             tau: 0.0,
             bits: 32,
         };
-        PolicyOutput {
-            links: input
-                .links
-                .iter()
-                .map(|l| LinkPlan {
-                    tensors: vec![send; l.tensors.len()],
-                })
-                .collect(),
-            lan: LanPlan::FULL_PRECISION,
-            state: input.state.clone(),
-        }
+        PolicyOutput::uniform(input, send, LanPlan::FULL_PRECISION)
     }
 }

@@ -1,9 +1,7 @@
 //! `gaia`: Gaia's approximate synchronous parallel. An accumulated update crosses a link
 //! once `|A_i / w_i| > τ`, with `τ = τ0 · lr / base_lr` (τ0 = 1%); values travel in fp32.
 
-use weightgrad_sdk::{
-    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan,
-};
+use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
 
 /// Gaia's significance filter with full-precision values.
 #[derive(Debug, Clone, Copy)]
@@ -34,16 +32,6 @@ impl Policy for Gaia {
             tau: input.context.decayed_tau(self.tau0),
             bits: 32,
         };
-        PolicyOutput {
-            links: input
-                .links
-                .iter()
-                .map(|l| LinkPlan {
-                    tensors: vec![plan; l.tensors.len()],
-                })
-                .collect(),
-            lan: LanPlan::FULL_PRECISION,
-            state: input.state.clone(),
-        }
+        PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
     }
 }
