@@ -34,16 +34,32 @@ pub struct RoundContext {
     pub loss: f32,
     /// Number of regions in the run.
     pub regions: u32,
+    /// This is the last round before the agent stops (end of the run, or shutdown): a
+    /// policy that wants nothing left behind in the residuals flushes now.
+    pub final_round: bool,
 }
 
-impl RoundContext {
-    /// `tau0` scaled by how far the learning rate has decayed from its base (Gaia's rule:
-    /// the threshold falls with the rate, so late, small updates still cross).
-    pub fn decayed_tau(&self, tau0: f32) -> f32 {
-        if self.base_lr > 0.0 && self.lr.is_finite() {
-            tau0 * (self.lr / self.base_lr).clamp(0.0, 1.0)
-        } else {
-            tau0
+/// How a significance threshold τ0 decays over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TauSchedule {
+    /// `τ0 · lr / base_lr` (Gaia's rule: the threshold falls with the learning rate, so
+    /// late, small updates still cross).
+    #[default]
+    LearningRate,
+    /// `τ0 / sqrt(round)`.
+    InverseSqrt,
+}
+
+impl TauSchedule {
+    /// τ for the round described by `ctx`.
+    pub fn tau(&self, tau0: f32, ctx: &RoundContext) -> f32 {
+        match self {
+            Self::LearningRate if ctx.base_lr > 0.0 && ctx.lr.is_finite() => {
+                tau0 * (ctx.lr / ctx.base_lr).clamp(0.0, 1.0)
+            }
+            Self::LearningRate => tau0,
+            Self::InverseSqrt => tau0 / (ctx.round.max(1) as f32).sqrt(),
         }
     }
 }
@@ -279,6 +295,7 @@ mod tests {
                 base_lr: 0.1,
                 loss: 1.0,
                 regions: 2,
+                final_round: false,
             },
             thresholds: vec![],
             links: (0..links)
@@ -308,6 +325,20 @@ mod tests {
             lan: LanPlan::FULL_PRECISION,
             state: vec![],
         }
+    }
+
+    #[test]
+    fn tau_schedules_follow_their_formulas() {
+        let mut ctx = input(1, 1).context;
+        ctx.lr = 0.025;
+        ctx.base_lr = 0.1;
+        ctx.round = 16;
+        assert_eq!(TauSchedule::LearningRate.tau(0.01, &ctx), 0.0025);
+        assert_eq!(TauSchedule::InverseSqrt.tau(0.01, &ctx), 0.0025);
+        ctx.round = 0;
+        assert_eq!(TauSchedule::InverseSqrt.tau(0.01, &ctx), 0.01);
+        ctx.base_lr = 0.0;
+        assert_eq!(TauSchedule::LearningRate.tau(0.01, &ctx), 0.01);
     }
 
     #[test]

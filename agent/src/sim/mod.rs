@@ -100,7 +100,8 @@ pub struct SimReport {
     pub virtual_seconds: f64,
     /// Rounds per region.
     pub rounds: u64,
-    /// Accuracy after each epoch's worth of rounds.
+    /// Accuracy after each epoch's worth of rounds, then at the end of the run (every
+    /// message delivered).
     pub curve: Vec<EvalPoint>,
     /// Messages refused by receivers (should be 0).
     pub rejected: u64,
@@ -222,7 +223,15 @@ pub fn run(
 
     // First LAN plan: ask the policy once with empty residuals.
     for (r, rt) in regions.iter_mut().enumerate() {
-        let input = policy_input(rt, r, &links, &names, 0, cfg.lr, cfg.lr, f32::NAN, n);
+        let context = RoundContext {
+            round: 0,
+            lr: cfg.lr as f32,
+            base_lr: cfg.lr as f32,
+            loss: f32::NAN,
+            regions: n as u32,
+            final_round: false,
+        };
+        let input = policy_input(rt, r, &links, &names, context);
         let out = policy.decide(&input);
         validate_output(&input, &out)
             .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -259,7 +268,15 @@ pub fn run(
                 let rt = &mut regions[r];
                 let (delta, loss) = rt.pending.take().expect("a finished step has its update");
                 rt.sync.add_local_update(&delta);
-                let input = policy_input(rt, r, &links, &names, round, lr, cfg.lr, loss, n);
+                let context = RoundContext {
+                    round,
+                    lr: lr as f32,
+                    base_lr: cfg.lr as f32,
+                    loss,
+                    regions: n as u32,
+                    final_round: round == total_rounds,
+                };
+                let input = policy_input(rt, r, &links, &names, context);
                 let out = policy.decide(&input);
                 validate_output(&input, &out)
                     .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -318,15 +335,6 @@ pub fn run(
         );
     }
     let points = regions.iter().map(|r| r.evals.len()).min().unwrap_or(0);
-    let curve = (0..points)
-        .map(|k| EvalPoint {
-            round: ((k as u64 + 1) * steps_per_epoch).min(total_rounds),
-            virtual_seconds: regions.iter().map(|r| r.evals[k].0).fold(0.0, f64::max),
-            wan_bytes: regions.iter().map(|r| r.evals[k].1).sum(),
-            lan_bytes: regions.iter().map(|r| r.evals[k].2).sum(),
-            min_accuracy: regions.iter().map(|r| r.evals[k].3).fold(1.0, f64::min),
-        })
-        .collect();
     let reports = regions
         .iter()
         .map(|r| {
@@ -338,11 +346,30 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let wan_bytes = regions.iter().map(|r| r.wan_sent).sum();
+    let lan_bytes = regions.iter().map(|r| r.trainer.lan_bytes()).sum();
+    let mut curve: Vec<EvalPoint> = (0..points)
+        .map(|k| EvalPoint {
+            round: ((k as u64 + 1) * steps_per_epoch).min(total_rounds),
+            virtual_seconds: regions.iter().map(|r| r.evals[k].0).fold(0.0, f64::max),
+            wan_bytes: regions.iter().map(|r| r.evals[k].1).sum(),
+            lan_bytes: regions.iter().map(|r| r.evals[k].2).sum(),
+            min_accuracy: regions.iter().map(|r| r.evals[k].3).fold(1.0, f64::min),
+        })
+        .collect();
+    // The end of the run: every message delivered (and, for the mean merge, applied).
+    curve.push(EvalPoint {
+        round: total_rounds,
+        virtual_seconds: now,
+        wan_bytes,
+        lan_bytes,
+        min_accuracy: reports.iter().map(|r| r.test_accuracy).fold(1.0, f64::min),
+    });
     Ok(SimReport {
         policy: policy.info().name,
         regions: reports,
-        wan_bytes: regions.iter().map(|r| r.wan_sent).sum(),
-        lan_bytes: regions.iter().map(|r| r.trainer.lan_bytes()).sum(),
+        wan_bytes,
+        lan_bytes,
         virtual_seconds: now,
         rounds: total_rounds,
         curve,
@@ -374,17 +401,12 @@ fn try_start(
     Ok(Some(now + cfg.compute_s))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn policy_input(
     rt: &RegionRt,
     r: usize,
     links: &[Vec<VirtualLink>],
     names: &[String],
-    round: u64,
-    lr: f64,
-    base_lr: f64,
-    loss: f32,
-    regions: usize,
+    context: RoundContext,
 ) -> PolicyInput {
     let stats: Vec<weightgrad_sdk::LinkStats> = links[r]
         .iter()
@@ -398,22 +420,10 @@ fn policy_input(
         })
         .collect();
     PolicyInput {
-        context: RoundContext {
-            round,
-            lr: lr as f32,
-            base_lr: base_lr as f32,
-            loss,
-            regions: regions as u32,
-        },
-        thresholds: rt.sync_thresholds(),
+        context,
+        thresholds: rt.sync.stat_thresholds().to_vec(),
         links: rt.sync.policy_links(&rt.trainer.weights, &stats),
         state: rt.state.clone(),
-    }
-}
-
-impl RegionRt {
-    fn sync_thresholds(&self) -> Vec<f32> {
-        self.sync.stat_thresholds().to_vec()
     }
 }
 
@@ -441,7 +451,7 @@ mod tests {
         assert_eq!(a.virtual_seconds, b.virtual_seconds);
         assert_eq!(a.regions[0].test_loss, b.regions[0].test_loss);
         assert_eq!(a.rejected, 0);
-        assert_eq!(a.curve.len(), 2);
+        assert_eq!(a.curve.len(), 3, "two epochs and the end of the run");
     }
 
     #[test]

@@ -312,12 +312,12 @@ mod tests {
             }],
         };
         let exchange = |a: &mut RegionSync,
-                            b: &mut RegionSync,
-                            wa: &mut Vec<Vec<f32>>,
-                            wb: &mut Vec<Vec<f32>>,
-                            da: f32,
-                            db: f32,
-                            plan: &LinkPlan| {
+                        b: &mut RegionSync,
+                        wa: &mut Vec<Vec<f32>>,
+                        wb: &mut Vec<Vec<f32>>,
+                        da: f32,
+                        db: f32,
+                        plan: &LinkPlan| {
             for (w, d, s) in [(&mut *wa, da, &mut *a), (&mut *wb, db, &mut *b)] {
                 let delta = vec![vec![d; 3]];
                 w[0].iter_mut().for_each(|v| *v += d);

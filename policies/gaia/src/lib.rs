@@ -1,18 +1,25 @@
 //! `gaia`: Gaia's approximate synchronous parallel. An accumulated update crosses a link
 //! once `|A_i / w_i| > τ`, with `τ = τ0 · lr / base_lr` (τ0 = 1%); values travel in fp32.
 
-use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
+use weightgrad_sdk::{
+    LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TauSchedule, TensorPlan,
+};
 
 /// Gaia's significance filter with full-precision values.
 #[derive(Debug, Clone, Copy)]
 pub struct Gaia {
-    /// Threshold at the base learning rate.
+    /// Threshold at the start of the run.
     pub tau0: f32,
+    /// How the threshold decays.
+    pub tau_schedule: TauSchedule,
 }
 
 impl Default for Gaia {
     fn default() -> Self {
-        Self { tau0: 0.01 }
+        Self {
+            tau0: 0.01,
+            tau_schedule: TauSchedule::LearningRate,
+        }
     }
 }
 
@@ -29,7 +36,7 @@ impl Policy for Gaia {
     fn decide(&self, input: &PolicyInput) -> PolicyOutput {
         let plan = TensorPlan {
             send: true,
-            tau: input.context.decayed_tau(self.tau0),
+            tau: self.tau_schedule.tau(self.tau0, &input.context),
             bits: 32,
         };
         PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
