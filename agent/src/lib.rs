@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod lan;
 pub mod policies;
+pub mod policy;
 pub mod sim;
 pub mod sync;
 pub mod train;

@@ -7,9 +7,18 @@
 //! its new state blob. Policies are pure functions of their input (state travels in and out
 //! explicitly), so the same code runs natively in tests and the simulator.
 
-#![forbid(unsafe_code)]
+#![cfg_attr(not(target_arch = "wasm32"), forbid(unsafe_code))]
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(target_arch = "wasm32")]
+pub mod guest;
+
+/// The WIT contract this SDK speaks (`sdk/wit/policy.wit`).
+pub const WIT: &str = include_str!("../wit/policy.wit");
+
+/// The WIT package and version policies must export.
+pub const CONTRACT: &str = "weightgrad:policy@1.0.0";
 
 /// What role a tensor plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! beside a baseline policy trained in the same invocation with the same seeds.
 
 use crate::policies::{builtin, merge_mode_for};
+use crate::policy::{FailStrategy, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
 use crate::sim::{SimConfig, SimReport, run, topology::Topology};
 use crate::train::dataset::{ShardStrategy, embedded_digits};
 use anyhow::{Result, bail};
@@ -36,13 +37,32 @@ pub struct DemoArgs {
     /// Deal classes unevenly across regions (label skew).
     #[arg(long)]
     non_iid: bool,
+    /// Run the policies as their WebAssembly components in the sandbox (as the agent
+    /// does) instead of natively.
+    #[arg(long)]
+    wasm: bool,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
 
-fn simulate(cfg: &SimConfig, name: &str, data: &crate::train::DataSplit) -> Result<SimReport> {
-    let policy = builtin(name).map_err(anyhow::Error::msg)?;
+fn simulate(
+    cfg: &SimConfig,
+    name: &str,
+    wasm: bool,
+    data: &crate::train::DataSplit,
+) -> Result<SimReport> {
+    let policy: Box<dyn weightgrad_sdk::Policy> = if wasm {
+        let sandbox = std::sync::Arc::new(Sandbox::new(SandboxLimits::default())?);
+        let bytes = builtin_wasm(name)
+            .ok_or_else(|| anyhow::anyhow!("no WebAssembly build of {name:?}"))?;
+        Box::new(
+            PolicyRuntime::new(sandbox, bytes, FailStrategy::LastGood)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?,
+        )
+    } else {
+        builtin(name).map_err(anyhow::Error::msg)?
+    };
     let mut cfg = cfg.clone();
     cfg.sync.merge = merge_mode_for(name);
     let cfg = &cfg;
@@ -112,9 +132,9 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
     if args.non_iid {
         cfg.sharding = ShardStrategy::LabelSkew;
     }
-    let ours = simulate(&cfg, &args.policy, &data)?;
+    let ours = simulate(&cfg, &args.policy, args.wasm, &data)?;
     let baseline = match &args.compare {
-        Some(name) => Some(simulate(&cfg, name, &data)?),
+        Some(name) => Some(simulate(&cfg, name, args.wasm, &data)?),
         None => None,
     };
     let mut out = summary(&ours);

@@ -1,6 +1,7 @@
 //! The `weightgrad` command line.
 
 mod demo;
+mod policy;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Run several regions in one process over a simulated WAN (embedded digits).
     Demo(demo::DemoArgs),
+    /// Check, list and export policy components.
+    Policy(policy::PolicyArgs),
 }
 
 /// Runs the parsed command line.
@@ -28,5 +31,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run_demo(args),
+        Command::Policy(args) => policy::run(args),
     }
 }

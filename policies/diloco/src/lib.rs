@@ -41,3 +41,6 @@ impl Policy for DiLoCo {
         PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
     }
 }
+
+#[cfg(target_arch = "wasm32")]
+weightgrad_sdk::export_policy!(DiLoCo);

@@ -25,3 +25,6 @@ impl Policy for FullSync {
         PolicyOutput::uniform(input, send, LanPlan::FULL_PRECISION)
     }
 }
+
+#[cfg(target_arch = "wasm32")]
+weightgrad_sdk::export_policy!(FullSync);

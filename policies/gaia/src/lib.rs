@@ -42,3 +42,6 @@ impl Policy for Gaia {
         PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
     }
 }
+
+#[cfg(target_arch = "wasm32")]
+weightgrad_sdk::export_policy!(Gaia);

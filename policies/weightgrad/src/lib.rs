@@ -113,3 +113,6 @@ impl Policy for WeightGrad {
         }
     }
 }
+
+#[cfg(target_arch = "wasm32")]
+weightgrad_sdk::export_policy!(WeightGrad);

@@ -1,0 +1,138 @@
+//! `weightgrad policy`: check a policy component, list and export the built-in ones.
+
+use crate::policy::{
+    BUILTIN_WASM, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm, golden_input,
+};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+/// Options of `weightgrad policy`.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy component: contract, limits, self-test; print a sample round.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// List the built-in policies.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a built-in policy's component to a file.
+    Export {
+        /// Built-in name.
+        name: String,
+        /// Where to write it.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// Runs `weightgrad policy ...`.
+pub fn run(args: PolicyArgs) -> Result<()> {
+    match args.command {
+        PolicyCommand::Check { file } => check(&file),
+        PolicyCommand::List { json } => list(json),
+        PolicyCommand::Export { name, output } => {
+            let Some(bytes) = builtin_wasm(&name) else {
+                bail!(
+                    "unknown built-in policy {name:?}; built-ins are {}",
+                    BUILTIN_WASM.map(|(n, _)| n).join(", ")
+                );
+            };
+            std::fs::write(&output, bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "wrote {name} ({} bytes) to {}",
+                bytes.len(),
+                output.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let sandbox = Sandbox::new(SandboxLimits::default())?;
+    let policy = PolicyRuntime::admit(&sandbox, &bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let input = golden_input();
+    let output = sandbox
+        .decide(&policy, &input)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    println!(
+        "{}: ok\n  policy   {} {}\n  about    {}\n  digest   sha256:{}\n  contract {}",
+        file.display(),
+        policy.info.name,
+        policy.info.version,
+        policy.info.description,
+        policy.digest,
+        weightgrad_sdk::CONTRACT
+    );
+    println!(
+        "  sample round (round {}, 2 links, 4 tensors):",
+        input.context.round
+    );
+    for (link, plan) in input.links.iter().zip(&output.links) {
+        let plans: Vec<String> = plan
+            .tensors
+            .iter()
+            .map(|p| {
+                if p.send {
+                    format!("send tau={} bits={}", p.tau, p.bits)
+                } else {
+                    "hold".into()
+                }
+            })
+            .collect();
+        println!("    to {:<13} {}", link.link.peer, plans.join(" | "));
+    }
+    println!(
+        "    LAN: weights at {} bits, gradients {:?}",
+        output.lan.weight_bits, output.lan.gradient_bits
+    );
+    Ok(())
+}
+
+fn list(as_json: bool) -> Result<()> {
+    let sandbox = Sandbox::new(SandboxLimits::default())?;
+    let mut rows = Vec::new();
+    for (name, bytes) in BUILTIN_WASM {
+        let policy = sandbox
+            .load(bytes)
+            .map_err(|e| anyhow::anyhow!("built-in {name}: {e}"))?;
+        rows.push(json!({
+            "name": name,
+            "version": policy.info.version,
+            "description": policy.info.description,
+            "digest": format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+            "bytes": bytes.len(),
+        }));
+    }
+    if as_json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        for r in &rows {
+            println!(
+                "{:<11} {:<6} {:>7} bytes  {}",
+                r["name"].as_str().unwrap_or_default(),
+                r["version"].as_str().unwrap_or_default(),
+                r["bytes"],
+                r["description"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! The shipped policies as WebAssembly components, built by `agent/build.rs` from
+//! `policies/<name>/` and embedded in the binary.
+
+/// (name, component bytes) of every shipped policy.
+pub const BUILTIN_WASM: [(&str, &[u8]); 4] = [
+    (
+        "full-sync",
+        include_bytes!(concat!(env!("OUT_DIR"), "/full-sync.wasm")),
+    ),
+    (
+        "gaia",
+        include_bytes!(concat!(env!("OUT_DIR"), "/gaia.wasm")),
+    ),
+    (
+        "weightgrad",
+        include_bytes!(concat!(env!("OUT_DIR"), "/weightgrad.wasm")),
+    ),
+    (
+        "diloco",
+        include_bytes!(concat!(env!("OUT_DIR"), "/diloco.wasm")),
+    ),
+];
+
+/// The component bytes of a shipped policy.
+pub fn builtin_wasm(name: &str) -> Option<&'static [u8]> {
+    BUILTIN_WASM
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+}
+
+/// A test fixture that misbehaves on request (see `agent/tests/guests/unruly`).
+#[doc(hidden)]
+pub const UNRULY_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/unruly.wasm"));

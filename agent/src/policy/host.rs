@@ -1,0 +1,252 @@
+//! The sandbox: a wasmtime engine with epoch interruption, per-call memory limits, a
+//! compile cache keyed by sha256, and calls whose every output is validated.
+
+use crate::policy::bindings::{Guest, info_from_wit, input_to_wit, output_from_wit};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use weightgrad_sdk::{PolicyInfo, PolicyInput, PolicyOutput, validate_output};
+
+/// Resource limits for policy calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Largest linear memory a guest may grow to.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one call.
+    pub deadline: Duration,
+    /// Largest component accepted.
+    pub max_component_bytes: usize,
+    /// Largest state blob a policy may return.
+    pub max_state_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 16 << 20,
+            deadline: Duration::from_millis(10),
+            max_component_bytes: 8 << 20,
+            max_state_bytes: 1 << 20,
+        }
+    }
+}
+
+/// How often the engine's epoch advances; the deadline is counted in these ticks.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Why a policy call (or a policy) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyFailure {
+    /// The bytes are not a component, or it does not export the contract.
+    #[error("not a valid {contract} component: {0}", contract = weightgrad_sdk::CONTRACT)]
+    Load(String),
+    /// The call ran past its deadline and was interrupted.
+    #[error("ran past its {0:?} deadline and was stopped")]
+    Timeout(Duration),
+    /// The guest tried to grow memory past the cap.
+    #[error("exceeded its {0}-byte memory cap")]
+    Memory(usize),
+    /// The guest trapped (a panic, an unreachable, a bad access).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The guest returned an error of its own.
+    #[error("refused to decide: {0}")]
+    Refused(String),
+    /// The guest returned a plan that breaks the contract.
+    #[error("returned an invalid plan: {0}")]
+    Invalid(String),
+    /// The guest's output exceeds a size limit.
+    #[error("returned an oversized output: {0}")]
+    Oversized(String),
+}
+
+impl PolicyFailure {
+    /// A short, bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Load(_) => "load",
+            Self::Timeout(_) => "timeout",
+            Self::Memory(_) => "memory",
+            Self::Trap(_) => "trap",
+            Self::Refused(_) => "refused",
+            Self::Invalid(_) => "invalid",
+            Self::Oversized(_) => "oversized",
+        }
+    }
+}
+
+/// A compiled policy: its digest, its self-description and the component.
+#[derive(Clone)]
+pub struct CompiledPolicy {
+    /// Hex sha256 of the component bytes.
+    pub digest: String,
+    /// What the policy says it is.
+    pub info: PolicyInfo,
+    component: Component,
+}
+
+impl std::fmt::Debug for CompiledPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledPolicy")
+            .field("digest", &self.digest)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+struct CallState {
+    limits: StoreLimits,
+}
+
+/// The engine shared by every policy of an agent.
+pub struct Sandbox {
+    engine: Engine,
+    limits: SandboxLimits,
+    cache: Mutex<HashMap<String, Component>>,
+    _ticker: Arc<()>,
+}
+
+impl Sandbox {
+    /// A sandbox with `limits`; starts the thread that advances the epoch.
+    pub fn new(limits: SandboxLimits) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("policy engine: {e:#}"))?;
+        let alive = Arc::new(());
+        let weak_alive = Arc::downgrade(&alive);
+        let weak_engine = engine.weak();
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while weak_alive.strong_count() > 0 {
+                    std::thread::sleep(TICK);
+                    match weak_engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(Self {
+            engine,
+            limits,
+            cache: Mutex::new(HashMap::new()),
+            _ticker: alive,
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> SandboxLimits {
+        self.limits
+    }
+
+    /// Compiles (or fetches from the cache) a component and asks it who it is.
+    pub fn load(&self, bytes: &[u8]) -> Result<CompiledPolicy, PolicyFailure> {
+        if bytes.len() > self.limits.max_component_bytes {
+            return Err(PolicyFailure::Load(format!(
+                "{} bytes exceeds the {}-byte limit",
+                bytes.len(),
+                self.limits.max_component_bytes
+            )));
+        }
+        let digest = hex::encode(Sha256::digest(bytes));
+        let cached = self.cache.lock().expect("cache lock").get(&digest).cloned();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, bytes)
+                    .map_err(|e| PolicyFailure::Load(one_line(&e)))?;
+                self.cache
+                    .lock()
+                    .expect("cache lock")
+                    .insert(digest.clone(), c.clone());
+                c
+            }
+        };
+        let mut policy = CompiledPolicy {
+            digest,
+            info: PolicyInfo {
+                name: String::new(),
+                version: String::new(),
+                description: String::new(),
+            },
+            component,
+        };
+        policy.info = self.call(&policy, |store, guest| {
+            guest
+                .weightgrad_policy_policy()
+                .call_info(store)
+                .map(info_from_wit)
+        })?;
+        Ok(policy)
+    }
+
+    /// Runs one round's decision, validating the output against the input.
+    pub fn decide(
+        &self,
+        policy: &CompiledPolicy,
+        input: &PolicyInput,
+    ) -> Result<PolicyOutput, PolicyFailure> {
+        let wit_input = input_to_wit(input);
+        let result = self.call(policy, |store, guest| {
+            guest
+                .weightgrad_policy_policy()
+                .call_decide(store, &wit_input)
+        })?;
+        let output = output_from_wit(result.map_err(PolicyFailure::Refused)?);
+        if output.state.len() > self.limits.max_state_bytes {
+            return Err(PolicyFailure::Oversized(format!(
+                "state blob of {} bytes (limit {})",
+                output.state.len(),
+                self.limits.max_state_bytes
+            )));
+        }
+        validate_output(input, &output).map_err(PolicyFailure::Invalid)?;
+        Ok(output)
+    }
+
+    /// Instantiates `policy` in a fresh, limited store and runs `f` on it.
+    fn call<R>(
+        &self,
+        policy: &CompiledPolicy,
+        f: impl FnOnce(&mut Store<CallState>, &Guest) -> wasmtime::Result<R>,
+    ) -> Result<R, PolicyFailure> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .trap_on_grow_failure(true)
+            .instances(16)
+            .build();
+        let mut store = Store::new(&self.engine, CallState { limits });
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.limits.deadline.as_millis() as u64).max(1);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let linker = Linker::new(&self.engine);
+        let guest = Guest::instantiate(&mut store, &policy.component, &linker)
+            .map_err(|e| PolicyFailure::Load(one_line(&e)))?;
+        f(&mut store, &guest).map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, e: wasmtime::Error) -> PolicyFailure {
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return PolicyFailure::Timeout(self.limits.deadline);
+        }
+        let text = format!("{e:#}");
+        if text.contains("forcing trap when growing memory")
+            || text.contains("memory growth failure")
+        {
+            return PolicyFailure::Memory(self.limits.memory_bytes);
+        }
+        PolicyFailure::Trap(text)
+    }
+}
+
+/// An error and its causes on one line, with runs of whitespace collapsed.
+fn one_line(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

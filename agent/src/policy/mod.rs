@@ -1,0 +1,13 @@
+//! The policy system's host: WebAssembly components that speak `weightgrad:policy@1.0.0`,
+//! run sandboxed (memory cap, per-call deadline), validated, with fallback and hot swap.
+
+pub mod bindings;
+pub mod builtin;
+pub mod host;
+pub mod runtime;
+
+pub use builtin::{BUILTIN_WASM, builtin_wasm};
+pub use host::{CompiledPolicy, PolicyFailure, Sandbox, SandboxLimits};
+pub use runtime::{
+    Decision, DecisionSource, FailStrategy, PolicyRuntime, SwapReport, golden_input,
+};
