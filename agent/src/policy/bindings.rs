@@ -7,7 +7,7 @@ wasmtime::component::bindgen!({
     world: "guest",
 });
 
-use weightgrad::policy::types as t;
+use self::weightgrad::policy::types as t;
 
 fn role(r: weightgrad_sdk::TensorRole) -> t::TensorRole {
     match r {
