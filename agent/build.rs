@@ -9,11 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (name, package) of every guest embedded in the agent.
-const GUESTS: [(&str, &str); 5] = [
+const GUESTS: [(&str, &str); 9] = [
     ("full-sync", "weightgrad-policy-full-sync"),
     ("gaia", "weightgrad-policy-gaia"),
+    ("terngrad", "weightgrad-policy-terngrad"),
+    ("qsgd", "weightgrad-policy-qsgd"),
+    ("topk", "weightgrad-policy-topk"),
     ("weightgrad", "weightgrad-policy-weightgrad"),
     ("diloco", "weightgrad-policy-diloco"),
+    ("adaptive", "weightgrad-policy-adaptive"),
     ("unruly", "weightgrad-test-guest-unruly"),
 ];
 

@@ -1,13 +1,26 @@
 //! The policies compiled into the agent, by name.
 
+use weightgrad_policy_adaptive::Adaptive;
 use weightgrad_policy_diloco::DiLoCo;
 use weightgrad_policy_full_sync::FullSync;
 use weightgrad_policy_gaia::Gaia;
+use weightgrad_policy_qsgd::Qsgd;
+use weightgrad_policy_terngrad::TernGrad;
+use weightgrad_policy_topk::TopK;
 use weightgrad_policy_weightgrad::WeightGrad;
 use weightgrad_sdk::Policy;
 
 /// Names of the built-in policies.
-pub const BUILTIN: [&str; 4] = ["full-sync", "gaia", "weightgrad", "diloco"];
+pub const BUILTIN: [&str; 8] = [
+    "full-sync",
+    "gaia",
+    "terngrad",
+    "qsgd",
+    "topk",
+    "weightgrad",
+    "diloco",
+    "adaptive",
+];
 
 /// How the agent merges peers' updates for a built-in policy: DiLoCo averages with an outer
 /// optimizer every `DEFAULT_EVERY` rounds; the others add updates as they arrive.
@@ -29,6 +42,10 @@ pub fn builtin(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
         "gaia" => Ok(Box::new(Gaia::default())),
         "weightgrad" => Ok(Box::new(WeightGrad::default())),
         "diloco" => Ok(Box::new(DiLoCo::default())),
+        "terngrad" => Ok(Box::new(TernGrad)),
+        "qsgd" => Ok(Box::new(Qsgd::default())),
+        "topk" => Ok(Box::new(TopK::default())),
+        "adaptive" => Ok(Box::new(Adaptive::default())),
         _ => Err(format!(
             "unknown policy {name:?}; built-in policies are {}",
             BUILTIN.join(", ")

@@ -54,7 +54,10 @@ fn demo_rejects_unknown_policies_and_too_few_regions() {
         !out.status.success() && err.contains("unknown policy \"magic\""),
         "{err}"
     );
-    assert!(err.contains("full-sync, gaia, weightgrad"), "{err}");
+    assert!(
+        err.contains("full-sync, gaia, terngrad, qsgd, topk, weightgrad, diloco, adaptive"),
+        "{err}"
+    );
     let out = weightgrad(&["demo", "--regions", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("at least 2"), "{err}");

@@ -80,6 +80,7 @@ pub fn output_to_wit(o: crate::PolicyOutput) -> t::PolicyOutput {
                         send: p.send,
                         tau: p.tau,
                         bits: p.bits,
+                        top_fraction: p.top_fraction,
                     })
                     .collect(),
             })

@@ -141,6 +141,9 @@ pub struct TensorPlan {
     pub tau: f32,
     /// Bits per value, one of [`ALLOWED_BITS`].
     pub bits: u8,
+    /// Of the significant elements, send at most this fraction of the tensor, largest
+    /// magnitudes first (top-k); the rest stay in the residual. In `(0, 1]`; 1 sends them all.
+    pub top_fraction: f32,
 }
 
 impl TensorPlan {
@@ -149,6 +152,7 @@ impl TensorPlan {
         send: false,
         tau: 0.0,
         bits: 32,
+        top_fraction: 1.0,
     };
 }
 
@@ -356,6 +360,7 @@ mod tests {
             send: true,
             tau: 0.01,
             bits: 2,
+            top_fraction: 1.0,
         };
         assert!(validate_output(&input(2, 3), &output(2, 3, ok)).is_ok());
         assert!(

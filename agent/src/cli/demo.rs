@@ -19,7 +19,7 @@ pub struct DemoArgs {
     /// Workers per region.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Policy to run: full-sync, gaia, weightgrad or diloco.
+    /// Policy to run: full-sync, gaia, terngrad, qsgd, topk, weightgrad, diloco or adaptive.
     #[arg(long, default_value = "weightgrad")]
     policy: String,
     /// Also run this baseline policy and report ratios against it.

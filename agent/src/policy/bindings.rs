@@ -73,6 +73,7 @@ pub fn output_from_wit(o: t::PolicyOutput) -> weightgrad_sdk::PolicyOutput {
                         send: p.send,
                         tau: p.tau,
                         bits: p.bits,
+                        top_fraction: p.top_fraction,
                     })
                     .collect(),
             })

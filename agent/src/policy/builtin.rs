@@ -2,7 +2,7 @@
 //! `policies/<name>/` and embedded in the binary.
 
 /// (name, component bytes) of every shipped policy.
-pub const BUILTIN_WASM: [(&str, &[u8]); 4] = [
+pub const BUILTIN_WASM: [(&str, &[u8]); 8] = [
     (
         "full-sync",
         include_bytes!(concat!(env!("OUT_DIR"), "/full-sync.wasm")),
@@ -12,12 +12,28 @@ pub const BUILTIN_WASM: [(&str, &[u8]); 4] = [
         include_bytes!(concat!(env!("OUT_DIR"), "/gaia.wasm")),
     ),
     (
+        "terngrad",
+        include_bytes!(concat!(env!("OUT_DIR"), "/terngrad.wasm")),
+    ),
+    (
+        "qsgd",
+        include_bytes!(concat!(env!("OUT_DIR"), "/qsgd.wasm")),
+    ),
+    (
+        "topk",
+        include_bytes!(concat!(env!("OUT_DIR"), "/topk.wasm")),
+    ),
+    (
         "weightgrad",
         include_bytes!(concat!(env!("OUT_DIR"), "/weightgrad.wasm")),
     ),
     (
         "diloco",
         include_bytes!(concat!(env!("OUT_DIR"), "/diloco.wasm")),
+    ),
+    (
+        "adaptive",
+        include_bytes!(concat!(env!("OUT_DIR"), "/adaptive.wasm")),
     ),
 ];
 

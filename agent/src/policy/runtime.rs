@@ -235,6 +235,7 @@ impl PolicyRuntime {
                         send: true,
                         tau: 0.0,
                         bits: 32,
+                        top_fraction: 1.0,
                     },
                 ),
                 DecisionSource::SentAll,

@@ -49,6 +49,7 @@ mod tests {
                     send: rng.random_bool(0.8),
                     tau: *[0.0f32, 0.001, 0.01, 0.1, 1.0].choose(rng).unwrap(),
                     bits: *[1u8, 2, 3, 4, 8, 16, 32].choose(rng).unwrap(),
+                    top_fraction: *[1.0f32, 0.5, 0.1, 0.01].choose(rng).unwrap(),
                 })
                 .collect(),
         }
@@ -235,7 +236,8 @@ mod tests {
                 TensorPlan {
                     send: true,
                     tau: 0.0,
-                    bits: 32
+                    bits: 32,
+                    top_fraction: 1.0,
                 };
                 3
             ],
@@ -309,6 +311,7 @@ mod tests {
                 send: true,
                 tau: 0.0,
                 bits: 32,
+                top_fraction: 1.0,
             }],
         };
         let exchange = |a: &mut RegionSync,

@@ -355,7 +355,8 @@ impl RegionSync {
                     link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
                     continue;
                 }
-                let selection = significance_filter(acc, &weights[t], tensor_plan.tau);
+                let mut selection = significance_filter(acc, &weights[t], tensor_plan.tau);
+                cap_to_top(&mut selection, acc, tensor_plan.top_fraction);
                 if selection.is_empty() {
                     link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
                     continue;
@@ -506,6 +507,34 @@ impl RegionSync {
             })
             .sum()
     }
+}
+
+/// Keeps the `fraction · len` largest-magnitude elements of `selection` and returns the
+/// rest to the accumulator they were taken from (top-k with error feedback).
+fn cap_to_top(selection: &mut Selection, acc: &mut [f32], fraction: f32) {
+    if fraction >= 1.0 {
+        return;
+    }
+    let k = ((acc.len() as f64 * f64::from(fraction.max(0.0))).ceil() as usize).max(1);
+    if selection.len() <= k {
+        return;
+    }
+    let (kept, _) = weightgrad_codec::top_k(&selection.values, k);
+    let mut keep = vec![false; selection.len()];
+    for i in kept {
+        keep[i as usize] = true;
+    }
+    let mut indices = Vec::with_capacity(k);
+    let mut values = Vec::with_capacity(k);
+    for ((&i, &v), keep) in selection.indices.iter().zip(&selection.values).zip(keep) {
+        if keep {
+            indices.push(i);
+            values.push(v);
+        } else {
+            acc[i as usize] += v;
+        }
+    }
+    *selection = Selection { indices, values };
 }
 
 /// The quantizer for a plan's bit-width.

@@ -37,6 +37,7 @@ impl Policy for DiLoCo {
             send: input.context.round.is_multiple_of(self.every.max(1)),
             tau: 0.0,
             bits: 8,
+            top_fraction: 1.0,
         };
         PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
     }

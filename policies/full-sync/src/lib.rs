@@ -21,6 +21,7 @@ impl Policy for FullSync {
             send: true,
             tau: 0.0,
             bits: 32,
+            top_fraction: 1.0,
         };
         PolicyOutput::uniform(input, send, LanPlan::FULL_PRECISION)
     }

@@ -38,6 +38,7 @@ impl Policy for Gaia {
             send: true,
             tau: self.tau_schedule.tau(self.tau0, &input.context),
             bits: 32,
+            top_fraction: 1.0,
         };
         PolicyOutput::uniform(input, plan, LanPlan::FULL_PRECISION)
     }

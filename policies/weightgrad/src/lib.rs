@@ -80,6 +80,7 @@ impl Policy for WeightGrad {
                     send: true,
                     tau: 0.0,
                     bits: 8,
+                    top_fraction: 1.0,
                 };
             }
             TensorPlan {
@@ -89,6 +90,7 @@ impl Policy for WeightGrad {
                     TensorRole::Weight => self.weight_bits,
                     TensorRole::Bias => self.bias_bits,
                 },
+                top_fraction: 1.0,
             }
         };
         PolicyOutput {

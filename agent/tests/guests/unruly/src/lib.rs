@@ -22,6 +22,7 @@ impl Policy for Unruly {
             send: true,
             tau: 0.0,
             bits: 32,
+            top_fraction: 1.0,
         };
         match input.state.as_slice() {
             b"loop" => {

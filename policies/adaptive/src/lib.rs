@@ -1,0 +1,167 @@
+//! `adaptive`: keeps each link just under saturation. Per link it tracks a threshold τ in
+//! its state blob: when bytes are still queued on the link from earlier rounds (the link is
+//! saturated) it doubles τ and drops to 2 bits; when the queue is empty it halves τ (down to
+//! a floor) and spends the headroom on 4 bits for weights. Biases always go at 8 bits.
+//! The state is one little-endian f32 τ per link, in link order.
+
+use weightgrad_sdk::{
+    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan, TensorRole,
+};
+
+/// The adaptive policy and its knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Adaptive {
+    /// Starting and lowest threshold.
+    pub tau_floor: f32,
+    /// Highest threshold.
+    pub tau_ceiling: f32,
+    /// Bytes queued on a link above which it counts as saturated.
+    pub backlog_bytes: u64,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Self {
+            tau_floor: 0.01,
+            tau_ceiling: 0.5,
+            backlog_bytes: 64 << 10,
+        }
+    }
+}
+
+impl Adaptive {
+    fn previous_taus(&self, input: &PolicyInput) -> Vec<f32> {
+        let saved: Vec<f32> = input
+            .state
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        (0..input.links.len())
+            .map(|l| {
+                saved
+                    .get(l)
+                    .copied()
+                    .filter(|t| t.is_finite())
+                    .unwrap_or(self.tau_floor)
+                    .clamp(self.tau_floor, self.tau_ceiling)
+            })
+            .collect()
+    }
+}
+
+impl Policy for Adaptive {
+    fn info(&self) -> PolicyInfo {
+        PolicyInfo {
+            name: "adaptive".into(),
+            version: "1.0.0".into(),
+            description: "tau and bits per link from backlog, keeping each link under saturation"
+                .into(),
+        }
+    }
+
+    fn decide(&self, input: &PolicyInput) -> PolicyOutput {
+        let taus: Vec<f32> = self
+            .previous_taus(input)
+            .iter()
+            .zip(&input.links)
+            .map(|(&tau, link)| {
+                let next = if link.link.queued_bytes > self.backlog_bytes {
+                    tau * 2.0
+                } else {
+                    tau * 0.5
+                };
+                next.clamp(self.tau_floor, self.tau_ceiling)
+            })
+            .collect();
+        let links = input
+            .links
+            .iter()
+            .zip(&taus)
+            .map(|(link, &tau)| {
+                let saturated = link.link.queued_bytes > self.backlog_bytes;
+                LinkPlan {
+                    tensors: link
+                        .tensors
+                        .iter()
+                        .map(|t| TensorPlan {
+                            send: true,
+                            tau: if input.context.final_round { 0.0 } else { tau },
+                            bits: match (t.role, saturated) {
+                                (TensorRole::Bias, _) => 8,
+                                (TensorRole::Weight, true) => 2,
+                                (TensorRole::Weight, false) => 4,
+                            },
+                            top_fraction: 1.0,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        PolicyOutput {
+            links,
+            lan: LanPlan::FULL_PRECISION,
+            state: taus.iter().flat_map(|t| t.to_le_bytes()).collect(),
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+weightgrad_sdk::export_policy!(Adaptive);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weightgrad_sdk::{LinkInput, LinkStats, RoundContext, TensorStats, validate_output};
+
+    fn input(queued: u64, state: Vec<u8>) -> PolicyInput {
+        PolicyInput {
+            context: RoundContext {
+                round: 1,
+                lr: 1e-3,
+                base_lr: 1e-3,
+                loss: 1.0,
+                regions: 2,
+                final_round: false,
+            },
+            thresholds: vec![],
+            links: vec![LinkInput {
+                link: LinkStats {
+                    peer: "p".into(),
+                    bandwidth_bps: 1e8,
+                    rtt_s: 0.1,
+                    loss: 0.0,
+                    queued_bytes: queued,
+                },
+                tensors: vec![TensorStats {
+                    numel: 10,
+                    role: TensorRole::Weight,
+                    update_l2: 1.0,
+                    weight_l2: 1.0,
+                    max_relative: 1.0,
+                    significant_fraction: vec![],
+                    rounds_since_sent: 0,
+                }],
+            }],
+            state,
+        }
+    }
+
+    #[test]
+    fn backs_off_under_backlog_and_recovers() {
+        let p = Adaptive::default();
+        let mut state = Vec::new();
+        let mut taus = Vec::new();
+        for queued in [1 << 20, 1 << 20, 1 << 20, 0, 0] {
+            let i = input(queued, state);
+            let out = p.decide(&i);
+            assert!(validate_output(&i, &out).is_ok());
+            taus.push(out.links[0].tensors[0].tau);
+            assert_eq!(out.links[0].tensors[0].bits, if queued > 0 { 2 } else { 4 });
+            state = out.state;
+        }
+        assert_eq!(taus, [0.02, 0.04, 0.08, 0.04, 0.02]);
+        // Garbage state falls back to the floor instead of failing.
+        let out = p.decide(&input(0, vec![0xff; 4]));
+        assert_eq!(out.links[0].tensors[0].tau, 0.01);
+    }
+}
