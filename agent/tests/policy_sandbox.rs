@@ -256,3 +256,55 @@ fn fail_closed_and_fail_open_strategies() {
         DecisionSource::HeldAll
     );
 }
+
+/// Swaps the runtime's policy between two rounds, after a given number of decisions.
+struct SwapMidRun {
+    runtime: PolicyRuntime,
+    calls: std::sync::atomic::AtomicUsize,
+    swap_at: usize,
+    next: &'static [u8],
+}
+
+impl weightgrad_sdk::Policy for SwapMidRun {
+    fn info(&self) -> weightgrad_sdk::PolicyInfo {
+        self.runtime.info()
+    }
+
+    fn decide(&self, input: &PolicyInput) -> weightgrad_sdk::PolicyOutput {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == self.swap_at {
+            self.runtime.swap(self.next).expect("swap");
+        }
+        self.runtime.decide(input)
+    }
+}
+
+#[test]
+fn a_hot_swap_mid_run_loses_nothing_and_applies_nothing_twice() {
+    use weightgrad::sim::{SimConfig, run};
+    let data = weightgrad::train::dataset::embedded_digits().unwrap();
+    let cfg = SimConfig {
+        epochs: 2,
+        ..SimConfig::demo(2, 3)
+    };
+    let policy = SwapMidRun {
+        runtime: PolicyRuntime::new(
+            sandbox(),
+            builtin_wasm("full-sync").unwrap(),
+            FailStrategy::LastGood,
+        )
+        .unwrap(),
+        calls: Default::default(),
+        swap_at: 25,
+        next: builtin_wasm("weightgrad").unwrap(),
+    };
+    let report = run(&cfg, &policy, &data, &mut |_, _| {}).unwrap();
+    assert_eq!(policy.runtime.swaps(), 1);
+    assert_eq!(policy.runtime.active().info.name, "weightgrad");
+    assert_eq!(
+        report.rejected, 0,
+        "no frame was refused as a duplicate or as malformed"
+    );
+    for r in &report.regions {
+        assert!(r.test_accuracy > 0.8, "{}: {}", r.name, r.test_accuracy);
+    }
+}
