@@ -1,14 +1,8 @@
 //! `weightgrad demo` through the real binary: the JSON contract and clear errors.
 
-use serde_json::Value;
-use std::process::Command;
+mod common;
 
-fn weightgrad(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_weightgrad"))
-        .args(args)
-        .output()
-        .expect("run weightgrad")
-}
+use common::{last_json_line, weightgrad};
 
 #[test]
 fn demo_json_has_the_documented_fields() {
@@ -27,8 +21,7 @@ fn demo_json_has_the_documented_fields() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let v = last_json_line(&out);
     assert_eq!(v["policy"], "weightgrad");
     assert_eq!(v["regions"].as_array().unwrap().len(), 2);
     for r in v["regions"].as_array().unwrap() {

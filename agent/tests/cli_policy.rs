@@ -1,13 +1,8 @@
 //! `weightgrad policy` through the real binary.
 
-use std::process::Command;
+mod common;
 
-fn weightgrad(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_weightgrad"))
-        .args(args)
-        .output()
-        .expect("run weightgrad")
-}
+use common::weightgrad;
 
 #[test]
 fn list_export_and_check_round_trip() {

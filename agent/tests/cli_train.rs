@@ -1,21 +1,9 @@
 //! End-to-end tests of `weightgrad train` through the real binary.
 
-use serde_json::Value;
+mod common;
+
+use common::{last_json_line, weightgrad};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn weightgrad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weightgrad"))
-        .args(args)
-        .output()
-        .expect("run weightgrad")
-}
-
-fn last_json_line(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().expect("stdout has a line");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line {line:?} is not JSON: {e}"))
-}
 
 #[test]
 fn digits_mlp_reaches_96_percent_within_30_epochs() {
