@@ -229,6 +229,48 @@ pub trait Policy {
     fn decide(&self, input: &PolicyInput) -> PolicyOutput;
 }
 
+/// A fixed, representative input: two links, an MLP's four tensors. The agent self-tests
+/// every policy on it before admitting it; policy authors can use it in their tests.
+pub fn golden_input() -> PolicyInput {
+    let tensor = |numel, role| TensorStats {
+        numel,
+        role,
+        update_l2: 0.05,
+        weight_l2: 3.0,
+        max_relative: 0.2,
+        significant_fraction: vec![0.6, 0.3, 0.05],
+        rounds_since_sent: 1,
+    };
+    let link = |peer: &str| LinkInput {
+        link: LinkStats {
+            peer: peer.into(),
+            bandwidth_bps: 100e6,
+            rtt_s: 0.1,
+            loss: 0.0,
+            queued_bytes: 0,
+        },
+        tensors: vec![
+            tensor(16384, TensorRole::Weight),
+            tensor(256, TensorRole::Bias),
+            tensor(2560, TensorRole::Weight),
+            tensor(10, TensorRole::Bias),
+        ],
+    };
+    PolicyInput {
+        context: RoundContext {
+            round: 8,
+            lr: 1e-3,
+            base_lr: 1e-3,
+            loss: 0.5,
+            regions: 3,
+            final_round: false,
+        },
+        thresholds: vec![0.001, 0.01, 0.1],
+        links: vec![link("eu-west"), link("ap-southeast")],
+        state: Vec::new(),
+    }
+}
+
 /// Checks an output against its input: one plan per link and tensor, bits allowed, τ finite
 /// and non-negative. Returns a description of the first problem.
 pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(), String> {

@@ -9,10 +9,8 @@ use crate::policy::host::{CompiledPolicy, PolicyFailure, Sandbox};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use weightgrad_sdk::{
-    LanPlan, LinkInput, LinkStats, Policy, PolicyInfo, PolicyInput, PolicyOutput, RoundContext,
-    TensorPlan, TensorRole, TensorStats,
-};
+pub use weightgrad_sdk::golden_input;
+use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
 
 /// What a round does when the active policy fails (Envoy's vocabulary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -75,47 +73,6 @@ pub struct PolicyRuntime {
     sandbox: Arc<Sandbox>,
     strategy: FailStrategy,
     state: Mutex<State>,
-}
-
-/// A fixed, representative input: two links, an MLP's four tensors.
-pub fn golden_input() -> PolicyInput {
-    let tensor = |numel, role| TensorStats {
-        numel,
-        role,
-        update_l2: 0.05,
-        weight_l2: 3.0,
-        max_relative: 0.2,
-        significant_fraction: vec![0.6, 0.3, 0.05],
-        rounds_since_sent: 1,
-    };
-    let link = |peer: &str| LinkInput {
-        link: LinkStats {
-            peer: peer.into(),
-            bandwidth_bps: 100e6,
-            rtt_s: 0.1,
-            loss: 0.0,
-            queued_bytes: 0,
-        },
-        tensors: vec![
-            tensor(16384, TensorRole::Weight),
-            tensor(256, TensorRole::Bias),
-            tensor(2560, TensorRole::Weight),
-            tensor(10, TensorRole::Bias),
-        ],
-    };
-    PolicyInput {
-        context: RoundContext {
-            round: 8,
-            lr: 1e-3,
-            base_lr: 1e-3,
-            loss: 0.5,
-            regions: 3,
-            final_round: false,
-        },
-        thresholds: vec![0.001, 0.01, 0.1],
-        links: vec![link("eu-west"), link("ap-southeast")],
-        state: Vec::new(),
-    }
 }
 
 fn everywhere(input: &PolicyInput, plan: TensorPlan) -> PolicyOutput {
