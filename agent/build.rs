@@ -97,6 +97,46 @@ fn main() {
             .unwrap_or_else(|e| panic!("make {name} a component: {e:#}"));
         std::fs::write(out.join(format!("{name}.wasm")), component).expect("write the component");
     }
+    std::fs::write(
+        out.join("wrong-version.wasm"),
+        wrong_version_component(&root),
+    )
+    .expect("write the wrong-version fixture");
+}
+
+/// A test fixture: a component that exports the policy interface of a contract version
+/// 2.0.0 (functions that only trap), so the host must refuse it by version.
+fn wrong_version_component(root: &Path) -> Vec<u8> {
+    let wit_path = root.join("sdk/wit/policy.wit");
+    let wit = std::fs::read_to_string(&wit_path).expect("read the contract");
+    let other = wit.replace(
+        "package weightgrad:policy@1.0.0;",
+        "package weightgrad:policy@2.0.0;",
+    );
+    assert_ne!(
+        wit, other,
+        "the contract's package line changed; update build.rs"
+    );
+    let mut resolve = wit_parser::Resolve::default();
+    let package = resolve
+        .push_str(&wit_path, &other)
+        .expect("parse the 2.0.0 contract");
+    let world = resolve
+        .select_world(&[package], Some("guest"))
+        .expect("the guest world");
+    let mut module =
+        wit_component::dummy_module(&resolve, world, wit_parser::ManglingAndAbi::Standard32);
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )
+    .expect("embed the 2.0.0 metadata");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .and_then(|e| e.validate(true).encode())
+        .expect("encode the 2.0.0 fixture")
 }
 
 /// Adds the wasm32 target with rustup when the active toolchain lacks it.

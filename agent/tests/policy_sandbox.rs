@@ -191,11 +191,20 @@ fn bad_components_are_refused_and_nothing_changes() {
     // Not WebAssembly at all.
     let err = rt.swap(b"definitely not wasm").unwrap_err();
     assert!(matches!(err, PolicyFailure::Load(_)), "{err}");
-    // An empty component: valid WebAssembly that does not export weightgrad:policy@1.0.0
-    // (a component built against another contract version fails the same lookup).
+    // An empty component: valid WebAssembly that exports nothing.
     let empty_component = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
     let err = rt.swap(&empty_component).unwrap_err().to_string();
     assert!(err.contains("weightgrad:policy@1.0.0"), "{err}");
+    // A component of contract version 2.0.0: refused by version, before any call.
+    let err = rt
+        .swap(weightgrad::policy::builtin::WRONG_VERSION_WASM)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not a valid weightgrad:policy@1.0.0 component"),
+        "{err}"
+    );
+    assert!(err.contains("1.0.0"), "{err}");
     // Oversized.
     let small = Sandbox::new(SandboxLimits {
         max_component_bytes: 1000,
