@@ -303,9 +303,6 @@ mod tests {
         let (mut wa, mut wb) = (w0.clone(), w0.clone());
         a.start(&wa);
         b.start(&wb);
-        let hold = LinkPlan {
-            tensors: vec![TensorPlan::HOLD],
-        };
         let send = LinkPlan {
             tensors: vec![TensorPlan {
                 send: true,
@@ -335,7 +332,8 @@ mod tests {
                 a.receive(0, &m.to_bytes(), wa).unwrap();
             }
         };
-        exchange(&mut a, &mut b, &mut wa, &mut wb, 0.5, 0.1, &hold);
+        // Round 1 is sent between outer steps; the outer step at round 2 must merge it too.
+        exchange(&mut a, &mut b, &mut wa, &mut wb, 0.5, 0.1, &send);
         assert!(a.outer_due().is_none() && a.may_start_next());
         assert_eq!(
             wa[0],
@@ -346,7 +344,7 @@ mod tests {
         assert_eq!(a.outer_due(), Some(2));
         assert!(!a.may_start_next(), "the outer step must come first");
         assert!(a.apply_outer_step(&mut wa) && b.apply_outer_step(&mut wb));
-        // Mean of (+1.0, +0.2) from the anchor, with η = 1 and no momentum.
+        // Mean of (+1.0, +0.2: both rounds of each region) from the anchor, η = 1, no momentum.
         for (x, w) in wa[0].iter().zip(&w0[0]) {
             assert!((x - (w + 0.6)).abs() < 1e-6, "{x}");
         }

@@ -221,7 +221,21 @@ impl RegionSync {
             return false;
         }
         let regions = (self.links.len() + 1) as f32;
-        let inbox = self.outer.inbox.remove(&round);
+        // Peers' updates of this round and of any earlier round not yet merged (a policy
+        // may send between outer steps): all of them join this step, none is dropped.
+        let due: Vec<u64> = self.outer.inbox.range(..=round).map(|(k, _)| *k).collect();
+        let mut inbox: Option<Vec<Vec<f32>>> = None;
+        for k in due {
+            let part = self.outer.inbox.remove(&k).expect("key listed above");
+            match inbox.as_mut() {
+                None => inbox = Some(part),
+                Some(sum) => {
+                    for (s, p) in sum.iter_mut().zip(part) {
+                        s.iter_mut().zip(p).for_each(|(s, p)| *s += p);
+                    }
+                }
+            }
+        }
         for (t, w) in weights.iter_mut().enumerate() {
             let anchor = &mut self.outer.anchor[t];
             let m = &mut self.outer.momentum[t];
