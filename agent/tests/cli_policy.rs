@@ -2,16 +2,11 @@
 
 mod common;
 
-use common::weightgrad;
+use common::{weightgrad, weightgrad_ok};
 
 #[test]
 fn list_export_and_check_round_trip() {
-    let out = weightgrad(&["policy", "list", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = weightgrad_ok(&["policy", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = list
         .as_array()
@@ -23,12 +18,7 @@ fn list_export_and_check_round_trip() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gaia.wasm");
-    let out = weightgrad(&["policy", "export", "gaia", "-o", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weightgrad_ok(&["policy", "export", "gaia", "-o", file.to_str().unwrap()]);
     let out = weightgrad(&["policy", "check", file.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -5,7 +5,7 @@
 use crate::sync::clock::MirrorClock;
 use crate::sync::message::{RoundEnd, WanMessage};
 use std::collections::{BTreeMap, BTreeSet};
-use weightgrad_codec::filter::{is_significant, significant_fractions};
+use weightgrad_codec::filter::significant_fractions;
 use weightgrad_codec::{
     CodecError, DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Selection, Update, decode,
     encode, significance_filter,
@@ -505,21 +505,6 @@ impl RegionSync {
         while applied.first().is_some_and(|&(c, _)| c <= complete) {
             applied.pop_first();
         }
-    }
-
-    /// Elements of link `l`'s residual that are significant at `tau` (for statistics).
-    pub fn significant_count(&self, l: usize, weights: &[Vec<f32>], tau: f32) -> usize {
-        self.links[l]
-            .residual
-            .iter()
-            .zip(weights)
-            .map(|(a, w)| {
-                a.iter()
-                    .zip(w)
-                    .filter(|&(&a, &w)| is_significant(a, w, tau))
-                    .count()
-            })
-            .sum()
     }
 }
 

@@ -13,6 +13,17 @@ pub fn weightgrad(args: &[&str]) -> Output {
         .expect("run weightgrad")
 }
 
+/// Runs the binary under test and fails the test, showing stderr, unless it succeeds.
+pub fn weightgrad_ok(args: &[&str]) -> Output {
+    let out = weightgrad(args);
+    assert!(
+        out.status.success(),
+        "weightgrad {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The last line of stdout, parsed as JSON.
 pub fn last_json_line(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
