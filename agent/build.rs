@@ -104,14 +104,14 @@ fn main() {
     .expect("write the wrong-version fixture");
 }
 
-/// A test fixture: a component that exports the policy interface of a contract version
-/// 2.0.0 (functions that only trap), so the host must refuse it by version.
+/// A test fixture: a component that exports the policy interface under the previous
+/// contract version, 1.0.0 (functions that only trap), so the host must refuse it by version.
 fn wrong_version_component(root: &Path) -> Vec<u8> {
     let wit_path = root.join("sdk/wit/policy.wit");
     let wit = std::fs::read_to_string(&wit_path).expect("read the contract");
     let other = wit.replace(
-        "package weightgrad:policy@1.0.0;",
         "package weightgrad:policy@2.0.0;",
+        "package weightgrad:policy@1.0.0;",
     );
     assert_ne!(
         wit, other,
@@ -120,7 +120,7 @@ fn wrong_version_component(root: &Path) -> Vec<u8> {
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve
         .push_str(&wit_path, &other)
-        .expect("parse the 2.0.0 contract");
+        .expect("parse the 1.0.0 contract");
     let world = resolve
         .select_world(&[package], Some("guest"))
         .expect("the guest world");
@@ -132,11 +132,11 @@ fn wrong_version_component(root: &Path) -> Vec<u8> {
         world,
         wit_component::StringEncoding::UTF8,
     )
-    .expect("embed the 2.0.0 metadata");
+    .expect("embed the 1.0.0 metadata");
     wit_component::ComponentEncoder::default()
         .module(&module)
         .and_then(|e| e.validate(true).encode())
-        .expect("encode the 2.0.0 fixture")
+        .expect("encode the 1.0.0 fixture")
 }
 
 /// Adds the wasm32 target with rustup when the active toolchain lacks it.

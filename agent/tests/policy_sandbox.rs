@@ -12,7 +12,9 @@ use weightgrad::policy::{
     DecisionSource, FailStrategy, PolicyFailure, PolicyRuntime, Sandbox, SandboxLimits,
     builtin_wasm, golden_input,
 };
-use weightgrad_sdk::{LinkInput, LinkStats, PolicyInput, RoundContext, TensorRole, TensorStats};
+use weightgrad_sdk::{
+    LanInput, LinkInput, LinkStats, PolicyInput, RoundContext, TensorRole, TensorStats,
+};
 
 fn random_input(rng: &mut ChaCha8Rng) -> PolicyInput {
     let links = rng.random_range(0..4);
@@ -54,6 +56,14 @@ fn random_input(rng: &mut ChaCha8Rng) -> PolicyInput {
                     .collect(),
             })
             .collect(),
+        lan: LanInput {
+            workers: rng.random_range(1..9),
+            batch_size: rng.random_range(1..512),
+            sample_features: rng.random_range(1..4096),
+            classes: rng.random_range(2..1000),
+            tensor_sizes: (0..tensors).map(|_| rng.random_range(1..1 << 20)).collect(),
+            data_mode_allowed: rng.random_bool(0.5),
+        },
         state: (0..rng.random_range(0..16)).map(|_| rng.random()).collect(),
     }
 }
@@ -194,17 +204,17 @@ fn bad_components_are_refused_and_nothing_changes() {
     // An empty component: valid WebAssembly that exports nothing.
     let empty_component = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
     let err = rt.swap(&empty_component).unwrap_err().to_string();
-    assert!(err.contains("weightgrad:policy@1.0.0"), "{err}");
-    // A component of contract version 2.0.0: refused by version, before any call.
+    assert!(err.contains("weightgrad:policy@2.0.0"), "{err}");
+    // A component of the previous contract version, 1.0.0: refused by version, before any call.
     let err = rt
         .swap(weightgrad::policy::builtin::WRONG_VERSION_WASM)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("not a valid weightgrad:policy@1.0.0 component"),
+        err.contains("not a valid weightgrad:policy@2.0.0 component"),
         "{err}"
     );
-    assert!(err.contains("1.0.0"), "{err}");
+    assert!(err.contains("policy/policy@2.0.0"), "{err}");
     // Oversized.
     let small = Sandbox::new(SandboxLimits {
         max_component_bytes: 1000,

@@ -62,6 +62,14 @@ pub fn input_from_wit(i: t::PolicyInput) -> crate::PolicyInput {
                     .collect(),
             })
             .collect(),
+        lan: crate::LanInput {
+            workers: i.lan.workers,
+            batch_size: i.lan.batch_size,
+            sample_features: i.lan.sample_features,
+            classes: i.lan.classes,
+            tensor_sizes: i.lan.tensor_sizes,
+            data_mode_allowed: i.lan.data_mode_allowed,
+        },
         state: i.state,
     }
 }
@@ -88,6 +96,17 @@ pub fn output_to_wit(o: crate::PolicyOutput) -> t::PolicyOutput {
         lan: t::LanPlan {
             gradient_bits: o.lan.gradient_bits,
             weight_bits: o.lan.weight_bits,
+            mode: match o.lan.mode {
+                crate::LanMode::Gradient => t::LanMode::Gradient,
+                crate::LanMode::Data(d) => t::LanMode::Data(t::DataPlan {
+                    feature_bits: d.feature_bits,
+                    scale: match d.scale {
+                        crate::DataScale::PerFeature => t::DataScale::PerFeature,
+                        crate::DataScale::PerSample => t::DataScale::PerSample,
+                    },
+                    refine_bits: d.refine_bits,
+                }),
+            },
         },
         state: o.state,
     }
@@ -103,7 +122,7 @@ pub fn info_to_wit(i: crate::PolicyInfo) -> t::PolicyInfo {
 }
 
 /// Exports a policy type (implementing [`crate::Policy`] and [`Default`]) as the
-/// component's `weightgrad:policy/policy@1.0.0` interface. Use it once per policy crate,
+/// component's `weightgrad:policy/policy@2.0.0` interface. Use it once per policy crate,
 /// under `#[cfg(target_arch = "wasm32")]`.
 #[macro_export]
 macro_rules! export_policy {

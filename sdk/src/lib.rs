@@ -3,8 +3,8 @@
 //! Once per round the agent hands a policy a [`PolicyInput`] — the round's context, per-link
 //! statistics and, for each link, statistics of every tensor's accumulated (not yet sent)
 //! update — and the policy returns a [`PolicyOutput`]: for every link and tensor whether to
-//! send, at which significance threshold τ and at how many bits, the LAN gradient plan, and
-//! its new state blob. Policies are pure functions of their input (state travels in and out
+//! send, at which significance threshold τ and at how many bits, the LAN plan (gradient or
+//! data mode, with its widths), and its new state blob. Policies are pure functions of their input (state travels in and out
 //! explicitly), so the same code runs natively in tests and the simulator.
 
 #![cfg_attr(not(target_arch = "wasm32"), forbid(unsafe_code))]
@@ -18,7 +18,7 @@ pub mod guest;
 pub const WIT: &str = include_str!("../wit/policy.wit");
 
 /// The WIT package and version policies must export.
-pub const CONTRACT: &str = "weightgrad:policy@1.0.0";
+pub const CONTRACT: &str = "weightgrad:policy@2.0.0";
 
 /// What role a tensor plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -116,6 +116,72 @@ pub struct LinkInput {
     pub tensors: Vec<TensorStats>,
 }
 
+/// The region's LAN as the cost model sees it: what one step moves in gradient mode and in
+/// data mode (see [`LanInput::step_bits`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LanInput {
+    /// Workers in the region.
+    pub workers: u32,
+    /// Samples per worker per step (B).
+    pub batch_size: u32,
+    /// Features per sample (d_x).
+    pub sample_features: u64,
+    /// Label classes (a label costs `ceil(log2(classes))` bits).
+    pub classes: u32,
+    /// Elements of each tensor of the model, manifest order (d is their sum).
+    pub tensor_sizes: Vec<u64>,
+    /// Whether data mode may be chosen: false when this region's LAN crosses a WAN and the
+    /// operator has not set `allow_data_over_wan`.
+    pub data_mode_allowed: bool,
+}
+
+impl LanInput {
+    /// Model parameters (d).
+    pub fn parameters(&self) -> u64 {
+        self.tensor_sizes.iter().sum()
+    }
+
+    /// Bits one step of `plan` moves on the LAN, all workers together and both directions,
+    /// leaving out frame headers: in gradient mode the weights ŵ out (`d·b_w`) and a gradient
+    /// back (`d·b_g`) per worker; in data mode the batch (`B·d_x·b_x`, labels and one
+    /// 64-bit range per feature or sample) per worker, plus, when refining, ŵ out and the
+    /// correction back (`d·b_r`).
+    pub fn step_bits(&self, plan: &LanPlan) -> u64 {
+        let d = self.parameters();
+        let weights = d * u64::from(plan.weight_bits);
+        let per_worker = match plan.mode {
+            LanMode::Gradient => {
+                let gradient: u64 = self
+                    .tensor_sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(t, n)| n * u64::from(plan.gradient_bits.get(t).copied().unwrap_or(32)))
+                    .sum();
+                weights + gradient
+            }
+            LanMode::Data(data) => {
+                let b = u64::from(self.batch_size);
+                let label_bits =
+                    u64::from(32 - self.classes.max(2).saturating_sub(1).leading_zeros());
+                let ranges = match data.scale {
+                    DataScale::PerFeature => self.sample_features,
+                    DataScale::PerSample => b,
+                };
+                let samples = b * self.sample_features * u64::from(data.feature_bits)
+                    + b * label_bits
+                    + 64 * ranges;
+                let refinement = if data.refine_bits > 0 {
+                    weights + d * u64::from(data.refine_bits)
+                } else {
+                    0
+                };
+                samples + refinement
+            }
+        };
+        per_worker * u64::from(self.workers)
+    }
+}
+
 /// Everything a policy sees for one round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyInput {
@@ -125,6 +191,8 @@ pub struct PolicyInput {
     pub thresholds: Vec<f32>,
     /// One entry per peer link.
     pub links: Vec<LinkInput>,
+    /// The region's LAN, for the LAN plan's cost model.
+    pub lan: LanInput,
     /// The policy's state blob from its previous call (empty at first).
     pub state: Vec<u8>,
 }
@@ -163,22 +231,62 @@ pub struct LinkPlan {
     pub tensors: Vec<TensorPlan>,
 }
 
-/// How workers send gradients to their region's aggregator.
+/// How a data-mode batch's features are scaled before quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataScale {
+    /// One `[min, max]` range per feature over the batch.
+    PerFeature,
+    /// One `[min, max]` range per sample.
+    PerSample,
+}
+
+/// Data mode's widths: features at `feature_bits` bits (stochastic rounding within each
+/// range, so `E[Q(x)] = x`), and optionally a correction `Q(g(ŵ; x) − g(ŵ; Q(x)))` at
+/// `refine_bits` bits (0: none) that makes the aggregator's gradient estimate unbiased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPlan {
+    /// Bits per feature value, 1..=8.
+    pub feature_bits: u8,
+    /// Range per feature or per sample.
+    pub scale: DataScale,
+    /// Bits per value of the refinement (1..=8), or 0 for no refinement.
+    pub refine_bits: u8,
+}
+
+/// What workers send their aggregator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LanMode {
+    /// Quantized gradients, at [`LanPlan::gradient_bits`].
+    #[default]
+    Gradient,
+    /// The quantized minibatch and its labels; the aggregator computes the gradient.
+    /// Samples stay inside the region: a policy may choose this only where
+    /// [`LanInput::data_mode_allowed`].
+    Data(DataPlan),
+}
+
+/// How workers and their region's aggregator exchange a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LanPlan {
-    /// Bits per gradient value per tensor: 2 means TernGrad, 1 and 3..=8 stochastic uniform,
-    /// 32 full precision. Empty means 32 for every tensor.
+    /// Gradient mode: bits per gradient value per tensor: 2 means TernGrad, 1 and 3..=8
+    /// stochastic uniform, 32 full precision. Empty means 32 for every tensor.
     pub gradient_bits: Vec<u8>,
     /// Bits of the loss-aware quantized weights ŵ that workers train on (2..=8; 2 is
     /// ternary), or 32 for full-precision weights. Biases always stay full precision.
+    /// Unrefined data mode sends workers no weights.
     pub weight_bits: u8,
+    /// Gradient or data mode.
+    pub mode: LanMode,
 }
 
 impl LanPlan {
-    /// Full precision both ways.
+    /// Full-precision gradients and weights.
     pub const FULL_PRECISION: LanPlan = LanPlan {
         gradient_bits: Vec::new(),
         weight_bits: 32,
+        mode: LanMode::Gradient,
     };
 }
 
@@ -267,6 +375,14 @@ pub fn golden_input() -> PolicyInput {
         },
         thresholds: vec![0.001, 0.01, 0.1],
         links: vec![link("eu-west"), link("ap-southeast")],
+        lan: LanInput {
+            workers: 2,
+            batch_size: 64,
+            sample_features: 64,
+            classes: 10,
+            tensor_sizes: vec![16384, 256, 2560, 10],
+            data_mode_allowed: true,
+        },
         state: Vec::new(),
     }
 }
@@ -326,6 +442,27 @@ pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(),
             output.lan.weight_bits
         ));
     }
+    if let LanMode::Data(data) = output.lan.mode {
+        if !input.lan.data_mode_allowed {
+            return Err(
+                "the LAN plan chooses data mode, but this region's LAN crosses a WAN \
+                 and allow_data_over_wan is not set: samples never leave their region"
+                    .into(),
+            );
+        }
+        if !(1..=8).contains(&data.feature_bits) {
+            return Err(format!(
+                "data mode with {} bits per feature (1..=8 allowed)",
+                data.feature_bits
+            ));
+        }
+        if data.refine_bits > 8 {
+            return Err(format!(
+                "data mode with {} refinement bits (0..=8 allowed)",
+                data.refine_bits
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -365,6 +502,14 @@ mod tests {
                     tensors: vec![t.clone(); tensors],
                 })
                 .collect(),
+            lan: LanInput {
+                workers: 2,
+                batch_size: 4,
+                sample_features: 3,
+                classes: 10,
+                tensor_sizes: vec![10; tensors],
+                data_mode_allowed: false,
+            },
             state: vec![],
         }
     }
@@ -436,6 +581,89 @@ mod tests {
             validate_output(&input(1, 2), &lan)
                 .unwrap_err()
                 .contains("LAN plan")
+        );
+    }
+
+    #[test]
+    fn data_mode_needs_permission_and_sane_widths() {
+        let ok = TensorPlan {
+            send: true,
+            tau: 0.01,
+            bits: 2,
+            top_fraction: 1.0,
+        };
+        let data = DataPlan {
+            feature_bits: 4,
+            scale: DataScale::PerFeature,
+            refine_bits: 2,
+        };
+        let mut out = output(1, 2, ok);
+        out.lan.mode = LanMode::Data(data);
+        let mut inp = input(1, 2);
+        assert!(
+            validate_output(&inp, &out)
+                .unwrap_err()
+                .contains("allow_data_over_wan")
+        );
+        inp.lan.data_mode_allowed = true;
+        assert!(validate_output(&inp, &out).is_ok());
+        out.lan.mode = LanMode::Data(DataPlan {
+            feature_bits: 0,
+            ..data
+        });
+        assert!(validate_output(&inp, &out).unwrap_err().contains("0 bits"));
+        out.lan.mode = LanMode::Data(DataPlan {
+            refine_bits: 9,
+            ..data
+        });
+        assert!(
+            validate_output(&inp, &out)
+                .unwrap_err()
+                .contains("9 refinement")
+        );
+    }
+
+    #[test]
+    fn cost_model_counts_what_each_mode_moves() {
+        let lan = LanInput {
+            workers: 2,
+            batch_size: 64,
+            sample_features: 64,
+            classes: 10,
+            tensor_sizes: vec![16384, 256, 2560, 10],
+            data_mode_allowed: true,
+        };
+        let d = 19210;
+        let gradient = LanPlan {
+            gradient_bits: vec![8; 4],
+            weight_bits: 8,
+            mode: LanMode::Gradient,
+        };
+        assert_eq!(lan.step_bits(&gradient), 2 * (d * 8 + d * 8));
+        let unrefined = LanPlan {
+            mode: LanMode::Data(DataPlan {
+                feature_bits: 4,
+                scale: DataScale::PerFeature,
+                refine_bits: 0,
+            }),
+            ..gradient.clone()
+        };
+        // 64 samples of 64 four-bit features, 4-bit labels, 64 feature ranges.
+        assert_eq!(
+            lan.step_bits(&unrefined),
+            2 * (64 * 64 * 4 + 64 * 4 + 64 * 64)
+        );
+        let refined = LanPlan {
+            mode: LanMode::Data(DataPlan {
+                feature_bits: 4,
+                scale: DataScale::PerSample,
+                refine_bits: 2,
+            }),
+            ..gradient
+        };
+        assert_eq!(
+            lan.step_bits(&refined),
+            2 * (64 * 64 * 4 + 64 * 4 + 64 * 64 + d * 8 + d * 2)
         );
     }
 }

@@ -1,10 +1,12 @@
 //! Sans-IO update codec for WeightGrad: quantizers, loss-aware weight quantization,
-//! the significance filter, bit packing, sparse indices and the wire frame.
+//! the significance filter, bit packing, sparse indices, the wire frame, and data mode's
+//! quantized minibatches.
 //!
 //! Everything here is a pure function of its inputs (randomness comes from an explicit,
 //! seeded generator), so the LAN path, the WAN path and the simulator share one codec, and
 //! decoding untrusted bytes returns a typed error instead of panicking.
 
+pub mod batch;
 pub mod error;
 pub mod filter;
 pub mod frame;

@@ -1,6 +1,7 @@
 //! `weightgrad demo`: N regions in one process over the virtual-time WAN, optionally
 //! beside a baseline policy trained in the same invocation with the same seeds.
 
+use crate::lan::LanPlacement;
 use crate::policies::{builtin, merge_mode_for};
 use crate::policy::{FailStrategy, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
 use crate::sim::{SimConfig, SimReport, run, topology::Topology};
@@ -37,6 +38,13 @@ pub struct DemoArgs {
     /// Deal classes unevenly across regions (label skew).
     #[arg(long)]
     non_iid: bool,
+    /// Treat every region's workers as reaching their aggregator over a WAN: LAN plans may
+    /// then not choose data mode (samples would leave the region).
+    #[arg(long)]
+    lan_crosses_wan: bool,
+    /// Allow data mode even where the workers reach their aggregator over a WAN.
+    #[arg(long, requires = "lan_crosses_wan")]
+    allow_data_over_wan: bool,
     /// Run the policies as their WebAssembly components in the sandbox (as the agent
     /// does) instead of natively.
     #[arg(long)]
@@ -132,6 +140,10 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
     if args.non_iid {
         cfg.sharding = ShardStrategy::LabelSkew;
     }
+    cfg.lan_placement = LanPlacement {
+        crosses_wan: args.lan_crosses_wan,
+        allow_data_over_wan: args.allow_data_over_wan,
+    };
     let ours = simulate(&cfg, &args.policy, args.wasm, &data)?;
     let baseline = match &args.compare {
         Some(name) => Some(simulate(&cfg, name, args.wasm, &data)?),

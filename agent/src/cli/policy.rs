@@ -99,10 +99,25 @@ fn check(file: &std::path::Path) -> Result<()> {
             .collect();
         println!("    to {:<13} {}", link.link.peer, plans.join(" | "));
     }
-    println!(
-        "    LAN: weights at {} bits, gradients {:?}",
-        output.lan.weight_bits, output.lan.gradient_bits
-    );
+    match output.lan.mode {
+        weightgrad_sdk::LanMode::Gradient => println!(
+            "    LAN: gradient mode, weights at {} bits, gradients {:?}",
+            output.lan.weight_bits, output.lan.gradient_bits
+        ),
+        weightgrad_sdk::LanMode::Data(d) => println!(
+            "    LAN: data mode, {} bits per feature ({:?} ranges), refinement {}",
+            d.feature_bits,
+            d.scale,
+            if d.refine_bits == 0 {
+                "none".to_string()
+            } else {
+                format!(
+                    "{} bits on weights at {} bits",
+                    d.refine_bits, output.lan.weight_bits
+                )
+            }
+        ),
+    }
     Ok(())
 }
 

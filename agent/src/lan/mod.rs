@@ -1,7 +1,10 @@
 //! Inside one region (LAN): K workers train on the loss-aware quantized weights ŵ, send
 //! quantized gradients to the region's aggregator, which averages them, steps the optimizer
-//! on the full-precision weights w and re-quantizes ŵ. Every LAN byte is counted where it is
-//! encoded: ŵ out to each worker, each worker's gradient frame back.
+//! on the full-precision weights w and re-quantizes ŵ. In data mode ([`data`]) workers send
+//! their quantized minibatches instead and the aggregator computes the gradients. Every LAN
+//! byte is counted where it is encoded: ŵ out to each worker, each worker's message back.
+
+pub mod data;
 
 use crate::sync::TensorMeta;
 use crate::train::{
@@ -16,7 +19,7 @@ use weightgrad_codec::pack::packed_len;
 use weightgrad_codec::{
     DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode, encode,
 };
-use weightgrad_sdk::{LanPlan, TensorRole};
+use weightgrad_sdk::{DataPlan, LanInput, LanMode, LanPlan, TensorRole};
 
 /// One worker: its shard and its own replica of ŵ.
 struct Worker {
@@ -45,6 +48,7 @@ impl Worker {
 }
 
 /// Result of one region step.
+#[derive(Debug)]
 pub struct StepResult {
     /// Mean worker loss on their batches.
     pub loss: f32,
@@ -62,9 +66,49 @@ pub struct RegionTrainer {
     workers: Vec<Worker>,
     metas: Vec<TensorMeta>,
     batch_size: usize,
+    classes: usize,
     steps: u64,
     lan_bytes: u64,
     seed: u64,
+    data_mode_allowed: bool,
+}
+
+/// Where a region's workers sit relative to its aggregator, as the operator configures it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LanPlacement {
+    /// The workers reach the aggregator over a WAN (another site or region).
+    pub crosses_wan: bool,
+    /// Data mode may send (quantized) samples over that WAN anyway.
+    pub allow_data_over_wan: bool,
+}
+
+impl LanPlacement {
+    /// Data mode keeps samples inside their region unless explicitly allowed otherwise.
+    pub fn data_mode_allowed(&self) -> bool {
+        !self.crosses_wan || self.allow_data_over_wan
+    }
+}
+
+/// Runs `job` on every worker in its own thread and collects the results in worker order.
+fn run_workers<T: Send>(
+    workers: &mut [Worker],
+    job: impl Fn(usize, &mut Worker) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    std::thread::scope(|scope| {
+        let job = &job;
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(k, worker)| scope.spawn(move || job(k, worker)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+            })
+            .collect()
+    })
 }
 
 impl RegionTrainer {
@@ -117,10 +161,30 @@ impl RegionTrainer {
             workers,
             metas,
             batch_size,
+            classes,
             steps: 0,
             lan_bytes: 0,
             seed,
+            data_mode_allowed: true,
         })
+    }
+
+    /// Where this region's workers sit (default: beside the aggregator). Data mode is
+    /// refused when they reach it over a WAN unless the operator allowed data over it.
+    pub fn set_placement(&mut self, placement: LanPlacement) {
+        self.data_mode_allowed = placement.data_mode_allowed();
+    }
+
+    /// The LAN as a policy's cost model sees it.
+    pub fn lan_input(&self) -> LanInput {
+        LanInput {
+            workers: self.workers.len() as u32,
+            batch_size: self.batch_size as u32,
+            sample_features: self.model.sample_shape().iter().product::<usize>() as u64,
+            classes: self.classes as u32,
+            tensor_sizes: self.metas.iter().map(|m| m.numel as u64).collect(),
+            data_mode_allowed: self.data_mode_allowed,
+        }
     }
 
     /// Tensor sizes and roles, manifest order.
@@ -182,8 +246,28 @@ impl RegionTrainer {
         (w_hat, bytes)
     }
 
-    /// One synchronous LAN step at learning rate `lr` under `plan`.
+    /// One synchronous LAN step at learning rate `lr` under `plan`. A data-mode plan where
+    /// data mode is not allowed is an error and changes nothing.
     pub fn step(&mut self, plan: &LanPlan, lr: f64) -> Result<StepResult> {
+        let (loss, gradient) = match plan.mode {
+            LanMode::Gradient => self.gradient_mode(plan)?,
+            LanMode::Data(data) => {
+                ensure!(
+                    self.data_mode_allowed,
+                    "region {}: the LAN plan chooses data mode, but its workers reach the \
+                     aggregator over a WAN and allow_data_over_wan is not set",
+                    self.name
+                );
+                self.data_mode(plan, &data)?
+            }
+        };
+        self.apply(gradient, lr)
+            .map(|delta| StepResult { loss, delta })
+    }
+
+    /// Gradient mode: workers compute gradients on ŵ and send them quantized; returns the
+    /// mean loss and the averaged gradient.
+    fn gradient_mode(&mut self, plan: &LanPlan) -> Result<(f32, Vec<Vec<f32>>)> {
         let (w_hat, w_hat_bytes) = self.quantized_weights(plan.weight_bits);
         self.lan_bytes += w_hat_bytes * self.workers.len() as u64;
         let batch = self.batch_size;
@@ -191,65 +275,40 @@ impl RegionTrainer {
         let name = &self.name;
         let seed = self.seed;
         let gradient_bits = &plan.gradient_bits;
-        // Workers run in parallel threads, each on its own replica.
-        let results: Vec<Result<(f32, Vec<Vec<u8>>)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
+        let results = run_workers(&mut self.workers, |k, worker| {
+            worker.model.import(&w_hat)?;
+            let idx = worker.next_batch(batch);
+            let (x, y) = batch_tensors(&worker.data, &idx, worker.model.device())?;
+            let (loss, grads) = worker.model.loss_and_grads(&x, &y)?;
+            let mut rng = DitherRng::new(seed ^ (step << 8) ^ k as u64);
+            let frames = grads
+                .iter()
                 .enumerate()
-                .map(|(k, worker)| {
-                    let w_hat = &w_hat;
-                    scope.spawn(move || -> Result<(f32, Vec<Vec<u8>>)> {
-                        worker.model.import(w_hat)?;
-                        let idx = worker.next_batch(batch);
-                        let (x, y) = batch_tensors(&worker.data, &idx, worker.model.device())?;
-                        let (loss, grads) = worker.model.loss_and_grads(&x, &y)?;
-                        let mut rng = DitherRng::new(seed ^ (step << 8) ^ k as u64);
-                        let frames = grads
-                            .iter()
-                            .enumerate()
-                            .map(|(t, g)| {
-                                let values = g.flatten_all()?.to_vec1::<f32>()?;
-                                let bits = gradient_bits.get(t).copied().unwrap_or(32);
-                                let quantizer = match bits {
-                                    32 => Quantizer::Fp32,
-                                    2 => Quantizer::terngrad(),
-                                    b => Quantizer::uniform(b),
-                                };
-                                let meta = FrameMeta {
-                                    sender: format!("{name}/worker{k}"),
-                                    clock: step,
-                                    tensor: t as u32,
-                                };
-                                let opts = EncodeOptions {
-                                    quantizer,
-                                    zstd_level: None,
-                                };
-                                Ok(encode(
-                                    &meta,
-                                    values.len(),
-                                    &Update::Dense(values),
-                                    &opts,
-                                    &mut rng,
-                                )?
-                                .bytes)
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        Ok((loss, frames))
-                    })
+                .map(|(t, g)| {
+                    let values = g.flatten_all()?.to_vec1::<f32>()?;
+                    let bits = gradient_bits.get(t).copied().unwrap_or(32);
+                    let quantizer = match bits {
+                        32 => Quantizer::Fp32,
+                        2 => Quantizer::terngrad(),
+                        b => Quantizer::uniform(b),
+                    };
+                    let meta = FrameMeta {
+                        sender: format!("{name}/worker{k}"),
+                        clock: step,
+                        tensor: t as u32,
+                    };
+                    let opts = EncodeOptions {
+                        quantizer,
+                        zstd_level: None,
+                    };
+                    Ok(encode(&meta, values.len(), &Update::Dense(values), &opts, &mut rng)?.bytes)
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
-                })
-                .collect()
+                .collect::<Result<Vec<_>>>()?;
+            Ok((loss, frames))
         });
         // Aggregator: decode every worker's frames and average.
         let k = self.workers.len() as f32;
-        let mut sum: Vec<Vec<f32>> = self.metas.iter().map(|m| vec![0.0; m.numel]).collect();
+        let mut sum = self.zeros();
         let mut loss = 0.0;
         let limits = Limits::default();
         for r in results {
@@ -261,8 +320,61 @@ impl RegionTrainer {
                 frame.update.add_to(&mut sum[t], 1.0 / k);
             }
         }
+        Ok((loss, sum))
+    }
+
+    /// Data mode: workers send quantized minibatches (and, when refining, a correction
+    /// computed on ŵ); the aggregator computes and averages the gradients.
+    fn data_mode(&mut self, plan: &LanPlan, data_plan: &DataPlan) -> Result<(f32, Vec<Vec<f32>>)> {
+        let refine = data_plan.refine_bits > 0;
+        let w_hat = if refine {
+            let (w_hat, bytes) = self.quantized_weights(plan.weight_bits);
+            self.lan_bytes += bytes * self.workers.len() as u64;
+            Some(w_hat)
+        } else {
+            None
+        };
+        let batch = self.batch_size;
+        let step = self.steps;
+        let name = &self.name;
+        let seed = self.seed;
+        let results = run_workers(&mut self.workers, |k, worker| {
+            if let Some(w_hat) = &w_hat {
+                worker.model.import(w_hat)?;
+            }
+            let idx = worker.next_batch(batch);
+            let (x, y) = batch_tensors(&worker.data, &idx, worker.model.device())?;
+            let mut rng = DitherRng::new(seed ^ (step << 8) ^ k as u64);
+            let sender = format!("{name}/worker{k}");
+            data::worker_message(&worker.model, &x, &y, data_plan, &sender, step, &mut rng)
+        });
+        // The aggregator computes on the weights the refinement was taken at: ŵ when
+        // refining, else its full-precision w.
+        self.model.import(w_hat.as_ref().unwrap_or(&self.weights))?;
+        let k = self.workers.len() as f32;
+        let mut sum = self.zeros();
+        let mut loss = 0.0;
+        let limits = Limits::default();
+        for r in results {
+            let message = r?;
+            self.lan_bytes += message.wire_len() as u64;
+            let (l, grads) = data::message_gradient(&self.model, self.classes, &message, &limits)?;
+            loss += l / k;
+            for (s, g) in sum.iter_mut().zip(&grads) {
+                s.iter_mut().zip(g).for_each(|(s, g)| *s += g / k);
+            }
+        }
+        Ok((loss, sum))
+    }
+
+    fn zeros(&self) -> Vec<Vec<f32>> {
+        self.metas.iter().map(|m| vec![0.0; m.numel]).collect()
+    }
+
+    /// Steps the optimizer on w with `gradient`; returns the change in w.
+    fn apply(&mut self, gradient: Vec<Vec<f32>>, lr: f64) -> Result<Vec<Vec<f32>>> {
         let specs = self.model.manifest().tensors.clone();
-        let grads = sum
+        let grads = gradient
             .into_iter()
             .zip(&specs)
             .map(|(g, s)| {
@@ -283,7 +395,7 @@ impl RegionTrainer {
             .collect();
         self.weights = new;
         self.steps += 1;
-        Ok(StepResult { loss, delta })
+        Ok(delta)
     }
 
     /// Top-1 and loss of the full-precision weights on `test`.

@@ -55,6 +55,14 @@ pub fn input_to_wit(i: &weightgrad_sdk::PolicyInput) -> t::PolicyInput {
                     .collect(),
             })
             .collect(),
+        lan: t::LanInput {
+            workers: i.lan.workers,
+            batch_size: i.lan.batch_size,
+            sample_features: i.lan.sample_features,
+            classes: i.lan.classes,
+            tensor_sizes: i.lan.tensor_sizes.clone(),
+            data_mode_allowed: i.lan.data_mode_allowed,
+        },
         state: i.state.clone(),
     }
 }
@@ -81,6 +89,17 @@ pub fn output_from_wit(o: t::PolicyOutput) -> weightgrad_sdk::PolicyOutput {
         lan: weightgrad_sdk::LanPlan {
             gradient_bits: o.lan.gradient_bits,
             weight_bits: o.lan.weight_bits,
+            mode: match o.lan.mode {
+                t::LanMode::Gradient => weightgrad_sdk::LanMode::Gradient,
+                t::LanMode::Data(d) => weightgrad_sdk::LanMode::Data(weightgrad_sdk::DataPlan {
+                    feature_bits: d.feature_bits,
+                    scale: match d.scale {
+                        t::DataScale::PerFeature => weightgrad_sdk::DataScale::PerFeature,
+                        t::DataScale::PerSample => weightgrad_sdk::DataScale::PerSample,
+                    },
+                    refine_bits: d.refine_bits,
+                }),
+            },
         },
         state: o.state,
     }

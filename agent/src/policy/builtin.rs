@@ -49,8 +49,8 @@ pub fn builtin_wasm(name: &str) -> Option<&'static [u8]> {
 #[doc(hidden)]
 pub const UNRULY_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/unruly.wasm"));
 
-/// A test fixture exporting the policy interface of contract version 2.0.0 (built by
-/// `agent/build.rs`); the host must refuse it.
+/// A test fixture exporting the policy interface of the previous contract version, 1.0.0
+/// (built by `agent/build.rs`); the host must refuse it.
 #[doc(hidden)]
 pub const WRONG_VERSION_WASM: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/wrong-version.wasm"));

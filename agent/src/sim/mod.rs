@@ -4,7 +4,7 @@
 pub mod topology;
 pub mod wan;
 
-use crate::lan::RegionTrainer;
+use crate::lan::{LanPlacement, RegionTrainer};
 use crate::sync::{RegionSync, SyncConfig};
 use crate::train::dataset::{ShardStrategy, shard_indices};
 use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub sharding: ShardStrategy,
     /// WAN-level settings.
     pub sync: SyncConfig,
+    /// Where each region's workers sit (decides whether data mode is allowed).
+    pub lan_placement: LanPlacement,
 }
 
 impl SimConfig {
@@ -55,6 +57,7 @@ impl SimConfig {
             model: ModelSpec::default_mlp(),
             sharding: ShardStrategy::Iid,
             sync: SyncConfig::default(),
+            lan_placement: LanPlacement::default(),
         }
     }
 }
@@ -171,7 +174,7 @@ pub fn run(
                 ))
             })
             .collect();
-        let trainer = RegionTrainer::new(
+        let mut trainer = RegionTrainer::new(
             name,
             &cfg.model,
             shards,
@@ -180,6 +183,7 @@ pub fn run(
             cfg.seed,
             cfg.seed.wrapping_add(r as u64 * 7919),
         )?;
+        trainer.set_placement(cfg.lan_placement);
         let peers: Vec<String> = names.iter().filter(|p| *p != name).cloned().collect();
         let mut sync = RegionSync::new(
             name,
@@ -423,6 +427,7 @@ fn policy_input(
         context,
         thresholds: rt.sync.stat_thresholds().to_vec(),
         links: rt.sync.policy_links(&rt.trainer.weights, &stats),
+        lan: rt.trainer.lan_input(),
         state: rt.state.clone(),
     }
 }

@@ -3,9 +3,14 @@
 //! saturated) it doubles τ and drops to 2 bits; when the queue is empty it halves τ (down to
 //! a floor) and spends the headroom on 4 bits for weights. Biases always go at 8 bits.
 //! The state is one little-endian f32 τ per link, in link order.
+//!
+//! On the LAN it takes whichever of full-precision gradient mode and data mode (4-bit
+//! features, no refinement) moves fewer bits per step by the SDK's cost model, where data
+//! mode is allowed.
 
 use weightgrad_sdk::{
-    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan, TensorRole,
+    DataPlan, DataScale, LanMode, LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput,
+    TensorPlan, TensorRole,
 };
 
 /// The adaptive policy and its knobs.
@@ -17,6 +22,8 @@ pub struct Adaptive {
     pub tau_ceiling: f32,
     /// Bytes queued on a link above which it counts as saturated.
     pub backlog_bytes: u64,
+    /// The data mode weighed against gradient mode on the LAN.
+    pub data_mode: DataPlan,
 }
 
 impl Default for Adaptive {
@@ -25,6 +32,11 @@ impl Default for Adaptive {
             tau_floor: 0.01,
             tau_ceiling: 0.5,
             backlog_bytes: 64 << 10,
+            data_mode: DataPlan {
+                feature_bits: 4,
+                scale: DataScale::PerFeature,
+                refine_bits: 0,
+            },
         }
     }
 }
@@ -46,6 +58,22 @@ impl Adaptive {
                     .clamp(self.tau_floor, self.tau_ceiling)
             })
             .collect()
+    }
+
+    /// The cheaper LAN plan by the cost model.
+    fn lan_plan(&self, input: &PolicyInput) -> LanPlan {
+        let gradient = LanPlan::FULL_PRECISION;
+        let data = LanPlan {
+            mode: LanMode::Data(self.data_mode),
+            ..LanPlan::FULL_PRECISION
+        };
+        if input.lan.data_mode_allowed
+            && input.lan.step_bits(&data) < input.lan.step_bits(&gradient)
+        {
+            data
+        } else {
+            gradient
+        }
     }
 }
 
@@ -99,7 +127,7 @@ impl Policy for Adaptive {
             .collect();
         PolicyOutput {
             links,
-            lan: LanPlan::FULL_PRECISION,
+            lan: self.lan_plan(input),
             state: taus.iter().flat_map(|t| t.to_le_bytes()).collect(),
         }
     }
@@ -142,8 +170,27 @@ mod tests {
                     rounds_since_sent: 0,
                 }],
             }],
+            lan: weightgrad_sdk::golden_input().lan,
             state,
         }
+    }
+
+    #[test]
+    fn takes_the_cheaper_lan_mode_where_data_mode_is_allowed() {
+        let p = Adaptive::default();
+        // Digits MLP, batch 64: 4-bit samples cost far less than fp32 gradients.
+        let mut i = input(0, Vec::new());
+        assert!(matches!(p.decide(&i).lan.mode, LanMode::Data(_)));
+        assert!(validate_output(&i, &p.decide(&i)).is_ok());
+        // Not allowed: gradient mode whatever the cost.
+        i.lan.data_mode_allowed = false;
+        assert_eq!(p.decide(&i).lan.mode, LanMode::Gradient);
+        assert!(validate_output(&i, &p.decide(&i)).is_ok());
+        // A tiny model on wide samples: gradients are cheaper.
+        i.lan.data_mode_allowed = true;
+        i.lan.tensor_sizes = vec![30, 10];
+        i.lan.sample_features = 3072;
+        assert_eq!(p.decide(&i).lan.mode, LanMode::Gradient);
     }
 
     #[test]

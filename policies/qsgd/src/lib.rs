@@ -1,7 +1,7 @@
 //! `qsgd`: QSGD. Unbiased stochastic `bits`-bit quantization with a scale per bucket, for
 //! worker gradients on the LAN and for every update on the WAN, every round.
 
-use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
+use weightgrad_sdk::{LanMode, LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
 
 /// The QSGD scheme.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +36,7 @@ impl Policy for Qsgd {
         let lan = LanPlan {
             gradient_bits: vec![self.bits; tensors],
             weight_bits: 32,
+            mode: LanMode::Gradient,
         };
         PolicyOutput::uniform(input, plan, lan)
     }

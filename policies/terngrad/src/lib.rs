@@ -2,7 +2,7 @@
 //! their aggregator; between regions every update crosses every round at 2 bits
 //! (stochastic, unbiased; error feedback keeps the rest).
 
-use weightgrad_sdk::{LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
+use weightgrad_sdk::{LanMode, LanPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TensorPlan};
 
 /// The TernGrad scheme.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,6 +28,7 @@ impl Policy for TernGrad {
         let lan = LanPlan {
             gradient_bits: vec![2; tensors],
             weight_bits: 32,
+            mode: LanMode::Gradient,
         };
         PolicyOutput::uniform(input, plan, lan)
     }

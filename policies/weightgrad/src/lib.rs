@@ -14,8 +14,8 @@
 //! cost about one point of top-1 on this model.
 
 use weightgrad_sdk::{
-    LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TauSchedule, TensorPlan,
-    TensorRole,
+    LanMode, LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TauSchedule,
+    TensorPlan, TensorRole,
 };
 
 /// The WeightGrad policy and its knobs.
@@ -110,6 +110,7 @@ impl Policy for WeightGrad {
                     })
                     .collect(),
                 weight_bits: self.lan_weight_bits,
+                mode: LanMode::Gradient,
             },
             state: input.state.clone(),
         }
