@@ -4,11 +4,13 @@
 //! codec ([`codec`], re-exported from `weightgrad-codec`) and the `weightgrad` CLI ([`cli`]).
 
 pub mod cli;
+pub mod config;
 pub mod lan;
 pub mod policies;
 pub mod policy;
 pub mod sim;
 pub mod sync;
 pub mod train;
+pub mod wan;
 
 pub use weightgrad_codec as codec;

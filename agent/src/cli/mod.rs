@@ -1,5 +1,7 @@
 //! The `weightgrad` command line.
 
+mod certs;
+mod config;
 mod demo;
 mod policy;
 mod train;
@@ -24,6 +26,10 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Check, list and export policy components.
     Policy(policy::PolicyArgs),
+    /// Validate agent configuration files.
+    Config(config::ConfigArgs),
+    /// Create quick-start TLS certificates.
+    Certs(certs::CertsArgs),
 }
 
 /// Runs the parsed command line.
@@ -32,5 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run_demo(args),
         Command::Policy(args) => policy::run(args),
+        Command::Config(args) => config::run(args),
+        Command::Certs(args) => certs::run(args),
     }
 }
