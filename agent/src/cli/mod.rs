@@ -5,6 +5,7 @@ mod config;
 mod demo;
 mod policy;
 mod train;
+mod wan_emu;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ pub enum Command {
     Config(config::ConfigArgs),
     /// Create quick-start TLS certificates.
     Certs(certs::CertsArgs),
+    /// Relay UDP through an emulated WAN link (bandwidth, delay, jitter, loss).
+    WanEmu(wan_emu::WanEmuArgs),
 }
 
 /// Runs the parsed command line.
@@ -40,5 +43,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(args) => policy::run(args),
         Command::Config(args) => config::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::WanEmu(args) => wan_emu::run(args),
     }
 }

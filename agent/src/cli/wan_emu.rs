@@ -1,0 +1,87 @@
+//! `weightgrad wan-emu`: an emulated WAN link between a client and an upstream endpoint,
+//! on loopback or anywhere, without root.
+
+use crate::wan::relay::{RelayConfig, start};
+use crate::wan::shaper::Shaping;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+
+/// Options of `weightgrad wan-emu`.
+#[derive(Debug, Args)]
+pub struct WanEmuArgs {
+    /// UDP address clients send to.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// UDP address datagrams are relayed to.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Bandwidth each way, Mbit/s.
+    #[arg(long, default_value_t = 50.0)]
+    mbps: f64,
+    /// One-way delay, milliseconds (the round trip is twice this).
+    #[arg(long, default_value_t = 40.0)]
+    delay_ms: f64,
+    /// Uniform jitter on the delay, ± milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Probability a datagram is lost, each way.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Queue per direction, bytes (default: one bandwidth-delay product, at least 64 KiB).
+    #[arg(long)]
+    queue_bytes: Option<usize>,
+    /// Bandwidth upstream-to-client, if different, Mbit/s.
+    #[arg(long)]
+    down_mbps: Option<f64>,
+    /// Seed for loss and jitter.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn shaping(mbps: f64, a: &WanEmuArgs) -> Shaping {
+    let mut s = Shaping::new(mbps, a.delay_ms);
+    s.jitter_s = a.jitter_ms / 1e3;
+    s.loss = a.loss;
+    if let Some(q) = a.queue_bytes {
+        s.queue_bytes = q;
+    }
+    s
+}
+
+/// Runs the relay until Ctrl-C or SIGTERM, then prints what it did.
+pub fn run(args: WanEmuArgs) -> Result<()> {
+    let cfg = RelayConfig {
+        listen: args.listen,
+        upstream: args.upstream,
+        up: shaping(args.mbps, &args),
+        down: shaping(args.down_mbps.unwrap_or(args.mbps), &args),
+        seed: args.seed,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let relay = start(cfg).await?;
+        eprintln!(
+            "relaying {} -> {} at {} Mbit/s, {} ms one way (±{} ms), loss {}",
+            relay.local_addr(),
+            cfg.upstream,
+            args.mbps,
+            args.delay_ms,
+            args.jitter_ms,
+            args.loss
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+        eprintln!("client -> upstream: {}", relay.stats().up.summary());
+        eprintln!("upstream -> client: {}", relay.stats().down.summary());
+        Ok(())
+    })
+}

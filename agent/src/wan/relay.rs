@@ -1,0 +1,343 @@
+//! The WAN emulator (`weightgrad wan-emu`): a user-space UDP relay that puts an emulated
+//! link between a client and an upstream endpoint — bandwidth, delay, jitter, loss and a
+//! bounded queue per direction ([`Shaper`]) — so real QUIC between agents runs over WAN-like
+//! links on loopback, without root or netem.
+//!
+//! Datagrams from each client address are forwarded from a socket of their own, so the
+//! upstream sees one peer per client and its replies find their way back. Both directions
+//! share one shaper each: the link, not the flow, has the bandwidth.
+
+use super::shaper::{Fate, Shaper, Shaping};
+use anyhow::{Context, Result, anyhow};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// What to relay and how.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayConfig {
+    /// Where clients send.
+    pub listen: SocketAddr,
+    /// Where the relay forwards to.
+    pub upstream: SocketAddr,
+    /// Client → upstream.
+    pub up: Shaping,
+    /// Upstream → client.
+    pub down: Shaping,
+    /// Seed for loss and jitter.
+    pub seed: u64,
+}
+
+/// Counters of one direction.
+#[derive(Debug, Default)]
+pub struct DirectionStats {
+    /// Datagrams delivered.
+    pub delivered: AtomicU64,
+    /// Bytes delivered.
+    pub delivered_bytes: AtomicU64,
+    /// Datagrams lost at random.
+    pub lost: AtomicU64,
+    /// Datagrams dropped on a full queue.
+    pub queue_drops: AtomicU64,
+}
+
+impl DirectionStats {
+    fn count(&self, fate: Fate, len: usize) {
+        match fate {
+            Fate::Deliver(_) => {
+                self.delivered.fetch_add(1, Relaxed);
+                self.delivered_bytes.fetch_add(len as u64, Relaxed);
+            }
+            Fate::Lost => {
+                self.lost.fetch_add(1, Relaxed);
+            }
+            Fate::QueueFull => {
+                self.queue_drops.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// `delivered / lost / queue drops` as one line.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} datagrams ({} bytes) delivered, {} lost, {} dropped on a full queue",
+            self.delivered.load(Relaxed),
+            self.delivered_bytes.load(Relaxed),
+            self.lost.load(Relaxed),
+            self.queue_drops.load(Relaxed)
+        )
+    }
+}
+
+/// Both directions' counters.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Client → upstream.
+    pub up: DirectionStats,
+    /// Upstream → client.
+    pub down: DirectionStats,
+}
+
+/// A running relay; dropping it stops it.
+pub struct Relay {
+    local: SocketAddr,
+    stats: Arc<RelayStats>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// The address clients send to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A datagram waiting for its delivery time.
+struct Pending {
+    at: Instant,
+    bytes: Vec<u8>,
+    socket: Arc<UdpSocket>,
+    to: SocketAddr,
+}
+
+/// Sends each datagram at its time; times are non-decreasing per direction.
+async fn deliver(mut queue: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(p) = queue.recv().await {
+        tokio::time::sleep_until(p.at).await;
+        // A send error (peer gone) is the emulated network losing the datagram.
+        let _ = p.socket.send_to(&p.bytes, p.to).await;
+    }
+}
+
+/// Binds the relay and starts it on the current tokio runtime.
+pub async fn start(cfg: RelayConfig) -> Result<Relay> {
+    cfg.up
+        .validate()
+        .map_err(|e| anyhow!("client-to-upstream link: {e}"))?;
+    cfg.down
+        .validate()
+        .map_err(|e| anyhow!("upstream-to-client link: {e}"))?;
+    let listen = Arc::new(
+        UdpSocket::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding the relay to {}", cfg.listen))?,
+    );
+    let local = listen.local_addr()?;
+    let epoch = Instant::now();
+    let stats = Arc::new(RelayStats::default());
+    let up = Arc::new(Mutex::new(Shaper::new(cfg.up, cfg.seed)));
+    let down = Arc::new(Mutex::new(Shaper::new(cfg.down, cfg.seed ^ 0x9e37_79b9)));
+    let (up_tx, up_rx) = mpsc::unbounded_channel();
+    let (down_tx, down_rx) = mpsc::unbounded_channel();
+    let mut tasks = vec![tokio::spawn(deliver(up_rx)), tokio::spawn(deliver(down_rx))];
+    let at = move |t: f64| epoch + Duration::from_secs_f64(t);
+    let now = move || epoch.elapsed().as_secs_f64();
+    let bind_for_upstream: SocketAddr = if cfg.upstream.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let forward_stats = stats.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut readers: Vec<JoinHandle<()>> = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = listen.recv_from(&mut buf).await else {
+                continue;
+            };
+            let socket = match clients.get(&from) {
+                Some(s) => s.clone(),
+                None => {
+                    let Ok(s) = UdpSocket::bind(bind_for_upstream).await else {
+                        continue;
+                    };
+                    let s = Arc::new(s);
+                    // Replies from upstream go back to this client through the down link.
+                    let (s2, listen2, down2, tx2, stats2) = (
+                        s.clone(),
+                        listen.clone(),
+                        down.clone(),
+                        down_tx.clone(),
+                        forward_stats.clone(),
+                    );
+                    readers.push(tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        loop {
+                            let Ok((n, src)) = s2.recv_from(&mut buf).await else {
+                                continue;
+                            };
+                            if src != cfg.upstream {
+                                continue;
+                            }
+                            let fate = down2.lock().expect("shaper lock").admit(now(), n);
+                            stats2.down.count(fate, n);
+                            if let Fate::Deliver(t) = fate {
+                                let _ = tx2.send(Pending {
+                                    at: at(t),
+                                    bytes: buf[..n].to_vec(),
+                                    socket: listen2.clone(),
+                                    to: from,
+                                });
+                            }
+                        }
+                    }));
+                    clients.insert(from, s.clone());
+                    s
+                }
+            };
+            let fate = up.lock().expect("shaper lock").admit(now(), n);
+            forward_stats.up.count(fate, n);
+            if let Fate::Deliver(t) = fate {
+                let _ = up_tx.send(Pending {
+                    at: at(t),
+                    bytes: buf[..n].to_vec(),
+                    socket,
+                    to: cfg.upstream,
+                });
+            }
+        }
+    }));
+    Ok(Relay {
+        local,
+        stats,
+        tasks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on loopback; returns its address.
+    async fn echo() -> (SocketAddr, JoinHandle<()>) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        (addr, task)
+    }
+
+    fn config(upstream: SocketAddr, shaping: Shaping) -> RelayConfig {
+        RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            upstream,
+            up: shaping,
+            down: shaping,
+            seed: 1,
+        }
+    }
+
+    /// Receives one datagram or fails the test after 10 s (a lost datagram must not hang it).
+    async fn recv(socket: &UdpSocket, buf: &mut [u8]) -> (usize, SocketAddr) {
+        tokio::time::timeout(Duration::from_secs(10), socket.recv_from(buf))
+            .await
+            .expect("a datagram within 10 s")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn round_trips_take_at_least_both_delays() {
+        let (server, _echo) = echo().await;
+        let relay = start(config(server, Shaping::new(100.0, 30.0)))
+            .await
+            .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        for i in 0..3u8 {
+            let sent = Instant::now();
+            client.send_to(&[i; 32], relay.local_addr()).await.unwrap();
+            let (n, from) = recv(&client, &mut buf).await;
+            assert_eq!((n, from, buf[0]), (32, relay.local_addr(), i));
+            assert!(
+                sent.elapsed() >= Duration::from_millis(60),
+                "{:?}",
+                sent.elapsed()
+            );
+        }
+        assert_eq!(relay.stats().up.delivered.load(Relaxed), 3);
+        assert_eq!(relay.stats().down.delivered.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_paced_at_the_bandwidth() {
+        let (server, _echo) = echo().await;
+        // 4 Mbit/s, 1 ms: 50 datagrams of 1000 bytes take at least 100 ms to cross. (Kept
+        // small: a loopback socket's default receive buffer holds about 90 such datagrams.)
+        let mut shaping = Shaping::new(4.0, 1.0);
+        shaping.queue_bytes = 1 << 20;
+        let relay = start(config(server, shaping)).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sent = Instant::now();
+        for _ in 0..50 {
+            client
+                .send_to(&[7u8; 1000], relay.local_addr())
+                .await
+                .unwrap();
+        }
+        let mut buf = [0u8; 2000];
+        for _ in 0..50 {
+            recv(&client, &mut buf).await;
+        }
+        assert!(
+            sent.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            sent.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn losses_are_counted_and_bad_shaping_is_refused() {
+        let (server, _echo) = echo().await;
+        let mut shaping = Shaping::new(100.0, 1.0);
+        shaping.loss = 0.5;
+        let relay = start(config(server, shaping)).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..60 {
+            client
+                .send_to(&[1u8; 100], relay.local_addr())
+                .await
+                .unwrap();
+        }
+        let up = &relay.stats().up;
+        for _ in 0..1000 {
+            if up.lost.load(Relaxed) + up.delivered.load(Relaxed) == 60 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(up.lost.load(Relaxed) + up.delivered.load(Relaxed), 60);
+        assert!(
+            (10..50).contains(&up.lost.load(Relaxed)),
+            "{}",
+            up.summary()
+        );
+
+        shaping.loss = 2.0;
+        let err = start(config(server, shaping)).await.err().unwrap();
+        assert!(err.to_string().contains("loss"), "{err}");
+    }
+}

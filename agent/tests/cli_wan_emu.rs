@@ -1,0 +1,94 @@
+//! `weightgrad wan-emu` as a process: relays through the emulated link, reports on SIGTERM,
+//! refuses bad settings by name.
+
+mod common;
+
+use common::weightgrad;
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn relays_datagrams_and_reports_on_sigterm() {
+    // An echo server the relay forwards to.
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let upstream = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    // A free port for the relay.
+    let listen = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args([
+            "wan-emu",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--mbps",
+            "10",
+            "--delay-ms",
+            "20",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Retry until the relay is up, then time one echo.
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rtt = loop {
+        assert!(Instant::now() < deadline, "no echo through the relay");
+        let sent = Instant::now();
+        client.send_to(b"ping", listen).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"ping");
+            break sent.elapsed();
+        }
+    };
+    assert!(rtt >= Duration::from_millis(40), "{rtt:?}");
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let out = relay.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("client -> upstream:") && stderr.contains("delivered"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_by_name() {
+    let out = weightgrad(&[
+        "wan-emu",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--loss",
+        "1.5",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loss"));
+    let out = weightgrad(&[
+        "wan-emu",
+        "--listen",
+        "nowhere",
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+}
