@@ -1,6 +1,7 @@
-//! The real WAN between agents: certificates for mutual TLS ([`certs`]) and the WAN
-//! emulator ([`relay`], driven by the sans-IO [`shaper`]).
+//! The real WAN between agents: certificates ([`certs`]) and mutual TLS ([`tls`]) for the
+//! QUIC endpoint, and the WAN emulator ([`relay`], driven by the sans-IO [`shaper`]).
 
 pub mod certs;
 pub mod relay;
 pub mod shaper;
+pub mod tls;
