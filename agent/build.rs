@@ -51,8 +51,7 @@ fn main() {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
         .args(["build", "--release", "--target", TARGET, "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &nested);
+        .arg(root.join("Cargo.toml"));
     for (_, package) in GUESTS {
         cmd.args(["-p", package]);
     }
@@ -77,6 +76,9 @@ fn main() {
             cmd.env_remove(&key);
         }
     }
+    // Set after the scrub above, which removes an outer CARGO_TARGET_DIR (CI may point it
+    // outside the clone): the guests always build into the nested directory read below.
+    cmd.env("CARGO_TARGET_DIR", &nested);
     let output = cmd.output().expect("run cargo for the wasm32 guests");
     if !output.status.success() {
         panic!(
