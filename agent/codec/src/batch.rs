@@ -7,7 +7,7 @@
 //! the codes packed at `bits` bits, row-major.
 
 use crate::error::CodecError;
-use crate::frame::Limits;
+use crate::frame::{Limits, PREAMBLE, split_preamble};
 use crate::pack::{pack_into, packed_len, unpack};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,6 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"WGDB";
 /// Data batch format version this build writes and reads.
 pub const VERSION: u8 = 1;
-/// Bytes before the CBOR header: magic, version, header length.
-const PREAMBLE: usize = 9;
 
 /// Which values share a quantization range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,45 +189,14 @@ fn range_of(axis: RangeAxis, i: usize, cols: usize) -> usize {
 /// Decodes untrusted bytes into a batch, enforcing `limits` (whole size, header size, and
 /// `rows · cols` against `max_elements`) and the header's internal consistency.
 pub fn decode_batch(bytes: &[u8], limits: &Limits) -> Result<DecodedBatch, CodecError> {
-    if bytes.len() > limits.max_frame {
-        return Err(CodecError::TooLarge {
-            what: "data batch",
-            size: bytes.len() as u64,
-            limit: limits.max_frame as u64,
-        });
-    }
-    if bytes.len() < PREAMBLE {
-        return Err(if bytes.len() >= 4 && bytes[..4] != MAGIC {
-            CodecError::BadMagic
-        } else {
-            CodecError::Truncated(format!("{} bytes, preamble needs {PREAMBLE}", bytes.len()))
-        });
-    }
-    if bytes[..4] != MAGIC {
-        return Err(CodecError::BadMagic);
-    }
-    if bytes[4] != VERSION {
-        return Err(CodecError::Version {
-            found: bytes[4],
-            supported: VERSION,
-        });
-    }
-    let header_len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
-    if header_len > limits.max_header {
-        return Err(CodecError::TooLarge {
-            what: "data batch header",
-            size: header_len as u64,
-            limit: limits.max_header as u64,
-        });
-    }
-    let rest = &bytes[PREAMBLE..];
-    if rest.len() < header_len {
-        return Err(CodecError::Truncated(format!(
-            "header declares {header_len} bytes, {} remain",
-            rest.len()
-        )));
-    }
-    let (cbor, payload) = rest.split_at(header_len);
+    let (cbor, payload) = split_preamble(
+        bytes,
+        &MAGIC,
+        VERSION,
+        "data batch",
+        "data batch header",
+        limits,
+    )?;
     let h: BatchHeader =
         ciborium::from_reader(cbor).map_err(|e| CodecError::Header(e.to_string()))?;
     let (rows, cols) = (h.rows as usize, h.cols as usize);

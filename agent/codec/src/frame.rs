@@ -283,20 +283,26 @@ pub struct Frame {
     pub update: Update,
 }
 
-/// Reads and validates the header only (cheap; no decompression).
-pub fn decode_header<'a>(
+/// Checks the preamble shared by frames and data batches (magic, version, CBOR header
+/// length) against `limits` and splits the rest into the CBOR header and the payload.
+/// `what` and `header_what` name the object and its header in size errors.
+pub(crate) fn split_preamble<'a>(
     bytes: &'a [u8],
+    magic: &[u8; 4],
+    version: u8,
+    what: &'static str,
+    header_what: &'static str,
     limits: &Limits,
-) -> Result<(FrameHeader, &'a [u8]), CodecError> {
+) -> Result<(&'a [u8], &'a [u8]), CodecError> {
     if bytes.len() > limits.max_frame {
         return Err(CodecError::TooLarge {
-            what: "frame",
+            what,
             size: bytes.len() as u64,
             limit: limits.max_frame as u64,
         });
     }
-    if bytes.len() < 4 || bytes[..4] != MAGIC {
-        return Err(if bytes.len() < 4 && MAGIC.starts_with(bytes) {
+    if bytes.len() < 4 || bytes[..4] != *magic {
+        return Err(if bytes.len() < 4 && magic.starts_with(bytes) {
             CodecError::Truncated(format!("{} bytes, not even the magic", bytes.len()))
         } else {
             CodecError::BadMagic
@@ -308,16 +314,16 @@ pub fn decode_header<'a>(
             bytes.len()
         )));
     }
-    if bytes[4] != VERSION {
+    if bytes[4] != version {
         return Err(CodecError::Version {
             found: bytes[4],
-            supported: VERSION,
+            supported: version,
         });
     }
     let header_len = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) as usize;
     if header_len > limits.max_header {
         return Err(CodecError::TooLarge {
-            what: "header",
+            what: header_what,
             size: header_len as u64,
             limit: limits.max_header as u64,
         });
@@ -329,7 +335,15 @@ pub fn decode_header<'a>(
             rest.len()
         )));
     }
-    let (cbor, payload) = rest.split_at(header_len);
+    Ok(rest.split_at(header_len))
+}
+
+/// Reads and validates the header only (cheap; no decompression).
+pub fn decode_header<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<(FrameHeader, &'a [u8]), CodecError> {
+    let (cbor, payload) = split_preamble(bytes, &MAGIC, VERSION, "frame", "header", limits)?;
     let mut cursor = std::io::Cursor::new(cbor);
     let header: FrameHeader =
         ciborium::from_reader(&mut cursor).map_err(|e| CodecError::Header(e.to_string()))?;
