@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod lan;
+pub mod node;
 pub mod policies;
 pub mod policy;
 pub mod sim;

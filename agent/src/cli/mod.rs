@@ -1,5 +1,6 @@
 //! The `weightgrad` command line.
 
+mod agent;
 mod certs;
 mod config;
 mod demo;
@@ -21,6 +22,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run this region's agent: train, and exchange updates with peer regions over QUIC.
+    Agent(agent::AgentArgs),
     /// Train one replica locally (no WAN): the single-region reference.
     Train(train::TrainArgs),
     /// Run several regions in one process over a simulated WAN (embedded digits).
@@ -38,6 +41,7 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Agent(args) => agent::run(args),
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run_demo(args),
         Command::Policy(args) => policy::run(args),

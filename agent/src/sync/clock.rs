@@ -79,6 +79,18 @@ impl MirrorClock {
         }
     }
 
+    /// Declares `peer`'s rounds up to `round` complete: it restarted from a snapshot that
+    /// holds them and will never send them. Later rounds keep what already arrived.
+    pub fn skip_to(&mut self, peer: usize, round: u64) {
+        let p = &mut self.peers[peer];
+        if round > p.complete {
+            p.complete = round;
+            p.announced = p.announced.split_off(&(round + 1));
+            p.received = p.received.split_off(&(round + 1));
+            p.advance();
+        }
+    }
+
     /// Rounds of `peer` known complete.
     pub fn complete(&self, peer: usize) -> u64 {
         self.peers[peer].complete
@@ -139,5 +151,24 @@ mod tests {
         c.set_live(1, false);
         assert!(c.may_start(4));
         assert!(!c.may_start(5));
+    }
+
+    #[test]
+    fn a_resumed_peer_skips_the_rounds_its_snapshot_holds() {
+        let mut c = MirrorClock::new(1, 1);
+        c.round_ended(0, 1, 0);
+        // Rounds 2..=9 will never come; round 11's marker arrived early.
+        c.round_ended(0, 11, 0);
+        c.round_ended(0, 5, 1);
+        c.skip_to(0, 10);
+        assert_eq!(
+            c.complete(0),
+            11,
+            "skipped to 10, then 11 was already announced"
+        );
+        c.skip_to(0, 3);
+        assert_eq!(c.complete(0), 11, "never goes back");
+        c.frame_arrived(0, 4);
+        assert_eq!(c.complete(0), 11);
     }
 }

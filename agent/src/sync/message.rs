@@ -20,6 +20,21 @@ pub struct RoundEnd {
     pub frames: u32,
 }
 
+/// First four bytes of a resume notice.
+pub const RESUMED_MAGIC: [u8; 4] = *b"WGRS";
+
+/// "`sender` restarted from `source`'s snapshot taken after round `after`": its rounds up
+/// to `after` will never be sent, and what it holds is what `source` held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// The region that resumed.
+    pub sender: String,
+    /// The snapshot's round.
+    pub after: u64,
+    /// The region whose snapshot it took.
+    pub source: String,
+}
+
 /// A message on one WAN link.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WanMessage {
@@ -27,6 +42,29 @@ pub enum WanMessage {
     Frame(Vec<u8>),
     /// End of a round.
     RoundEnd(RoundEnd),
+    /// The sender resumed from a snapshot.
+    Resumed(Resumed),
+}
+
+fn small_cbor<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    body: &[u8],
+) -> Result<T, CodecError> {
+    if bytes.len() > MAX_ROUND_END {
+        return Err(CodecError::TooLarge {
+            what,
+            size: bytes.len() as u64,
+            limit: MAX_ROUND_END as u64,
+        });
+    }
+    let mut cursor = std::io::Cursor::new(body);
+    let r: T = ciborium::from_reader(&mut cursor)
+        .map_err(|e| CodecError::Header(format!("{what}: {e}")))?;
+    if cursor.position() as usize != body.len() {
+        return Err(CodecError::Header(format!("bytes after the {what}")));
+    }
+    Ok(r)
 }
 
 impl WanMessage {
@@ -39,6 +77,11 @@ impl WanMessage {
                 ciborium::into_writer(r, &mut out).expect("writing to a Vec cannot fail");
                 out
             }
+            Self::Resumed(r) => {
+                let mut out = RESUMED_MAGIC.to_vec();
+                ciborium::into_writer(r, &mut out).expect("writing to a Vec cannot fail");
+                out
+            }
         }
     }
 
@@ -46,34 +89,20 @@ impl WanMessage {
     pub fn wire_len(&self) -> usize {
         match self {
             Self::Frame(b) => b.len(),
-            Self::RoundEnd(_) => self.to_bytes().len(),
+            Self::RoundEnd(_) | Self::Resumed(_) => self.to_bytes().len(),
         }
     }
 
-    /// Parses bytes from a link: a marker if it starts with its magic, else a frame
-    /// (validated later by the frame decoder).
+    /// Parses bytes from a link: a marker or notice if it starts with its magic, else a
+    /// frame (validated later by the frame decoder).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
-        match bytes.strip_prefix(&ROUND_END_MAGIC[..]) {
-            Some(body) => {
-                if bytes.len() > MAX_ROUND_END {
-                    return Err(CodecError::TooLarge {
-                        what: "round-end marker",
-                        size: bytes.len() as u64,
-                        limit: MAX_ROUND_END as u64,
-                    });
-                }
-                let mut cursor = std::io::Cursor::new(body);
-                let r: RoundEnd = ciborium::from_reader(&mut cursor)
-                    .map_err(|e| CodecError::Header(format!("round-end marker: {e}")))?;
-                if cursor.position() as usize != body.len() {
-                    return Err(CodecError::Header(
-                        "bytes after the round-end marker".into(),
-                    ));
-                }
-                Ok(Self::RoundEnd(r))
-            }
-            None => Ok(Self::Frame(bytes.to_vec())),
+        if let Some(body) = bytes.strip_prefix(&ROUND_END_MAGIC[..]) {
+            return small_cbor("round-end marker", bytes, body).map(Self::RoundEnd);
         }
+        if let Some(body) = bytes.strip_prefix(&RESUMED_MAGIC[..]) {
+            return small_cbor("resume notice", bytes, body).map(Self::Resumed);
+        }
+        Ok(Self::Frame(bytes.to_vec()))
     }
 }
 
@@ -95,5 +124,12 @@ mod tests {
         assert!(WanMessage::from_bytes(&long).is_err());
         let big = [&ROUND_END_MAGIC[..], &[0u8; 2000][..]].concat();
         assert!(WanMessage::from_bytes(&big).is_err());
+        let r = WanMessage::Resumed(Resumed {
+            sender: "ap-southeast".into(),
+            after: 400,
+            source: "us-east".into(),
+        });
+        assert_eq!(WanMessage::from_bytes(&r.to_bytes()).unwrap(), r);
+        assert!(WanMessage::from_bytes(b"WGRS\x01").is_err());
     }
 }

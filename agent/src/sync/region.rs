@@ -3,7 +3,8 @@
 //! Sans-IO: it produces and consumes bytes; time and transport belong to the caller.
 
 use crate::sync::clock::MirrorClock;
-use crate::sync::message::{RoundEnd, WanMessage};
+use crate::sync::message::{Resumed, RoundEnd, WanMessage};
+use crate::sync::snapshot::Snapshot;
 use std::collections::{BTreeMap, BTreeSet};
 use weightgrad_codec::filter::significant_fractions;
 use weightgrad_codec::{
@@ -79,6 +80,17 @@ pub enum ReceiveError {
         /// What the decoder found.
         source: CodecError,
     },
+    /// An update already applied (a sender resends what a broken connection may have
+    /// lost); harmless, and not applied again.
+    #[error("from {peer}: duplicate update for tensor {tensor} of round {clock}")]
+    Duplicate {
+        /// Link it came from.
+        peer: String,
+        /// Tensor index.
+        tensor: u32,
+        /// Round.
+        clock: u64,
+    },
     /// The message is valid but does not fit this model or this link.
     #[error("from {peer}: {problem}")]
     Rejected {
@@ -100,6 +112,8 @@ pub struct LinkCounters {
     pub elements_sent: u64,
     /// Frames refused.
     pub rejected: u64,
+    /// Updates received again and not applied again.
+    pub duplicates: u64,
 }
 
 struct Link {
@@ -110,6 +124,9 @@ struct Link {
     counters: LinkCounters,
     /// (clock, tensor) pairs applied from this peer and not yet below its complete clock.
     applied: BTreeSet<(u64, u32)>,
+    /// Σ (old − new residual) over resets after the peer resumed from a snapshot: what
+    /// reached it through a snapshot rather than through frames.
+    adjustment: Vec<Vec<f32>>,
 }
 
 /// What one round produced for one link.
@@ -165,6 +182,7 @@ impl RegionSync {
                 rng: DitherRng::new(seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1))),
                 counters: LinkCounters::default(),
                 applied: BTreeSet::new(),
+                adjustment: tensors.iter().map(|t| vec![0.0; t.numel]).collect(),
             })
             .collect();
         Self {
@@ -297,6 +315,85 @@ impl RegionSync {
         &self.links[l].residual
     }
 
+    /// What reached the peer on link `l` through snapshots instead of frames, per tensor:
+    /// Σ decoded sent + adjustment + residual = Σ local updates.
+    pub fn adjustment(&self, l: usize) -> &[Vec<f32>] {
+        &self.links[l].adjustment
+    }
+
+    /// Replaces link `l`'s residual, recording the difference as delivered by snapshot.
+    fn reset_residual(&mut self, l: usize, new: Option<Vec<Vec<f32>>>) {
+        let link = &mut self.links[l];
+        let new = new.unwrap_or_else(|| self.tensors.iter().map(|t| vec![0.0; t.numel]).collect());
+        for ((adj, old), new) in link.adjustment.iter_mut().zip(&link.residual).zip(&new) {
+            for ((a, o), n) in adj.iter_mut().zip(old).zip(new) {
+                *a += o - n;
+            }
+        }
+        link.residual = new;
+    }
+
+    /// This region's state for the peer on link `l`, which rejoins without its own. The
+    /// link's residual is cleared: everything in it is in the weights the peer adopts.
+    pub fn snapshot_for(&mut self, l: usize, weights: &[Vec<f32>], manifest: &str) -> Snapshot {
+        self.reset_residual(l, None);
+        Snapshot {
+            source: self.name.clone(),
+            round: self.round,
+            manifest: manifest.to_string(),
+            complete: (0..self.links.len())
+                .map(|p| (self.links[p].peer.clone(), self.clock.complete(p)))
+                .collect(),
+            weights: weights.to_vec(),
+        }
+    }
+
+    /// Adopts a peer's snapshot: its weights replace `weights`, this region continues from
+    /// its round, and every peer's rounds the snapshot holds count as arrived. Returns the
+    /// notice to send every peer. Nothing changes if the snapshot does not fit the model.
+    pub fn adopt(
+        &mut self,
+        snapshot: &Snapshot,
+        weights: &mut Vec<Vec<f32>>,
+    ) -> Result<WanMessage, String> {
+        let Some(source) = self.links.iter().position(|k| k.peer == snapshot.source) else {
+            return Err(format!("snapshot from {:?}, not a peer", snapshot.source));
+        };
+        if snapshot.weights.len() != self.tensors.len()
+            || snapshot
+                .weights
+                .iter()
+                .zip(&self.tensors)
+                .any(|(w, m)| w.len() != m.numel)
+        {
+            return Err(format!(
+                "snapshot from {} does not fit this model's tensors",
+                snapshot.source
+            ));
+        }
+        if snapshot.weights.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(format!(
+                "snapshot from {} holds non-finite weights",
+                snapshot.source
+            ));
+        }
+        *weights = snapshot.weights.clone();
+        self.round = self.round.max(snapshot.round);
+        self.clock.skip_to(source, snapshot.round);
+        for (name, complete) in &snapshot.complete {
+            if let Some(p) = self.links.iter().position(|k| &k.peer == name) {
+                self.clock.skip_to(p, *complete);
+            }
+        }
+        self.outer.anchor = weights.clone();
+        self.outer.last = self.round;
+        Ok(WanMessage::Resumed(Resumed {
+            sender: self.name.clone(),
+            after: snapshot.round,
+            source: snapshot.source.clone(),
+        }))
+    }
+
     /// Whether the next round may start: under the staleness bound, and with no outer
     /// step pending.
     pub fn may_start_next(&self) -> bool {
@@ -425,8 +522,10 @@ impl RegionSync {
         let result = self.receive_inner(l, &peer, bytes, weights);
         let link = &mut self.links[l];
         link.counters.bytes_received += bytes.len() as u64;
-        if result.is_err() {
-            link.counters.rejected += 1;
+        match result {
+            Err(ReceiveError::Duplicate { .. }) => link.counters.duplicates += 1,
+            Err(_) => link.counters.rejected += 1,
+            Ok(()) => {}
         }
         result
     }
@@ -447,6 +546,26 @@ impl RegionSync {
             problem,
         };
         match WanMessage::from_bytes(bytes).map_err(codec)? {
+            WanMessage::Resumed(r) => {
+                if r.sender != peer {
+                    return Err(reject(format!("notice claims sender {:?}", r.sender)));
+                }
+                self.clock.skip_to(l, r.after);
+                self.prune_applied(l);
+                // The peer now holds what `source` held. The source cleared its own
+                // residual when it served the snapshot; every other region's residual for
+                // the peer becomes its residual for the source (approximately what the
+                // snapshot lacks of this region's updates).
+                if r.source != self.name {
+                    let copy = self
+                        .links
+                        .iter()
+                        .find(|k| k.peer == r.source)
+                        .map(|k| k.residual.clone());
+                    self.reset_residual(l, copy);
+                }
+                Ok(())
+            }
             WanMessage::RoundEnd(end) => {
                 if end.sender != peer {
                     return Err(reject(format!("marker claims sender {:?}", end.sender)));
@@ -477,10 +596,11 @@ impl RegionSync {
                 if h.clock <= self.clock.complete(l)
                     || !self.links[l].applied.insert((h.clock, h.tensor))
                 {
-                    return Err(reject(format!(
-                        "duplicate update for tensor {} of round {}",
-                        h.tensor, h.clock
-                    )));
+                    return Err(ReceiveError::Duplicate {
+                        peer: peer.to_string(),
+                        tensor: h.tensor,
+                        clock: h.clock,
+                    });
                 }
                 match self.config.merge {
                     MergeMode::Sum => frame.update.add_to(&mut weights[h.tensor as usize], 1.0),

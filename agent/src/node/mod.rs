@@ -1,0 +1,246 @@
+//! One region as its own process (`weightgrad agent`): loads its data shard, model and
+//! policy from the configuration, starts the QUIC endpoints, one link task per peer and the
+//! accepting side, and runs the [`core`] loop until the run is over or it is told to stop.
+
+pub mod core;
+pub mod liveness;
+
+use crate::config::AgentConfig;
+use crate::lan::RegionTrainer;
+use crate::policies::merge_mode_for;
+use crate::policy::{PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
+use crate::sync::{RegionSync, SyncConfig};
+use crate::train::dataset::shard_indices;
+use crate::wan::handshake::{Expectation, Hello, PROTOCOL_VERSION};
+use crate::wan::inbound::{self, Acceptor};
+use crate::wan::link::{self, Dialer};
+use crate::wan::telemetry::LinkTelemetry;
+use crate::wan::{endpoint, tls::TlsIdentity};
+use anyhow::{Context, Result, anyhow, bail};
+pub use core::{AgentReport, Core, LinkReport};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+/// Rounds per epoch for a run whose regions hold `shards` shards of `labels` with
+/// `workers` workers each: the largest region's steps (every region runs the same count).
+fn steps_per_epoch(
+    cfg: &AgentConfig,
+    labels: &[u32],
+    strategy: crate::train::dataset::ShardStrategy,
+) -> u64 {
+    let w = cfg.training.workers;
+    let count = cfg.data.shard.count;
+    (0..count)
+        .map(|r| {
+            let samples: usize = (0..w)
+                .map(|k| {
+                    shard_indices(labels, count * w, r * w + k, strategy, cfg.training.seed).len()
+                })
+                .sum();
+            samples.div_ceil(w * cfg.training.batch_size)
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1) as u64
+}
+
+/// Loads the policy the configuration names (a built-in or a `.wasm` file) into the
+/// sandbox and self-tests it.
+pub fn load_policy(cfg: &AgentConfig) -> Result<PolicyRuntime> {
+    let bytes = match cfg.policy.wasm_path() {
+        Some(path) => std::fs::read(&path)
+            .with_context(|| format!("policy.source: reading {}", path.display()))?,
+        None => builtin_wasm(&cfg.policy.source)
+            .ok_or_else(|| {
+                anyhow!(
+                    "policy.source: {:?} is neither a built-in policy nor a .wasm file",
+                    cfg.policy.source
+                )
+            })?
+            .to_vec(),
+    };
+    let sandbox = Arc::new(Sandbox::new(SandboxLimits::default())?);
+    PolicyRuntime::new(sandbox, &bytes, cfg.policy.on_failure)
+        .map_err(|e| anyhow!("policy.source: {}: {e}", cfg.policy.source))
+}
+
+/// Runs the agent until its run is over or `stop` is set.
+pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
+    let t = &cfg.training;
+    let region_index = cfg.data.shard.index;
+    let source = cfg.data_source().map_err(anyhow::Error::msg)?;
+    let data = source.load(t.seed)?;
+    let strategy = cfg.shard_strategy().map_err(anyhow::Error::msg)?;
+    let spec = cfg.model_spec().map_err(anyhow::Error::msg)?;
+    let count = cfg.data.shard.count;
+    let shards = (0..t.workers)
+        .map(|k| {
+            data.train.subset(&shard_indices(
+                &data.train.labels,
+                count * t.workers,
+                region_index * t.workers + k,
+                strategy,
+                t.seed,
+            ))
+        })
+        .collect();
+    let mut trainer = RegionTrainer::new(
+        &cfg.region,
+        &spec,
+        shards,
+        data.train.classes,
+        t.batch_size,
+        t.seed,
+        t.seed.wrapping_add(region_index as u64 * 7919),
+    )?;
+    trainer.set_placement(cfg.lan);
+    let spe = steps_per_epoch(&cfg, &data.train.labels, strategy);
+    let total_rounds = spe * t.epochs as u64;
+    let policy = Arc::new(load_policy(&cfg)?);
+    let policy_name = policy.active().info.name.clone();
+    let peers: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let sync_cfg = SyncConfig {
+        max_staleness: t.max_staleness,
+        merge: merge_mode_for(&policy_name),
+        ..SyncConfig::default()
+    };
+    let max_message = sync_cfg.limits.max_frame;
+    let mut sync = RegionSync::new(
+        &cfg.region,
+        &peers,
+        trainer.metas().to_vec(),
+        sync_cfg,
+        t.seed ^ ((region_index as u64 + 1) << 32),
+    );
+    sync.start(&trainer.weights);
+    let manifest = trainer.manifest_hash();
+    tracing::info!(
+        region = %cfg.region,
+        policy = %policy_name,
+        digest = %policy.active().digest,
+        model = %t.model,
+        manifest = %manifest,
+        rounds = total_rounds,
+        samples = trainer.samples(),
+        "agent starting"
+    );
+
+    let identity = TlsIdentity::load(&cfg.tls)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("weightgrad-wan")
+        .build()?;
+    let _guard = runtime.enter();
+    let telemetry = LinkTelemetry::default();
+    let server = endpoint::server(
+        &cfg.wan,
+        cfg.wan.listen,
+        &identity,
+        &peers,
+        telemetry.clone(),
+    )?;
+    let bind: SocketAddr = if cfg.wan.listen.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let client = endpoint::client(&cfg.wan, &identity, bind, telemetry.clone())?;
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let round = Arc::new(AtomicU64::new(0));
+    let acceptor = Arc::new(Acceptor {
+        expect: Expectation {
+            region: cfg.region.clone(),
+            peers: peers.clone(),
+            manifest: manifest.clone(),
+        },
+        round: round.clone(),
+        events: events_tx.clone(),
+        max_message,
+        refusals: Arc::new(AtomicU64::new(0)),
+        bad_streams: Arc::new(AtomicU64::new(0)),
+    });
+    tracing::info!(listen = %server.local_addr()?, "WAN endpoint listening");
+    runtime.spawn(inbound::serve(server, acceptor));
+    let hello = {
+        let (region, manifest, round) = (cfg.region.clone(), manifest.clone(), round.clone());
+        Arc::new(move || Hello {
+            protocol: PROTOCOL_VERSION,
+            region: region.clone(),
+            manifest: manifest.clone(),
+            round: round.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    };
+    let links = cfg
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(l, p)| {
+            link::spawn(Dialer {
+                link: l,
+                peer: p.name.clone(),
+                address: p.address.clone(),
+                client: client.clone(),
+                hello: hello.clone(),
+                events: events_tx.clone(),
+                seed: t.seed ^ (region_index as u64) << 8 ^ l as u64,
+                max_snapshot: core::MAX_SNAPSHOT_BYTES,
+            })
+            .0
+        })
+        .collect();
+    drop(events_tx);
+    runtime.spawn(watch_signals(stop.clone()));
+    if cfg.peers.is_empty() {
+        bail!("peers: an agent needs at least one peer (use `weightgrad train` for one region)");
+    }
+    let core = Core {
+        region: cfg.region.clone(),
+        trainer,
+        sync,
+        policy,
+        manifest,
+        test: data.test,
+        links,
+        configured: (cfg.wan.bandwidth_mbps * 1e6, cfg.wan.rtt_ms / 1e3),
+        total_rounds,
+        steps_per_epoch: spe,
+        lr: t.lr,
+        regions: (peers.len() + 1) as u32,
+        deadline: Duration::from_secs_f64(cfg.wan.peer_deadline_s),
+        round,
+        stop,
+    };
+    let report = core.run(events_rx);
+    // The links' queues are closed now: their tasks close the connections. Give the
+    // closes a moment to reach the peers.
+    runtime.block_on(tokio::time::sleep(Duration::from_millis(300)));
+    drop(client);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    report
+}
+
+/// Sets `stop` on SIGINT or SIGTERM.
+async fn watch_signals(stop: Arc<AtomicBool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stop requested: finishing the current round");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}

@@ -1,0 +1,192 @@
+//! The accepting side: every connection runs the application handshake (identity from the
+//! verified certificate, protocol version, region, model manifest); admitted peers' streams
+//! are split into messages and handed to the agent's core. Refusals are logged here and sent
+//! to the peer, which logs them too.
+
+use super::framing::decode_stream;
+use super::handshake::{Expectation, MAX_HANDSHAKE_BYTES, Verdict, encode_verdict};
+use super::link::{SNAPSHOT_REQUEST, STREAM_TARGET_BYTES, WanEvent};
+use super::telemetry::stats_of;
+use anyhow::{Result, anyhow, bail};
+use bytes::Bytes;
+use s2n_quic::stream::{BidirectionalStream, PeerStream};
+use s2n_quic::{Connection, Server};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How long a new connection has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the accepting side shares with the agent.
+pub struct Acceptor {
+    /// The checks every hello must pass.
+    pub expect: Expectation,
+    /// This region's finished rounds (for the welcome).
+    pub round: Arc<AtomicU64>,
+    /// Where events go.
+    pub events: std::sync::mpsc::Sender<WanEvent>,
+    /// Largest message accepted on a stream.
+    pub max_message: usize,
+    /// Hellos refused so far.
+    pub refusals: Arc<AtomicU64>,
+    /// Streams dropped as malformed so far.
+    pub bad_streams: Arc<AtomicU64>,
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(mut server: Server, acceptor: Arc<Acceptor>) {
+    while let Some(conn) = server.accept().await {
+        tokio::spawn(connection(conn, acceptor.clone()));
+    }
+}
+
+async fn read_to_end(
+    stream: &mut s2n_quic::stream::ReceiveStream,
+    limit: usize,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.receive().await? {
+        if out.len() + chunk.len() > limit {
+            bail!("stream exceeds {limit} bytes");
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+async fn connection(mut conn: Connection, a: Arc<Acceptor>) {
+    let remote = conn
+        .remote_addr()
+        .map_or_else(|_| "?".to_string(), |r| r.to_string());
+    let cert_names = stats_of(&conn.handle())
+        .map(|s| s.lock().expect("stats").peer_names.clone())
+        .unwrap_or_default();
+    let hello = async {
+        let stream = conn
+            .accept_bidirectional_stream()
+            .await?
+            .ok_or_else(|| anyhow!("closed before its hello"))?;
+        let (mut rx, tx) = stream.split();
+        let bytes = read_to_end(&mut rx, MAX_HANDSHAKE_BYTES).await?;
+        anyhow::Ok((bytes, tx))
+    };
+    let (bytes, mut tx) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, "WAN connection dropped before its handshake: {e:#}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "WAN connection sent no hello within {HELLO_TIMEOUT:?}");
+            conn.close(1u32.into());
+            return;
+        }
+    };
+    let hello = match a.expect.admit(&bytes, &cert_names) {
+        Ok(h) => h,
+        Err(refused) => {
+            a.refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, certificate = %cert_names.join(","), code = refused.kind as u32, "refused a peer: {refused}");
+            // Tell the peer why, let the verdict arrive, then close with the code.
+            let _ = tx
+                .send(Bytes::from(encode_verdict(&refused.verdict())))
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), tx.close()).await;
+            conn.close((refused.kind as u32).into());
+            return;
+        }
+    };
+    let link = a
+        .expect
+        .peers
+        .iter()
+        .position(|p| *p == hello.region)
+        .expect("admitted hellos name a configured peer");
+    let welcome = Verdict::Welcome {
+        region: a.expect.region.clone(),
+        round: a.round.load(Ordering::Relaxed),
+    };
+    if tx
+        .send(Bytes::from(encode_verdict(&welcome)))
+        .await
+        .is_err()
+        || tx.close().await.is_err()
+    {
+        tracing::warn!(peer = %hello.region, %remote, "WAN connection lost during its handshake");
+        return;
+    }
+    tracing::info!(peer = %hello.region, %remote, peer_round = hello.round, "peer connected");
+    let region = hello.region.clone();
+    let _ = a.events.send(WanEvent::PeerHello { link, hello });
+    loop {
+        match conn.accept().await {
+            Ok(Some(PeerStream::Bidirectional(stream))) => {
+                tokio::spawn(serve_snapshot(stream, link, a.clone(), region.clone()));
+            }
+            Ok(Some(PeerStream::Receive(mut stream))) => {
+                let a = a.clone();
+                let region = region.clone();
+                tokio::spawn(async move {
+                    // A stream holds one large message or small ones up to the target.
+                    let limit = a.max_message.max(STREAM_TARGET_BYTES).saturating_add(4);
+                    let bytes = match read_to_end(&mut stream, limit).await {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            // A broken connection: the sender resends what was not
+                            // acknowledged on its next connection.
+                            tracing::debug!(peer = %region, "stream cut short: {e:#}");
+                            return;
+                        }
+                    };
+                    match decode_stream(&bytes, a.max_message) {
+                        Ok(messages) => {
+                            for m in messages {
+                                let _ = a.events.send(WanEvent::Message {
+                                    link,
+                                    bytes: m.to_vec(),
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            a.bad_streams.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(peer = %region, "dropped a malformed stream: {e}");
+                        }
+                    }
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(peer = %region, "peer's connection closed: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// Answers a peer's snapshot request with this region's state (from the core).
+async fn serve_snapshot(stream: BidirectionalStream, link: usize, a: Arc<Acceptor>, peer: String) {
+    let (mut rx, mut tx) = stream.split();
+    let outcome = async {
+        let request = read_to_end(&mut rx, 64).await?;
+        if request != SNAPSHOT_REQUEST {
+            bail!("unknown request on a bidirectional stream");
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        a.events
+            .send(WanEvent::SnapshotRequest { link, reply })
+            .map_err(|_| anyhow!("the agent is shutting down"))?;
+        let bytes = tokio::time::timeout(Duration::from_secs(60), answer)
+            .await
+            .map_err(|_| anyhow!("no snapshot within 60 s"))?
+            .map_err(|_| anyhow!("the agent dropped the request"))?;
+        let size = bytes.len();
+        tx.send(Bytes::from(bytes)).await?;
+        tx.close().await?;
+        anyhow::Ok(size)
+    };
+    match outcome.await {
+        Ok(size) => tracing::info!(%peer, bytes = size, "served a snapshot"),
+        Err(e) => tracing::warn!(%peer, "snapshot request failed: {e:#}"),
+    }
+}

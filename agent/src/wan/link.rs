@@ -1,0 +1,438 @@
+//! One outgoing WAN link: dials a peer (mutual TLS, then the application handshake), sends
+//! the messages the agent queues for it on QUIC streams, and redials with backoff when the
+//! connection breaks. A message counts as delivered once the peer's QUIC stack has
+//! acknowledged its whole stream; whatever was not acknowledged is sent again on the next
+//! connection, in order (receivers drop duplicates), so a broken link loses nothing.
+
+use super::backoff::Backoff;
+use super::framing::{encode_stream, group_for_streams};
+use super::handshake::{Hello, MAX_HANDSHAKE_BYTES, Verdict, decode_verdict, encode_hello};
+use super::telemetry::{ConnectionStats, SharedStats, stats_of};
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use s2n_quic::client::Connect;
+use s2n_quic::{Client, Connection};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Target size of a stream that carries several small messages.
+pub const STREAM_TARGET_BYTES: usize = 256 * 1024;
+/// Application close code when this side gives up on a broken connection.
+const LINK_BROKEN: u32 = 10;
+/// How long a dial (TLS and application handshake) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a WAN task tells the agent's core.
+#[derive(Debug)]
+pub enum WanEvent {
+    /// A message arrived from the peer on link `link`.
+    Message {
+        /// Link index.
+        link: usize,
+        /// The message.
+        bytes: Vec<u8>,
+    },
+    /// Our connection to the peer on `link` is up; its welcome says it finished `round`.
+    Connected {
+        /// Link index.
+        link: usize,
+        /// The peer's finished rounds.
+        round: u64,
+    },
+    /// Our connection to the peer on `link` broke or could not be made.
+    Disconnected {
+        /// Link index.
+        link: usize,
+    },
+    /// The peer on `link` asks for a snapshot of this region's state (it rejoins without
+    /// its own); answer on `reply` with an encoded snapshot.
+    SnapshotRequest {
+        /// Link index.
+        link: usize,
+        /// Where the encoded snapshot goes.
+        reply: tokio::sync::oneshot::Sender<Vec<u8>>,
+    },
+    /// The snapshot this region asked the peer on `link` for, or why there is none.
+    Snapshot {
+        /// Link index.
+        link: usize,
+        /// The encoded snapshot.
+        bytes: Result<Vec<u8>, String>,
+    },
+    /// The peer on `link` dialled us and was admitted with this hello.
+    PeerHello {
+        /// Link index.
+        link: usize,
+        /// Its hello.
+        hello: Hello,
+    },
+}
+
+/// A link's state, shared between its task and the agent.
+#[derive(Debug, Default)]
+pub struct LinkShared {
+    /// Whether the outgoing connection is up.
+    pub connected: AtomicBool,
+    /// Bytes queued or in flight and not yet acknowledged.
+    pub unacked_bytes: AtomicU64,
+    /// Messages queued or in flight and not yet acknowledged.
+    pub unacked_messages: AtomicU64,
+    /// Bytes acknowledged by the peer, over the link's life.
+    pub acked_bytes: AtomicU64,
+    /// Microseconds during which at least one stream was in flight.
+    pub busy_micros: AtomicU64,
+    /// Connections made.
+    pub connects: AtomicU64,
+    /// The current connection's transport statistics.
+    pub transport: Mutex<Option<SharedStats>>,
+    /// The last refusal or error, for the status page.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl LinkShared {
+    /// Measured goodput (bits/s) while the link had data in flight; 0 before any.
+    pub fn goodput_bps(&self) -> f64 {
+        let busy = self.busy_micros.load(Ordering::Relaxed);
+        if busy == 0 {
+            return 0.0;
+        }
+        self.acked_bytes.load(Ordering::Relaxed) as f64 * 8.0 / (busy as f64 / 1e6)
+    }
+
+    /// The current connection's transport statistics, if connected.
+    pub fn transport(&self) -> Option<ConnectionStats> {
+        let t = self.transport.lock().expect("link").clone()?;
+        let s = t.lock().expect("stats").clone();
+        Some(s)
+    }
+
+    fn queued(&self, bytes: usize) {
+        self.unacked_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.unacked_messages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn acked(&self, bytes: u64, messages: u64) {
+        self.unacked_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.unacked_messages.fetch_sub(messages, Ordering::Relaxed);
+        self.acked_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The sending half the agent's core holds for one link.
+#[derive(Debug, Clone)]
+pub struct LinkSender {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    snapshots: mpsc::UnboundedSender<()>,
+    shared: Arc<LinkShared>,
+}
+
+impl LinkSender {
+    /// Queues a message; false if the link task is gone.
+    pub fn send(&self, bytes: Vec<u8>) -> bool {
+        self.shared.queued(bytes.len());
+        self.tx.send(bytes).is_ok()
+    }
+
+    /// Asks the peer for a snapshot on the current connection; the answer comes back as
+    /// [`WanEvent::Snapshot`].
+    pub fn request_snapshot(&self) -> bool {
+        self.snapshots.send(()).is_ok()
+    }
+
+    /// The link's shared state.
+    pub fn shared(&self) -> &Arc<LinkShared> {
+        &self.shared
+    }
+}
+
+/// Everything a link task needs.
+pub struct Dialer {
+    /// Link index (the peer's position in the configuration).
+    pub link: usize,
+    /// Peer region (the name its certificate must carry).
+    pub peer: String,
+    /// Where it listens, `host:port`.
+    pub address: String,
+    /// The dialling endpoint.
+    pub client: Client,
+    /// Builds this region's hello at dial time.
+    pub hello: Arc<dyn Fn() -> Hello + Send + Sync>,
+    /// Where events go.
+    pub events: std::sync::mpsc::Sender<WanEvent>,
+    /// Seed for reconnect jitter.
+    pub seed: u64,
+    /// Largest snapshot accepted, bytes on the wire.
+    pub max_snapshot: usize,
+}
+
+/// Starts the task for one link; returns the sender the core queues messages on.
+pub fn spawn(dialer: Dialer) -> (LinkSender, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (snapshots, snapshot_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(LinkShared::default());
+    let task = tokio::spawn(run(dialer, rx, snapshot_rx, shared.clone()));
+    (
+        LinkSender {
+            tx,
+            snapshots,
+            shared,
+        },
+        task,
+    )
+}
+
+/// What a snapshot request stream carries.
+pub const SNAPSHOT_REQUEST: &[u8] = b"WGSQ";
+
+async fn fetch_snapshot(mut handle: s2n_quic::connection::Handle, limit: usize) -> Result<Vec<u8>> {
+    let mut s = handle.open_bidirectional_stream().await?;
+    s.send(Bytes::from_static(SNAPSHOT_REQUEST)).await?;
+    s.finish()?;
+    let mut out = Vec::new();
+    while let Some(chunk) = s.receive().await? {
+        if out.len() + chunk.len() > limit {
+            bail!("snapshot exceeds {limit} bytes");
+        }
+        out.extend_from_slice(&chunk);
+    }
+    if out.is_empty() {
+        bail!("the peer had no snapshot to give");
+    }
+    Ok(out)
+}
+
+async fn run(
+    d: Dialer,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut snapshot_rx: mpsc::UnboundedReceiver<()>,
+    shared: Arc<LinkShared>,
+) {
+    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), d.seed);
+    let mut failures_in_a_row = 0u32;
+    loop {
+        match dial(&d).await {
+            Ok((conn, round)) => {
+                failures_in_a_row = 0;
+                backoff.reset();
+                shared.connects.fetch_add(1, Ordering::Relaxed);
+                *shared.transport.lock().expect("link") = stats_of(&conn.handle());
+                shared.connected.store(true, Ordering::Relaxed);
+                *shared.last_error.lock().expect("link") = None;
+                tracing::info!(peer = %d.peer, address = %d.address, peer_round = round, "WAN link up");
+                let _ = d.events.send(WanEvent::Connected {
+                    link: d.link,
+                    round,
+                });
+                let outcome =
+                    pump(conn, &d, &mut rx, &mut snapshot_rx, &mut pending, &shared).await;
+                shared.connected.store(false, Ordering::Relaxed);
+                *shared.transport.lock().expect("link") = None;
+                let _ = d.events.send(WanEvent::Disconnected { link: d.link });
+                match outcome {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(peer = %d.peer, "WAN link down: {e:#}");
+                        *shared.last_error.lock().expect("link") = Some(format!("{e:#}"));
+                    }
+                }
+            }
+            Err(e) => {
+                failures_in_a_row += 1;
+                // Log the first failure and then every tenth, so a long outage does not
+                // flood the log.
+                if failures_in_a_row == 1 || failures_in_a_row.is_multiple_of(10) {
+                    tracing::warn!(peer = %d.peer, address = %d.address, attempts = failures_in_a_row, "cannot reach peer: {e:#}");
+                }
+                *shared.last_error.lock().expect("link") = Some(format!("{e:#}"));
+                if failures_in_a_row == 1 {
+                    let _ = d.events.send(WanEvent::Disconnected { link: d.link });
+                }
+            }
+        }
+        // Wait before redialling, still taking what the core queues meanwhile.
+        let wait = tokio::time::sleep(backoff.next_delay());
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                m = rx.recv() => match m {
+                    Some(m) => pending.push_back(m),
+                    None => return,
+                },
+                Some(()) = snapshot_rx.recv() => {
+                    let _ = d.events.send(WanEvent::Snapshot {
+                        link: d.link,
+                        bytes: Err("not connected".into()),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Dials the peer and runs the application handshake; returns the connection and the
+/// peer's finished rounds.
+async fn dial(d: &Dialer) -> Result<(Connection, u64)> {
+    let attempt = async {
+        let addr = tokio::net::lookup_host(&d.address)
+            .await
+            .with_context(|| format!("resolving {}", d.address))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to no address", d.address))?;
+        let mut conn = d
+            .client
+            .connect(Connect::new(addr).with_server_name(d.peer.as_str()))
+            .await
+            .context("QUIC/TLS handshake")?;
+        conn.keep_alive(true)?;
+        let mut stream = conn.open_bidirectional_stream().await?;
+        stream.send(Bytes::from(encode_hello(&(d.hello)()))).await?;
+        stream.finish()?;
+        let mut answer = Vec::new();
+        while let Some(chunk) = stream.receive().await? {
+            answer.extend_from_slice(&chunk);
+            if answer.len() > MAX_HANDSHAKE_BYTES {
+                bail!("the peer's verdict exceeds {MAX_HANDSHAKE_BYTES} bytes");
+            }
+        }
+        match decode_verdict(&answer).map_err(|e| anyhow!("the peer's verdict: {e}"))? {
+            Verdict::Welcome { region, round } => {
+                if region != d.peer {
+                    bail!("dialled {} but {region:?} answered", d.peer);
+                }
+                Ok((conn, round))
+            }
+            Verdict::Refused { code, reason } => {
+                tracing::error!(peer = %d.peer, code, "peer refused this region: {reason}");
+                bail!("refused by {} (code {code}): {reason}", d.peer)
+            }
+        }
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, attempt)
+        .await
+        .map_err(|_| anyhow!("no answer within {DIAL_TIMEOUT:?}"))?
+}
+
+/// A stream's messages with their order, for resending after a failure.
+type Group = Vec<(u64, Vec<u8>)>;
+
+/// Sends queued messages on `conn` until the queue closes (Ok) or the connection breaks
+/// (Err, with every unacknowledged message back at the front of `pending`, in order).
+async fn pump(
+    conn: Connection,
+    d: &Dialer,
+    rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    snapshot_rx: &mut mpsc::UnboundedReceiver<()>,
+    pending: &mut VecDeque<Vec<u8>>,
+    shared: &LinkShared,
+) -> Result<()> {
+    let (handle, mut acceptor) = conn.split();
+    let mut in_flight: JoinSet<Result<(u64, u64), (Group, anyhow::Error)>> = JoinSet::new();
+    let mut seq = 0u64;
+    let mut busy_since: Option<Instant> = None;
+    let mut failed: Vec<Group> = Vec::new();
+    let mut error: Option<anyhow::Error> = None;
+    let mut queue_open = true;
+    loop {
+        // Launch everything pending, grouped into streams.
+        if error.is_none() && !pending.is_empty() {
+            let batch: Vec<Vec<u8>> = pending.drain(..).collect();
+            let groups = group_for_streams(&batch, STREAM_TARGET_BYTES);
+            let mut batch: Vec<Option<Vec<u8>>> = batch.into_iter().map(Some).collect();
+            for g in groups {
+                let group: Group = g
+                    .into_iter()
+                    .map(|i| {
+                        seq += 1;
+                        (seq, batch[i].take().expect("each message is in one group"))
+                    })
+                    .collect();
+                let mut handle = handle.clone();
+                busy_since.get_or_insert_with(Instant::now);
+                in_flight.spawn(async move {
+                    let bytes = encode_stream(group.iter().map(|(_, m)| m.as_slice()));
+                    let payload: u64 = group.iter().map(|(_, m)| m.len() as u64).sum();
+                    let count = group.len() as u64;
+                    let sent = async {
+                        let mut s = handle.open_send_stream().await?;
+                        s.send(Bytes::from(bytes)).await?;
+                        s.close().await?;
+                        anyhow::Ok(())
+                    };
+                    match sent.await {
+                        Ok(()) => Ok((payload, count)),
+                        Err(e) => Err((group, e)),
+                    }
+                });
+            }
+        }
+        if in_flight.is_empty() {
+            if let Some(start) = busy_since.take() {
+                shared
+                    .busy_micros
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            if let Some(e) = error.take() {
+                failed.sort_by_key(|g| g.first().map(|(s, _)| *s));
+                let resend: Vec<Vec<u8>> = failed.drain(..).flatten().map(|(_, m)| m).collect();
+                for m in resend.into_iter().rev() {
+                    pending.push_front(m);
+                }
+                return Err(e);
+            }
+            if !queue_open {
+                handle.close(0u32.into());
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            m = rx.recv(), if queue_open && error.is_none() => match m {
+                Some(m) => {
+                    pending.push_back(m);
+                    while let Ok(m) = rx.try_recv() {
+                        pending.push_back(m);
+                    }
+                }
+                None => queue_open = false,
+            },
+            Some(()) = snapshot_rx.recv() => {
+                let (handle, events, link, limit) =
+                    (handle.clone(), d.events.clone(), d.link, d.max_snapshot);
+                tokio::spawn(async move {
+                    let bytes = fetch_snapshot(handle, limit).await.map_err(|e| format!("{e:#}"));
+                    let _ = events.send(WanEvent::Snapshot { link, bytes });
+                });
+            }
+            done = in_flight.join_next(), if !in_flight.is_empty() => match done {
+                Some(Ok(Ok((bytes, count)))) => shared.acked(bytes, count),
+                Some(Ok(Err((group, e)))) => {
+                    failed.push(group);
+                    error.get_or_insert(e);
+                }
+                Some(Err(join)) => {
+                    error.get_or_insert(anyhow!("a stream task failed: {join}"));
+                }
+                None => {}
+            },
+            // Nothing is expected from the peer on this connection: this only returns
+            // when the connection closes, which is how an idle link notices.
+            r = acceptor.accept_receive_stream(), if error.is_none() => {
+                let e = match r {
+                    Ok(_) => anyhow!("the peer opened a stream on an outgoing link"),
+                    Err(e) => anyhow!("connection closed: {e}"),
+                };
+                error = Some(e);
+            }
+        }
+        if error.is_some() {
+            // Fail the remaining streams fast; they are resent on the next connection.
+            handle.close(LINK_BROKEN.into());
+        }
+    }
+}

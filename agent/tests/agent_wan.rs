@@ -1,0 +1,480 @@
+//! `weightgrad agent` processes talking QUIC to each other: three regions through the WAN
+//! emulator train digits and agree with the simulator; peers with the wrong CA, the wrong
+//! name or another model are refused with the reason logged on both sides; a region that
+//! is stopped and restarted rejoins from a live peer's model while the others go on.
+
+use serde_json::Value;
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use weightgrad::wan::relay::{self, Relay, RelayConfig};
+use weightgrad::wan::shaper::Shaping;
+
+/// The heavy tests share two cores: run them one at a time.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One agent process, its files, and its log.
+struct Agent {
+    name: String,
+    config: PathBuf,
+    log: PathBuf,
+    report: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            config: dir.join(format!("{name}.toml")),
+            log: dir.join(format!("{name}.log")),
+            report: dir.join(format!("{name}.json")),
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+                .args(["agent", "--config"])
+                .arg(&self.config)
+                .arg("--report")
+                .arg(&self.report)
+                .env("WEIGHTGRAD_LOG", "warn,weightgrad=debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to finish its run and returns its report.
+    fn finish(&mut self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("started");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    tail(&self.log())
+                );
+                self.child = None;
+                let text = std::fs::read_to_string(&self.report).unwrap();
+                return serde_json::from_str(&text).unwrap();
+            }
+            if Instant::now() > deadline {
+                let log = self.log();
+                self.kill();
+                panic!(
+                    "{} did not finish in {within:?}:\n{}",
+                    self.name,
+                    tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes a config for `name` (shard `index` of `count`) listening on `listen`, dialling
+/// `peers` (name, address); `extra` is appended under `[training]`, `wan` extra keys under
+/// `[wan]`.
+#[allow(clippy::too_many_arguments)]
+fn write_config(
+    dir: &Path,
+    certs: &Path,
+    name: &str,
+    cert_name: &str,
+    index: usize,
+    count: usize,
+    listen: SocketAddr,
+    peers: &[(&str, String)],
+    wan: &str,
+    training: &str,
+) -> PathBuf {
+    let mut t = format!(
+        "region = \"{name}\"\n[wan]\nlisten = \"{listen}\"\nbandwidth_mbps = 50\nrtt_ms = 80\n{wan}\n"
+    );
+    for (p, addr) in peers {
+        t += &format!("[[peers]]\nname = \"{p}\"\naddress = \"{addr}\"\n");
+    }
+    t += &format!(
+        "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{cert_name}.pem\"\nkey = \"{c}/{cert_name}.key\"\n",
+        c = certs.display()
+    );
+    t += &format!("[data.shard]\nindex = {index}\ncount = {count}\n[training]\n{training}\n");
+    t += &format!("[checkpoint]\ndir = \"state-{name}\"\n");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+fn certs(dir: &Path, regions: &[&str]) {
+    let list = regions.join(",");
+    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args(["certs", "init", "--regions", &list, "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sum(reports: &[Value], key: &str) -> u64 {
+    reports.iter().map(|r| r[key].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs(&certs_dir, &REGIONS);
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    // One relay per direction of dialling: i dials j through relays[i][j], which shapes
+    // both directions at 50 Mbit/s with the pair's one-way delay (RTT 40, 80, 120 ms).
+    let one_way_ms = |i: usize, j: usize| match (i.min(j), i.max(j)) {
+        (0, 1) => 20.0,
+        (1, 2) => 40.0,
+        _ => 60.0,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut relays: Vec<Relay> = Vec::new();
+    let mut via = vec![vec![String::new(); 3]; 3];
+    for (i, row) in via.iter_mut().enumerate() {
+        for (j, slot) in row.iter_mut().enumerate() {
+            if i == j {
+                continue;
+            }
+            let shaping = Shaping::new(50.0, one_way_ms(i, j));
+            let r = rt
+                .block_on(relay::start(RelayConfig {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    upstream: listen[j],
+                    up: shaping,
+                    down: shaping,
+                    seed: (i * 3 + j) as u64,
+                }))
+                .unwrap();
+            *slot = r.local_addr().to_string();
+            relays.push(r);
+        }
+    }
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], via[i][j].clone()))
+                .collect();
+            write_config(
+                dir.path(),
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                3,
+                listen[i],
+                &peers,
+                "",
+                "",
+            );
+            Agent::new(dir.path(), REGIONS[i])
+        })
+        .collect();
+    agents.iter_mut().for_each(Agent::start);
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    for r in &reports {
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.95, "{}: top-1 {acc}", r["region"]);
+        assert_eq!(r["interrupted"], false);
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["rejected"], 0, "{}: {l}", r["region"]);
+            assert!(l["connects"].as_u64().unwrap() >= 1);
+        }
+    }
+    // The relays carried it all.
+    assert!(relays.iter().all(|r| {
+        r.stats()
+            .up
+            .delivered_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }));
+    // The simulator, same seed, policy and regions.
+    let data = weightgrad::train::dataset::embedded_digits().unwrap();
+    let policy = weightgrad::policies::builtin("weightgrad").unwrap();
+    let sim = weightgrad::sim::run(
+        &weightgrad::sim::SimConfig::demo(3, 0),
+        policy.as_ref(),
+        &data,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let real = sum(&reports, "wan_bytes");
+    let ratio = real as f64 / sim.wan_bytes as f64;
+    eprintln!(
+        "WAN bytes: agents {real}, simulator {} (ratio {ratio:.4}); top-1 {:?}",
+        sim.wan_bytes,
+        reports
+            .iter()
+            .map(|r| r["test_accuracy"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert!((0.9..=1.1).contains(&ratio), "ratio {ratio}");
+    assert_eq!(reports[0]["rounds"].as_u64(), Some(sim.rounds));
+}
+
+/// Starts a lone `us-east` whose peers are `eu-west` and an absent `ap-southeast`, and an
+/// intruder configured as
+/// `claimed` with `cert_name`'s certificate from `certs_of_intruder`, training `model`.
+/// Waits until both logs show what they must, then stops both.
+fn refused(
+    intruder_certs: &str,
+    cert_name: &str,
+    model: &str,
+    server_log_needle: &str,
+    intruder_log_needle: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    certs(&good, &["us-east", "eu-west", "ap-southeast"]);
+    let other = dir.path().join("other");
+    certs(&other, &["eu-west"]);
+    let intruder_dir = if intruder_certs == "other" {
+        // Another CA's certificate, but it trusts (and so can verify) us-east's CA.
+        std::fs::copy(good.join("ca.pem"), other.join("ca.pem")).unwrap();
+        other
+    } else {
+        good.clone()
+    };
+    let (a, b, absent) = (free_udp(), free_udp(), free_udp());
+    write_config(
+        dir.path(),
+        &good,
+        "us-east",
+        "us-east",
+        0,
+        2,
+        a,
+        &[
+            ("eu-west", b.to_string()),
+            ("ap-southeast", absent.to_string()),
+        ],
+        "peer_deadline_s = 600",
+        "epochs = 1",
+    );
+    write_config(
+        dir.path(),
+        &intruder_dir,
+        "eu-west",
+        cert_name,
+        1,
+        2,
+        b,
+        &[("us-east", a.to_string())],
+        "peer_deadline_s = 600",
+        &format!("epochs = 1\nmodel = \"{model}\""),
+    );
+    let mut server = Agent::new(dir.path(), "us-east");
+    let mut intruder = Agent::new(dir.path(), "eu-west");
+    server.start();
+    intruder.start();
+    wait_for(
+        &format!(
+            "{server_log_needle:?} in us-east's log and {intruder_log_needle:?} in the intruder's"
+        ),
+        Duration::from_secs(60),
+        || server.log().contains(server_log_needle) && intruder.log().contains(intruder_log_needle),
+    );
+    // Neither trained with the other.
+    assert!(!server.log().contains("WAN link up"), "{}", server.log());
+    server.kill();
+    intruder.kill();
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_and_both_sides_log_it() {
+    refused(
+        "other",
+        "eu-west",
+        "mlp",
+        "TLS handshake failed",
+        "cannot reach peer",
+    );
+}
+
+#[test]
+fn a_certificate_naming_another_region_is_refused_and_both_sides_log_it() {
+    // ap-southeast's valid certificate, claiming to be eu-west.
+    refused(
+        "good",
+        "ap-southeast",
+        "mlp",
+        "claims region \"eu-west\" but its certificate names ap-southeast",
+        "peer refused this region: claims region \"eu-west\"",
+    );
+}
+
+#[test]
+fn a_peer_training_another_model_is_refused_and_both_sides_log_it() {
+    refused(
+        "good",
+        "eu-west",
+        "mlp:32",
+        "trains another model",
+        "peer refused this region: region eu-west trains another model",
+    );
+}
+
+#[test]
+fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs(&certs_dir, &REGIONS);
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], listen[j].to_string()))
+                .collect();
+            write_config(
+                dir.path(),
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                3,
+                listen[i],
+                &peers,
+                "peer_deadline_s = 2",
+                "epochs = 20",
+            );
+            Agent::new(dir.path(), REGIONS[i])
+        })
+        .collect();
+    agents.iter_mut().for_each(Agent::start);
+    let round_of = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains(" round ") || l.contains("round round="))
+            .filter_map(|l| {
+                l.split("round=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    // Let the run get going, then stop ap-southeast hard.
+    wait_for("epoch 3 at ap-southeast", Duration::from_secs(120), || {
+        round_of(&agents[2].log()) >= 45
+    });
+    agents[2].kill();
+    let stopped_at = round_of(&agents[2].log());
+    // The others notice, exclude it after the deadline, and keep training.
+    let before = round_of(&agents[0].log());
+    wait_for(
+        "us-east to exclude ap-southeast",
+        Duration::from_secs(30),
+        || {
+            agents[0]
+                .log()
+                .contains("peer unreachable past the deadline")
+        },
+    );
+    wait_for(
+        "us-east to train three epochs without it",
+        Duration::from_secs(120),
+        || round_of(&agents[0].log()) >= before + 45,
+    );
+    // Restart it: it takes a live peer's model and finishes the run with the others.
+    agents[2].start();
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    let restarted = &reports[2];
+    assert!(
+        restarted["snapshots_adopted"].as_u64().unwrap() >= 1,
+        "{restarted}"
+    );
+    assert!(
+        reports[0]["snapshots_served"].as_u64().unwrap()
+            + reports[1]["snapshots_served"].as_u64().unwrap()
+            >= 1
+    );
+    assert!(agents[2].log().contains("adopted the peer's model"));
+    assert!(agents[0].log().contains("peer is back"));
+    let total = reports[0]["rounds"].as_u64().unwrap();
+    for r in &reports {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.93, "{}: top-1 {acc}", r["region"]);
+    }
+    eprintln!(
+        "stopped at round {stopped_at}; final top-1 {:?}",
+        reports
+            .iter()
+            .map(|r| r["test_accuracy"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    );
+}
