@@ -343,7 +343,20 @@ fn refused(
     );
     // Neither trained with the other.
     assert!(!server.log().contains("WAN link up"), "{}", server.log());
-    server.kill();
+    // Stopped with SIGTERM, the agent reports its refusals.
+    let pid = server.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let report = server.finish(Duration::from_secs(60));
+    assert_eq!(report["interrupted"], true);
+    let refusals =
+        report["tls_refusals"].as_u64().unwrap() + report["handshake_refusals"].as_u64().unwrap();
+    assert!(refusals >= 1, "{report}");
     intruder.kill();
 }
 

@@ -67,6 +67,12 @@ pub struct AgentReport {
     pub wall_seconds: f64,
     /// Whether the run was stopped before its last round.
     pub interrupted: bool,
+    /// Connections refused at the TLS handshake (wrong CA, unknown or mismatched name).
+    pub tls_refusals: u64,
+    /// Connections refused at the application handshake (version, identity, model).
+    pub handshake_refusals: u64,
+    /// Malformed streams dropped.
+    pub bad_streams: u64,
     /// Per link.
     pub links: Vec<LinkReport>,
 }
@@ -103,6 +109,19 @@ pub struct Core {
     pub round: Arc<AtomicU64>,
     /// Set to stop after the current round.
     pub stop: Arc<AtomicBool>,
+    /// Refusal and bad-input counters kept by the WAN tasks.
+    pub wan_counters: WanCounters,
+}
+
+/// Counters the WAN tasks keep for the report.
+#[derive(Debug, Clone, Default)]
+pub struct WanCounters {
+    /// Failed TLS handshakes.
+    pub tls_refusals: Arc<AtomicU64>,
+    /// Refused hellos.
+    pub handshake_refusals: Arc<AtomicU64>,
+    /// Malformed streams.
+    pub bad_streams: Arc<AtomicU64>,
 }
 
 struct LoopState {
@@ -435,6 +454,9 @@ impl Core {
             snapshots_served: st.served,
             wall_seconds: start.elapsed().as_secs_f64(),
             interrupted,
+            tls_refusals: self.wan_counters.tls_refusals.load(Ordering::Relaxed),
+            handshake_refusals: self.wan_counters.handshake_refusals.load(Ordering::Relaxed),
+            bad_streams: self.wan_counters.bad_streams.load(Ordering::Relaxed),
             links,
         })
     }

@@ -17,7 +17,7 @@ use crate::wan::link::{self, Dialer};
 use crate::wan::telemetry::LinkTelemetry;
 use crate::wan::{endpoint, tls::TlsIdentity};
 use anyhow::{Context, Result, anyhow, bail};
-pub use core::{AgentReport, Core, LinkReport};
+pub use core::{AgentReport, Core, LinkReport, WanCounters};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -162,6 +162,11 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         refusals: Arc::new(AtomicU64::new(0)),
         bad_streams: Arc::new(AtomicU64::new(0)),
     });
+    let wan_counters = WanCounters {
+        tls_refusals: telemetry.tls_refusals.clone(),
+        handshake_refusals: acceptor.refusals.clone(),
+        bad_streams: acceptor.bad_streams.clone(),
+    };
     tracing::info!(listen = %server.local_addr()?, "WAN endpoint listening");
     runtime.spawn(inbound::serve(server, acceptor));
     let hello = {
@@ -212,6 +217,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         deadline: Duration::from_secs_f64(cfg.wan.peer_deadline_s),
         round,
         stop,
+        wan_counters,
     };
     let report = core.run(events_rx);
     // The links' queues are closed now: their tasks close the connections. Give the

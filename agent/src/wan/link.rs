@@ -436,3 +436,180 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Congestion, TlsConfig, WanConfig};
+    use crate::wan::handshake::{Expectation, PROTOCOL_VERSION};
+    use crate::wan::inbound::{Acceptor, serve};
+    use crate::wan::telemetry::LinkTelemetry;
+    use crate::wan::{certs, endpoint, tls::TlsIdentity};
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+
+    fn identity(dir: &std::path::Path, region: &str) -> TlsIdentity {
+        TlsIdentity::load(&TlsConfig {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{region}.pem")),
+            key: dir.join(format!("{region}.key")),
+        })
+        .unwrap()
+    }
+
+    fn wan() -> WanConfig {
+        WanConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            bandwidth_mbps: 100.0,
+            rtt_ms: 10.0,
+            peer_deadline_s: 2.0,
+            congestion: Congestion::Cubic,
+        }
+    }
+
+    /// Starts the accepting side of `us-east` on `listen`; returns the endpoint's task and
+    /// the receiver of its events.
+    fn accepting(
+        dir: &std::path::Path,
+        listen: SocketAddr,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        SocketAddr,
+        std::sync::mpsc::Receiver<WanEvent>,
+    ) {
+        let server = endpoint::server(
+            &wan(),
+            listen,
+            &identity(dir, "us-east"),
+            &["eu-west".into()],
+            LinkTelemetry::default(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let acceptor = Arc::new(Acceptor {
+            expect: Expectation {
+                region: "us-east".into(),
+                peers: vec!["eu-west".into()],
+                manifest: "m".into(),
+            },
+            round: Arc::new(AtomicU64::new(0)),
+            events: tx,
+            max_message: 1 << 20,
+            refusals: Arc::default(),
+            bad_streams: Arc::default(),
+        });
+        (tokio::spawn(serve(server, acceptor)), addr, rx)
+    }
+
+    /// Collects distinct message payloads until `want` have arrived (or 20 s pass).
+    fn collect(rx: &std::sync::mpsc::Receiver<WanEvent>, got: &mut BTreeSet<Vec<u8>>, want: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < want && Instant::now() < deadline {
+            if let Ok(WanEvent::Message { bytes, .. }) = rx.recv_timeout(Duration::from_millis(50))
+            {
+                got.insert(bytes);
+            }
+        }
+    }
+
+    fn relay_to(listen: SocketAddr, upstream: SocketAddr) -> crate::wan::relay::Relay {
+        let shaping = crate::wan::shaper::Shaping::new(1000.0, 1.0);
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(crate::wan::relay::start(
+                crate::wan::relay::RelayConfig {
+                    listen,
+                    upstream,
+                    up: shaping,
+                    down: shaping,
+                    seed: 1,
+                },
+            ))
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_link_redials_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
+        let (_server, upstream, rx) = accepting(dir.path(), "127.0.0.1:0".parse().unwrap());
+        // The link runs through a relay, which the test cuts and restores.
+        let relay = relay_to("127.0.0.1:0".parse().unwrap(), upstream);
+        let addr = relay.local_addr();
+        let client = endpoint::client(
+            &wan(),
+            &identity(dir.path(), "eu-west"),
+            "127.0.0.1:0".parse().unwrap(),
+            LinkTelemetry::default(),
+        )
+        .unwrap();
+        let (events, link_events) = std::sync::mpsc::channel();
+        let (sender, _task) = spawn(Dialer {
+            link: 0,
+            peer: "us-east".into(),
+            address: addr.to_string(),
+            client,
+            hello: Arc::new(|| Hello {
+                protocol: PROTOCOL_VERSION,
+                region: "eu-west".into(),
+                manifest: "m".into(),
+                round: 0,
+            }),
+            events,
+            seed: 1,
+            max_snapshot: 1 << 20,
+        });
+        // A first batch arrives: small messages and one large enough for its own stream.
+        let message = |i: u32| {
+            let len = if i % 40 == 7 { 600_000 } else { 100 };
+            let mut m = vec![i as u8; len];
+            m[..4].copy_from_slice(&i.to_be_bytes());
+            m
+        };
+        for i in 0..50 {
+            assert!(sender.send(message(i)));
+        }
+        let mut got = BTreeSet::new();
+        tokio::task::block_in_place(|| collect(&rx, &mut got, 50));
+        assert_eq!(got.len(), 50);
+        // The path goes away long enough for the connection to time out; what is queued
+        // meanwhile waits.
+        drop(relay);
+        for i in 50..120 {
+            sender.send(message(i));
+        }
+        let shared = sender.shared().clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.connected.load(Ordering::Relaxed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !shared.connected.load(Ordering::Relaxed),
+            "the link noticed"
+        );
+        // The path comes back on the same address: the link redials and delivers the rest.
+        let _relay = relay_to(addr, upstream);
+        tokio::task::block_in_place(|| collect(&rx, &mut got, 120));
+        let want: BTreeSet<Vec<u8>> = (0..120).map(message).collect();
+        assert!(
+            want.is_subset(&got),
+            "missing {} of 120",
+            want.difference(&got).count()
+        );
+        // Everything is acknowledged, and the link reported going down and up again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.unacked_messages.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(shared.unacked_messages.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.unacked_bytes.load(Ordering::Relaxed), 0);
+        assert!(shared.connects.load(Ordering::Relaxed) >= 2);
+        let seen: Vec<WanEvent> = link_events.try_iter().collect();
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, WanEvent::Disconnected { .. }))
+        );
+        assert!(shared.goodput_bps() > 0.0);
+    }
+}

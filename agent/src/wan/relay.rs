@@ -159,7 +159,9 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
     let forward_stats = stats.clone();
     tasks.push(tokio::spawn(async move {
         let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-        let mut readers: Vec<JoinHandle<()>> = Vec::new();
+        // Dropped (and so aborted) with this task when the relay is dropped: nothing keeps
+        // the relay's sockets bound after it is gone.
+        let mut readers = tokio::task::JoinSet::new();
         let mut buf = vec![0u8; 65_536];
         loop {
             let Ok((n, from)) = listen.recv_from(&mut buf).await else {
@@ -180,7 +182,7 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                         down_tx.clone(),
                         forward_stats.clone(),
                     );
-                    readers.push(tokio::spawn(async move {
+                    readers.spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         loop {
                             let Ok((n, src)) = s2.recv_from(&mut buf).await else {
@@ -200,7 +202,7 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                                 });
                             }
                         }
-                    }));
+                    });
                     clients.insert(from, s.clone());
                     s
                 }
