@@ -3,6 +3,7 @@
 //! This crate is the per-region agent: the training engine ([`train`]), the update
 //! codec ([`codec`], re-exported from `weightgrad-codec`) and the `weightgrad` CLI ([`cli`]).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod lan;
@@ -11,6 +12,7 @@ pub mod policies;
 pub mod policy;
 pub mod sim;
 pub mod sync;
+pub mod telemetry;
 pub mod train;
 pub mod wan;
 

@@ -160,6 +160,10 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
     /// What decoding `bytes` yields.
     pub decoded: Update,
+    /// Packed payload bytes (indices and values) before compression.
+    pub packed_len: usize,
+    /// Payload bytes after compression (equal to `packed_len` without zstd).
+    pub compressed_len: usize,
 }
 
 /// Encodes an update to a tensor of `len` elements.
@@ -237,7 +241,7 @@ pub fn encode_reusing<R: RngCore + ?Sized>(
     let mut raw = index_bytes;
     raw.extend_from_slice(&q.payload);
     let raw_len = raw.len();
-    let (compression, payload) = match opts.zstd_level {
+    let (compression, payload): (Compression, Vec<u8>) = match opts.zstd_level {
         Some(level) => (
             Compression::Zstd,
             zstd::bulk::compress(&raw, level)
@@ -258,6 +262,7 @@ pub fn encode_reusing<R: RngCore + ?Sized>(
     };
     let mut cbor = Vec::new();
     ciborium::into_writer(&header, &mut cbor).map_err(|e| CodecError::Header(e.to_string()))?;
+    let compressed_len = payload.len();
     let mut bytes = Vec::with_capacity(PREAMBLE + cbor.len() + payload.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.push(VERSION);
@@ -271,7 +276,12 @@ pub fn encode_reusing<R: RngCore + ?Sized>(
         },
         None => Update::Dense(decoded_values),
     };
-    Ok(Encoded { bytes, decoded })
+    Ok(Encoded {
+        bytes,
+        decoded,
+        packed_len: raw_len,
+        compressed_len,
+    })
 }
 
 /// A decoded frame.

@@ -1,5 +1,6 @@
 //! The `weightgrad` command line.
 
+mod admin_client;
 mod agent;
 mod certs;
 mod config;
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Run this region's agent: train, and exchange updates with peer regions over QUIC.
     Agent(agent::AgentArgs),
+    /// Show a running agent's status (round, peers, policy, bytes).
+    Status(admin_client::StatusArgs),
     /// Train one replica locally (no WAN): the single-region reference.
     Train(train::TrainArgs),
     /// Run several regions in one process over a simulated WAN (embedded digits).
@@ -42,6 +45,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent::run(args),
+        Command::Status(args) => admin_client::status(args),
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run_demo(args),
         Command::Policy(args) => policy::run(args),

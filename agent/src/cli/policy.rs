@@ -1,4 +1,5 @@
-//! `weightgrad policy`: check a policy component, list and export the built-in ones.
+//! `weightgrad policy`: check a policy component, list and export the built-in ones, and
+//! push or roll back a running agent's policy.
 
 use crate::policy::{
     BUILTIN_WASM, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm, golden_input,
@@ -29,6 +30,26 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Swap a running agent's policy (checked there first; the old one is kept for rollback).
+    Push {
+        /// The agent's admin URL, e.g. http://127.0.0.1:9464.
+        #[arg(long)]
+        agent: String,
+        /// File holding the agent's admin token.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// Swap a running agent back to its previous policy.
+    Rollback {
+        /// The agent's admin URL.
+        #[arg(long)]
+        agent: String,
+        /// File holding the agent's admin token.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Write a built-in policy's component to a file.
     Export {
         /// Built-in name.
@@ -44,6 +65,14 @@ pub fn run(args: PolicyArgs) -> Result<()> {
     match args.command {
         PolicyCommand::Check { file } => check(&file),
         PolicyCommand::List { json } => list(json),
+        PolicyCommand::Push {
+            agent,
+            token_file,
+            file,
+        } => super::admin_client::push(&agent, &token_file, &file),
+        PolicyCommand::Rollback { agent, token_file } => {
+            super::admin_client::rollback(&agent, &token_file)
+        }
         PolicyCommand::Export { name, output } => {
             let Some(bytes) = builtin_wasm(&name) else {
                 bail!(

@@ -4,17 +4,19 @@
 //! it through [`WanEvent`]s.
 
 use super::liveness::{Liveness, LivenessChange};
+use super::status::{ByteTotals, PeerStatus, PolicyStatus, Status, now_rfc3339};
 use crate::lan::RegionTrainer;
 use crate::policy::PolicyRuntime;
 use crate::sync::{ReceiveError, RegionSync, decode_snapshot, encode_snapshot};
+use crate::telemetry as m;
 use crate::train::Dataset;
 use crate::train::schedule::LrSchedule;
 use crate::wan::link::{LinkSender, WanEvent};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use weightgrad_sdk::{LanPlan, LinkStats, PolicyInput, RoundContext, TensorPlan};
 
@@ -40,6 +42,9 @@ pub struct LinkReport {
     pub connects: u64,
     /// Measured goodput to it while busy, bit/s.
     pub goodput_bps: f64,
+    /// Per-link conservation gap relative to the largest Σ local update (float rounding:
+    /// about 1e-6); absent when the model is too large to audit.
+    pub conservation_error: Option<f64>,
 }
 
 /// What an agent did, written at the end of its run.
@@ -111,6 +116,8 @@ pub struct Core {
     pub stop: Arc<AtomicBool>,
     /// Refusal and bad-input counters kept by the WAN tasks.
     pub wan_counters: WanCounters,
+    /// Where the status page reads from.
+    pub status: Arc<RwLock<Status>>,
 }
 
 /// Counters the WAN tasks keep for the report.
@@ -134,6 +141,13 @@ struct LoopState {
     fetch_retry_at: Option<Duration>,
     adopted: u64,
     served: u64,
+    wan_received: u64,
+    loss: Option<f32>,
+    accuracy: Option<f64>,
+    policy_digest: String,
+    policy_loaded_at: String,
+    last_round_start: Option<Instant>,
+    state: &'static str,
 }
 
 impl Core {
@@ -167,10 +181,17 @@ impl Core {
     fn handle(&mut self, st: &mut LoopState, event: WanEvent, now: Duration) {
         match event {
             WanEvent::Message { link, bytes } => {
+                st.wan_received += bytes.len() as u64;
+                let peer = self.sync.peer(link).to_string();
+                metrics::counter!(m::WAN_BYTES_RECEIVED, "peer" => peer.clone())
+                    .increment(bytes.len() as u64);
                 match self.sync.receive(link, &bytes, &mut self.trainer.weights) {
                     Ok(()) => {}
                     Err(e @ ReceiveError::Duplicate { .. }) => tracing::debug!("{e}"),
-                    Err(e) => tracing::warn!("refused a WAN message: {e}"),
+                    Err(e) => {
+                        metrics::counter!(m::MESSAGES_REJECTED, "peer" => peer).increment(1);
+                        tracing::warn!("refused a WAN message: {e}");
+                    }
                 }
             }
             WanEvent::Connected { link, round } => {
@@ -199,6 +220,9 @@ impl Core {
                 let bytes = encode_snapshot(&snap);
                 st.wan_sent += bytes.len() as u64;
                 st.served += 1;
+                metrics::counter!(m::WAN_BYTES_SENT, "peer" => self.sync.peer(link).to_string())
+                    .increment(bytes.len() as u64);
+                metrics::counter!(m::SNAPSHOTS, "kind" => "served").increment(1);
                 tracing::info!(
                     peer = self.sync.peer(link),
                     round = snap.round,
@@ -224,6 +248,7 @@ impl Core {
                 match outcome {
                     Ok((round, notice)) => {
                         st.adopted += 1;
+                        metrics::counter!(m::SNAPSHOTS, "kind" => "adopted").increment(1);
                         self.round.store(self.sync.round(), Ordering::Relaxed);
                         tracing::info!(
                             peer = self.sync.peer(link),
@@ -231,9 +256,11 @@ impl Core {
                             "adopted the peer's model; resuming from its round"
                         );
                         let bytes = notice.to_bytes();
-                        for l in &self.links {
+                        for (l, link) in self.links.iter().enumerate() {
                             st.wan_sent += bytes.len() as u64;
-                            l.send(bytes.clone());
+                            metrics::counter!(m::WAN_BYTES_SENT, "peer" => self.sync.peer(l).to_string())
+                                .increment(bytes.len() as u64);
+                            link.send(bytes.clone());
                         }
                     }
                     Err(e) => {
@@ -277,8 +304,15 @@ impl Core {
     }
 
     fn train_round(&mut self, st: &mut LoopState, schedule: &LrSchedule) -> Result<()> {
+        let round_start = Instant::now();
+        if let Some(prev) = st.last_round_start.replace(round_start) {
+            metrics::histogram!(m::ROUND_SECONDS).record(prev.elapsed().as_secs_f64());
+        }
         let lr = schedule.lr_at(self.lr, self.sync.round(), self.total_rounds);
+        let step_start = Instant::now();
         let step = self.trainer.step(&st.lan_plan, lr)?;
+        metrics::histogram!(m::STEP_SECONDS).record(step_start.elapsed().as_secs_f64());
+        st.loss = Some(step.loss);
         self.sync.add_local_update(&step.delta);
         let round = self.sync.round() + 1;
         let context = RoundContext {
@@ -298,7 +332,12 @@ impl Core {
             lan: self.trainer.lan_input(),
             state: st.policy_state.clone(),
         };
+        let call = Instant::now();
         let decision = self.policy.decide_round(&input);
+        metrics::histogram!(m::POLICY_CALL_SECONDS).record(call.elapsed().as_secs_f64());
+        if let Some(f) = &decision.failure {
+            metrics::counter!(m::POLICY_FAILURES, "kind" => f.kind()).increment(1);
+        }
         let mut plans = decision.output.links;
         // Excluded peers get nothing: their updates wait in the residual.
         for (l, plan) in plans.iter_mut().enumerate() {
@@ -309,16 +348,42 @@ impl Core {
         let outgoing = self.sync.finish_round(&self.trainer.weights, &plans)?;
         st.lan_plan = decision.output.lan;
         st.policy_state = decision.output.state;
+        let numel: u64 = self.sync.numel() as u64;
         for o in outgoing {
-            for m in o.messages {
-                let bytes = m.to_bytes();
-                st.wan_sent += bytes.len() as u64;
+            let peer = self.sync.peer(o.link).to_string();
+            let mut sent_bytes = 0u64;
+            for msg in o.messages {
+                let bytes = msg.to_bytes();
+                sent_bytes += bytes.len() as u64;
                 self.links[o.link].send(bytes);
+            }
+            st.wan_sent += sent_bytes;
+            let elements: u64 = o.frames.iter().map(|f| f.elements).sum();
+            metrics::counter!(m::WAN_BYTES_SENT, "peer" => peer.clone()).increment(sent_bytes);
+            metrics::counter!(m::WAN_DECODED_BYTES_SENT, "peer" => peer.clone())
+                .increment(elements * 4);
+            metrics::counter!(m::ELEMENTS_SENT, "peer" => peer.clone()).increment(elements);
+            metrics::counter!(m::ELEMENTS_HELD, "peer" => peer.clone()).increment(o.elements_held);
+            metrics::gauge!(m::SIGNIFICANCE_RATIO, "peer" => peer.clone())
+                .set(elements as f64 / numel.max(1) as f64);
+            for f in &o.frames {
+                let kind = if f.bias { "bias" } else { "weight" };
+                metrics::histogram!(m::BITS_CHOSEN, "peer" => peer.clone(), "kind" => kind)
+                    .record(f64::from(f.bits));
+                if f.compressed > 0 {
+                    metrics::histogram!(m::ZSTD_RATIO)
+                        .record(f.packed as f64 / f.compressed as f64);
+                }
             }
         }
         self.round.store(round, Ordering::Relaxed);
+        metrics::gauge!(m::ROUND).set(round as f64);
+        metrics::gauge!(m::LOSS).set(f64::from(step.loss));
+        metrics::counter!(m::LAN_BYTES).absolute(self.trainer.lan_bytes());
         if round.is_multiple_of(self.steps_per_epoch) || round == self.total_rounds {
             let e = self.trainer.evaluate(&self.test)?;
+            st.accuracy = Some(e.accuracy);
+            metrics::gauge!(m::ACCURACY).set(e.accuracy);
             tracing::info!(
                 round,
                 epoch = round / self.steps_per_epoch,
@@ -329,6 +394,102 @@ impl Core {
             );
         }
         Ok(())
+    }
+
+    /// Notices a policy swap before the next decision: the new policy's state blob starts
+    /// empty (another policy's state means nothing to it).
+    fn publish_policy_change(&self, st: &mut LoopState) {
+        let active = self.policy.active();
+        if active.digest != st.policy_digest {
+            if !st.policy_digest.is_empty() {
+                tracing::info!(policy = %active.info.name, digest = %active.digest, round = self.sync.round(), "policy changed; its state starts empty");
+                st.policy_state.clear();
+            }
+            st.policy_digest = active.digest.clone();
+            st.policy_loaded_at = now_rfc3339();
+        }
+    }
+
+    /// Publishes the status page and the link gauges.
+    fn publish(&self, st: &mut LoopState) {
+        self.publish_policy_change(st);
+        let active = self.policy.active();
+        let round = self.sync.round();
+        let peers = (0..self.links.len())
+            .map(|l| {
+                let peer = self.sync.peer(l).to_string();
+                let shared = self.links[l].shared();
+                let transport = shared.transport();
+                let connected = st.liveness.is_connected(l);
+                let complete = self.sync.clock().complete(l);
+                let queued = shared.unacked_bytes.load(Ordering::Relaxed);
+                metrics::gauge!(m::PEER_UP, "peer" => peer.clone()).set(if connected {
+                    1.0
+                } else {
+                    0.0
+                });
+                metrics::gauge!(m::STALENESS, "peer" => peer.clone())
+                    .set(round as f64 - complete as f64);
+                metrics::gauge!(m::LINK_QUEUED, "peer" => peer.clone()).set(queued as f64);
+                metrics::gauge!(m::LINK_GOODPUT, "peer" => peer.clone()).set(shared.goodput_bps());
+                if let Some(t) = &transport {
+                    metrics::gauge!(m::LINK_RTT, "peer" => peer.clone())
+                        .set(t.smoothed_rtt.as_secs_f64());
+                    metrics::gauge!(m::LINK_CWND, "peer" => peer.clone())
+                        .set(f64::from(t.congestion_window));
+                    metrics::gauge!(m::LINK_IN_FLIGHT, "peer" => peer.clone())
+                        .set(f64::from(t.bytes_in_flight));
+                    metrics::counter!(m::LINK_LOST, "peer" => peer.clone())
+                        .absolute(t.packets_lost);
+                }
+                PeerStatus {
+                    name: peer,
+                    state: if connected {
+                        "up"
+                    } else if st.liveness.is_live(l) {
+                        "down"
+                    } else {
+                        "excluded"
+                    },
+                    rtt_ms: transport.map(|t| t.smoothed_rtt.as_secs_f64() * 1e3),
+                    goodput_bps: shared.goodput_bps(),
+                    staleness: round as i64 - complete as i64,
+                    rounds_complete: complete,
+                    queued_bytes: queued,
+                }
+            })
+            .collect();
+        metrics::counter!(m::REFUSALS, "kind" => "tls")
+            .absolute(self.wan_counters.tls_refusals.load(Ordering::Relaxed));
+        metrics::counter!(m::REFUSALS, "kind" => "handshake")
+            .absolute(self.wan_counters.handshake_refusals.load(Ordering::Relaxed));
+        let status = Status {
+            region: self.region.clone(),
+            state: st.state,
+            round,
+            total_rounds: self.total_rounds,
+            loss: st.loss,
+            test_accuracy: st.accuracy,
+            peers,
+            policy: PolicyStatus {
+                name: active.info.name.clone(),
+                version: active.info.version.clone(),
+                digest: active.digest.clone(),
+                loaded_at: st.policy_loaded_at.clone(),
+            },
+            policy_failures: self
+                .policy
+                .failures()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            bytes: ByteTotals {
+                wan_sent: st.wan_sent,
+                wan_received: st.wan_received,
+                lan: self.trainer.lan_bytes(),
+            },
+        };
+        *self.status.write().expect("status") = status;
     }
 
     /// Every live peer's rounds have arrived and everything sent is acknowledged.
@@ -361,7 +522,15 @@ impl Core {
             fetch_retry_at: None,
             adopted: 0,
             served: 0,
+            wan_received: 0,
+            loss: None,
+            accuracy: None,
+            policy_digest: String::new(),
+            policy_loaded_at: String::new(),
+            last_round_start: None,
+            state: "starting",
         };
+        self.publish(&mut st);
         // The first LAN plan: the policy's answer before any update exists.
         let input = PolicyInput {
             context: RoundContext {
@@ -383,8 +552,13 @@ impl Core {
         st.lan_plan = first.output.lan;
         st.policy_state = first.output.state;
         let mut interrupted = false;
+        let mut last_publish = Instant::now();
         loop {
             let now = start.elapsed();
+            if last_publish.elapsed() >= Duration::from_millis(200) {
+                self.publish(&mut st);
+                last_publish = Instant::now();
+            }
             while let Ok(ev) = events.try_recv() {
                 self.handle(&mut st, ev, now);
             }
@@ -414,9 +588,21 @@ impl Core {
                 && self.sync.round() < self.total_rounds
                 && self.sync.may_start_next();
             if may_train {
+                // A swap lands between rounds: look before asking the policy.
+                self.publish_policy_change(&mut st);
+                st.state = "training";
                 self.train_round(&mut st, &schedule)?;
                 continue;
             }
+            st.state = if !st.liveness.settled() {
+                "starting"
+            } else if st.fetching.is_some() {
+                "fetching"
+            } else if self.sync.round() >= self.total_rounds {
+                "finished"
+            } else {
+                "waiting"
+            };
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(ev) => self.handle(&mut st, ev, start.elapsed()),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -425,7 +611,10 @@ impl Core {
                 }
             }
         }
+        st.state = if interrupted { "stopping" } else { "finished" };
         let e = self.trainer.evaluate(&self.test)?;
+        st.accuracy = Some(e.accuracy);
+        self.publish(&mut st);
         let links = (0..n)
             .map(|l| {
                 let c = self.sync.counters(l);
@@ -439,6 +628,7 @@ impl Core {
                     peer_rounds_complete: self.sync.clock().complete(l),
                     connects: shared.connects.load(Ordering::Relaxed),
                     goodput_bps: shared.goodput_bps(),
+                    conservation_error: self.sync.conservation_error(l),
                 }
             })
             .collect();

@@ -4,7 +4,9 @@
 
 pub mod core;
 pub mod liveness;
+pub mod status;
 
+use crate::admin::{AdminState, auth::Token};
 use crate::config::AgentConfig;
 use crate::lan::RegionTrainer;
 use crate::policies::merge_mode_for;
@@ -18,9 +20,11 @@ use crate::wan::telemetry::LinkTelemetry;
 use crate::wan::{endpoint, tls::TlsIdentity};
 use anyhow::{Context, Result, anyhow, bail};
 pub use core::{AgentReport, Core, LinkReport, WanCounters};
+use status::Status;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Rounds per epoch for a run whose regions hold `shards` shards of `labels` with
@@ -101,9 +105,14 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
     let policy = Arc::new(load_policy(&cfg)?);
     let policy_name = policy.active().info.name.clone();
     let peers: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let merge = merge_mode_for(&policy_name);
+    // Audit per-link conservation while its f64 sums stay small (≤ 256 MiB).
+    let numel: usize = trainer.metas().iter().map(|m| m.numel).sum();
+    let audit = numel * (peers.len() + 1) * 8 <= 256 << 20;
     let sync_cfg = SyncConfig {
         max_staleness: t.max_staleness,
-        merge: merge_mode_for(&policy_name),
+        merge,
+        audit,
         ..SyncConfig::default()
     };
     let max_message = sync_cfg.limits.max_frame;
@@ -127,6 +136,10 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         "agent starting"
     );
 
+    let token = match &cfg.admin.token_file {
+        Some(path) => Some(Token::from_file(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let identity = TlsIdentity::load(&cfg.tls)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -134,6 +147,41 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         .thread_name("weightgrad-wan")
         .build()?;
     let _guard = runtime.enter();
+    let prometheus = match crate::telemetry::install(&cfg.region) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("metrics disabled: {e:#}");
+            None
+        }
+    };
+    let status = Arc::new(RwLock::new(Status {
+        region: cfg.region.clone(),
+        state: "starting",
+        total_rounds,
+        ..Status::default()
+    }));
+    let mut loaded_at = HashMap::new();
+    loaded_at.insert(policy.active().digest.clone(), status::now_rfc3339());
+    let admin = Arc::new(AdminState {
+        status: status.clone(),
+        policy: policy.clone(),
+        compatible: Box::new(move |p| {
+            let theirs = merge_mode_for(&p.info.name);
+            if theirs == merge {
+                Ok(())
+            } else {
+                Err(format!(
+                    "policy {} merges updates as {theirs:?}, this run as {merge:?}; a run keeps its merge mode",
+                    p.info.name
+                ))
+            }
+        }),
+        token,
+        prometheus,
+        loaded_at: Mutex::new(loaded_at),
+        max_body: SandboxLimits::default().max_component_bytes,
+    });
+    runtime.block_on(crate::admin::serve(cfg.admin.listen, admin))?;
     let telemetry = LinkTelemetry::default();
     let server = endpoint::server(
         &cfg.wan,
@@ -218,6 +266,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         round,
         stop,
         wan_counters,
+        status,
     };
     let report = core.run(events_rx);
     // The links' queues are closed now: their tasks close the connections. Give the

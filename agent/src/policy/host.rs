@@ -61,6 +61,9 @@ pub enum PolicyFailure {
     /// The guest's output exceeds a size limit.
     #[error("returned an oversized output: {0}")]
     Oversized(String),
+    /// A valid policy that does not fit the running agent.
+    #[error("does not fit this agent: {0}")]
+    Incompatible(String),
 }
 
 impl PolicyFailure {
@@ -74,6 +77,7 @@ impl PolicyFailure {
             Self::Refused(_) => "refused",
             Self::Invalid(_) => "invalid",
             Self::Oversized(_) => "oversized",
+            Self::Incompatible(_) => "incompatible",
         }
     }
 }

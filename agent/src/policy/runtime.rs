@@ -129,7 +129,18 @@ impl PolicyRuntime {
     /// Replaces the active policy with `bytes` after checking it; the old one becomes the
     /// rollback target. On error nothing changes.
     pub fn swap(&self, bytes: &[u8]) -> Result<SwapReport, PolicyFailure> {
+        self.swap_checked(bytes, |_| Ok(()))
+    }
+
+    /// Like [`Self::swap`], and also refuses a candidate `check` rejects (for instance one
+    /// that would change the run's merge mode).
+    pub fn swap_checked(
+        &self,
+        bytes: &[u8],
+        check: impl FnOnce(&CompiledPolicy) -> Result<(), String>,
+    ) -> Result<SwapReport, PolicyFailure> {
         let candidate = Arc::new(Self::admit(&self.sandbox, bytes)?);
+        check(&candidate).map_err(PolicyFailure::Incompatible)?;
         let mut st = self.state.lock().expect("policy state");
         let old = std::mem::replace(&mut st.active, candidate.clone());
         let report = SwapReport {

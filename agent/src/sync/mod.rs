@@ -77,6 +77,7 @@ mod tests {
         let max_staleness = 2;
         let config = SyncConfig {
             max_staleness,
+            audit: true,
             ..SyncConfig::default()
         };
         let mut nodes: Vec<Node> = (0..REGIONS)
@@ -204,6 +205,9 @@ mod tests {
                     }
                 }
                 assert_eq!(node.sync.clock().complete(l), target_rounds);
+                // The region's own audit agrees.
+                let audit = node.sync.conservation_error(l).unwrap();
+                assert!(audit < 1e-5, "region {r} link {l}: audit {audit}");
             }
             // Every peer's decoded updates were applied exactly once: w = w0 + own + Σ peers' sent to r.
             for (t, m) in metas.iter().enumerate() {
@@ -351,5 +355,72 @@ mod tests {
         }
         assert_eq!(wa, wb, "both regions restart from the same anchor");
         assert!(a.may_start_next() && !a.apply_outer_step(&mut wa));
+    }
+
+    #[test]
+    fn snapshot_serve_adopt_and_resume_keep_every_link_conserved() {
+        let metas = metas();
+        let cfg = SyncConfig {
+            audit: true,
+            ..SyncConfig::default()
+        };
+        let names = names();
+        let peers = |me: usize| -> Vec<String> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != me)
+                .map(|(_, n)| n.clone())
+                .collect()
+        };
+        let mut a = RegionSync::new(&names[0], &peers(0), metas.clone(), cfg.clone(), 1);
+        let mut b = RegionSync::new(&names[1], &peers(1), metas.clone(), cfg.clone(), 2);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut wa: Vec<Vec<f32>> = metas.iter().map(|m| vec![1.0; m.numel]).collect();
+        let mut wb = wa.clone();
+        for _ in 0..20 {
+            for (s, w) in [(&mut a, &mut wa), (&mut b, &mut wb)] {
+                let delta: Vec<Vec<f32>> = metas
+                    .iter()
+                    .map(|m| {
+                        (0..m.numel)
+                            .map(|_| rng.random_range(-0.05..0.05))
+                            .collect()
+                    })
+                    .collect();
+                s.add_local_update(&delta);
+                let plans: Vec<LinkPlan> = (0..2).map(|_| random_plan(&mut rng, 3)).collect();
+                s.finish_round(w, &plans).unwrap();
+            }
+        }
+        // r2 restarts empty and takes r0's snapshot; r0 clears its residual for r2, and r1
+        // copies its residual for r0 into its residual for r2 when the notice arrives.
+        let mut c = RegionSync::new(&names[2], &peers(2), metas.clone(), cfg, 3);
+        let snap = a.snapshot_for(1, &wa, "m");
+        assert!(a.residual(1).iter().flatten().all(|v| *v == 0.0));
+        let mut wc = Vec::new();
+        let notice = c.adopt(&snap, &mut wc).unwrap();
+        assert_eq!(wc, wa);
+        assert_eq!(c.round(), 20);
+        assert_eq!(
+            c.clock().complete(0),
+            20,
+            "all of r0's rounds are in the snapshot"
+        );
+        b.receive(1, &notice.to_bytes(), &mut wb).unwrap();
+        assert_eq!(b.clock().complete(1), 20);
+        assert_eq!(b.residual(1), b.residual(0));
+        for (s, links) in [(&a, 2), (&b, 2)] {
+            for l in 0..links {
+                let e = s.conservation_error(l).unwrap();
+                assert!(e < 1e-5, "{} link {l}: {e}", s.name());
+            }
+        }
+        // Adopting a snapshot of another shape changes nothing.
+        let mut bad = snap.clone();
+        bad.weights.pop();
+        let before = c.round();
+        assert!(c.adopt(&bad, &mut wc).is_err());
+        assert_eq!(c.round(), before);
     }
 }

@@ -54,6 +54,9 @@ pub struct SyncConfig {
     pub limits: Limits,
     /// Thresholds at which policies are told the significant fraction.
     pub stat_thresholds: Vec<f32>,
+    /// Keep f64 sums of local updates and of what each link delivered, to check per-link
+    /// conservation at any time (costs 8 bytes per parameter per link, plus one).
+    pub audit: bool,
 }
 
 impl Default for SyncConfig {
@@ -65,6 +68,7 @@ impl Default for SyncConfig {
             bucket: 512,
             limits: Limits::default(),
             stat_thresholds: vec![0.001, 0.01, 0.1],
+            audit: false,
         }
     }
 }
@@ -138,6 +142,27 @@ pub struct Outgoing {
     pub messages: Vec<WanMessage>,
     /// What the receiver will decode, per tensor sent (for conservation checks).
     pub decoded: Vec<(u32, Update)>,
+    /// Per frame sent: what it cost and carried (for metrics).
+    pub frames: Vec<FrameStats>,
+    /// Elements of the model not sent on this link this round.
+    pub elements_held: u64,
+}
+
+/// One sent frame, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameStats {
+    /// Tensor index.
+    pub tensor: u32,
+    /// Whether the tensor is a bias.
+    pub bias: bool,
+    /// Bit-width the plan chose.
+    pub bits: u8,
+    /// Elements carried.
+    pub elements: u64,
+    /// Packed payload bytes before zstd.
+    pub packed: u64,
+    /// Payload bytes after zstd.
+    pub compressed: u64,
 }
 
 /// State of the `mean` merge: the shared anchor, the outer momentum and peers' updates
@@ -151,6 +176,29 @@ struct OuterState {
     last: u64,
 }
 
+/// f64 sums behind [`RegionSync::conservation_error`].
+#[derive(Debug, Clone)]
+struct Audit {
+    /// Σ local updates, per tensor.
+    local: Vec<Vec<f64>>,
+    /// Per link: Σ decoded updates sent plus snapshot adjustments, per tensor.
+    delivered: Vec<Vec<Vec<f64>>>,
+}
+
+fn add_update_f64(sum: &mut [f64], update: &Update, sign: f64) {
+    match update {
+        Update::Dense(v) => sum
+            .iter_mut()
+            .zip(v)
+            .for_each(|(s, x)| *s += sign * f64::from(*x)),
+        Update::Sparse { indices, values } => {
+            for (&i, &x) in indices.iter().zip(values) {
+                sum[i as usize] += sign * f64::from(x);
+            }
+        }
+    }
+}
+
 /// A region's WAN state: one residual per peer, the mirror clock, and counters.
 pub struct RegionSync {
     name: String,
@@ -160,6 +208,7 @@ pub struct RegionSync {
     config: SyncConfig,
     round: u64,
     outer: OuterState,
+    audit: Option<Audit>,
 }
 
 impl RegionSync {
@@ -185,8 +234,14 @@ impl RegionSync {
                 adjustment: tensors.iter().map(|t| vec![0.0; t.numel]).collect(),
             })
             .collect();
+        let zeros = || -> Vec<Vec<f64>> { tensors.iter().map(|t| vec![0.0; t.numel]).collect() };
+        let audit = config.audit.then(|| Audit {
+            local: zeros(),
+            delivered: peers.iter().map(|_| zeros()).collect(),
+        });
         Self {
             name: name.into(),
+            audit,
             clock: MirrorClock::new(peers.len(), config.max_staleness),
             tensors,
             links,
@@ -295,6 +350,11 @@ impl RegionSync {
         &self.config.stat_thresholds
     }
 
+    /// Elements in the model.
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel).sum()
+    }
+
     /// Number of peer links.
     pub fn link_count(&self) -> usize {
         self.links.len()
@@ -321,8 +381,46 @@ impl RegionSync {
         &self.links[l].adjustment
     }
 
+    /// With auditing on, the largest per-element gap in link `l`'s invariant
+    /// |Σ decoded sent + adjustments + residual − Σ local updates|, relative to the largest
+    /// |Σ local update| (so 1e-6 means float rounding). `None` without auditing.
+    pub fn conservation_error(&self, l: usize) -> Option<f64> {
+        let a = self.audit.as_ref()?;
+        let mut worst = 0.0f64;
+        let mut scale = 1e-12f64;
+        for ((local, delivered), residual) in a
+            .local
+            .iter()
+            .zip(&a.delivered[l])
+            .zip(&self.links[l].residual)
+        {
+            for ((lo, de), re) in local.iter().zip(delivered).zip(residual) {
+                worst = worst.max((de + f64::from(*re) - lo).abs());
+                scale = scale.max(lo.abs());
+            }
+        }
+        Some(worst / scale)
+    }
+
     /// Replaces link `l`'s residual, recording the difference as delivered by snapshot.
     fn reset_residual(&mut self, l: usize, new: Option<Vec<Vec<f32>>>) {
+        if let (Some(a), Some(new)) = (&mut self.audit, &new) {
+            for ((sum, old), new) in a.delivered[l]
+                .iter_mut()
+                .zip(&self.links[l].residual)
+                .zip(new)
+            {
+                for ((s, o), n) in sum.iter_mut().zip(old).zip(new) {
+                    *s += f64::from(*o) - f64::from(*n);
+                }
+            }
+        } else if let Some(a) = &mut self.audit {
+            for (sum, old) in a.delivered[l].iter_mut().zip(&self.links[l].residual) {
+                sum.iter_mut()
+                    .zip(old)
+                    .for_each(|(s, o)| *s += f64::from(*o));
+            }
+        }
         let link = &mut self.links[l];
         let new = new.unwrap_or_else(|| self.tensors.iter().map(|t| vec![0.0; t.numel]).collect());
         for ((adj, old), new) in link.adjustment.iter_mut().zip(&link.residual).zip(&new) {
@@ -402,6 +500,11 @@ impl RegionSync {
 
     /// Adds this region's own update (new weights minus old, per tensor) to every link's residual.
     pub fn add_local_update(&mut self, delta: &[Vec<f32>]) {
+        if let Some(a) = &mut self.audit {
+            for (sum, d) in a.local.iter_mut().zip(delta) {
+                sum.iter_mut().zip(d).for_each(|(s, x)| *s += f64::from(*x));
+            }
+        }
         for link in &mut self.links {
             for (acc, d) in link.residual.iter_mut().zip(delta) {
                 for (a, v) in acc.iter_mut().zip(d) {
@@ -460,6 +563,8 @@ impl RegionSync {
         for (l, (link, plan)) in self.links.iter_mut().zip(plans).enumerate() {
             let mut messages = Vec::new();
             let mut decoded = Vec::new();
+            let mut frames = Vec::new();
+            let mut elements_sent = 0u64;
             for (t, tensor_plan) in plan.tensors.iter().enumerate() {
                 let acc = &mut link.residual[t];
                 if !tensor_plan.send {
@@ -489,7 +594,19 @@ impl RegionSync {
                 enc.decoded.add_to(acc, -1.0);
                 link.counters.bytes_sent += enc.bytes.len() as u64;
                 link.counters.elements_sent += update.value_count() as u64;
+                elements_sent += update.value_count() as u64;
+                frames.push(FrameStats {
+                    tensor: t as u32,
+                    bias: self.tensors[t].role == TensorRole::Bias,
+                    bits: tensor_plan.bits,
+                    elements: update.value_count() as u64,
+                    packed: enc.packed_len as u64,
+                    compressed: enc.compressed_len as u64,
+                });
                 link.rounds_since_sent[t] = 0;
+                if let Some(a) = &mut self.audit {
+                    add_update_f64(&mut a.delivered[l][t], &enc.decoded, 1.0);
+                }
                 messages.push(WanMessage::Frame(enc.bytes));
                 decoded.push((t as u32, enc.decoded));
             }
@@ -500,10 +617,13 @@ impl RegionSync {
             });
             link.counters.bytes_sent += end.wire_len() as u64;
             messages.push(end);
+            let numel: u64 = self.tensors.iter().map(|t| t.numel as u64).sum();
             out.push(Outgoing {
                 link: l,
                 messages,
                 decoded,
+                frames,
+                elements_held: numel.saturating_sub(elements_sent),
             });
         }
         Ok(out)

@@ -1,0 +1,296 @@
+//! The admin API of running agents: authentication, policy checks, hot swap and rollback,
+//! metrics and status; and fifty swaps while three regions train, which must not skip or
+//! repeat a round, break per-link conservation, or cost accuracy.
+
+mod common;
+
+use common::cluster::*;
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const TOKEN: &str = "an-admin-token-for-tests-0123456789";
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// (status, body as JSON or as a string).
+fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+    let mut r = r.unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn put_policy(admin: SocketAddr, token: Option<&str>, body: &[u8]) -> (u16, Value) {
+    let mut req = http().put(format!("http://{admin}/policies"));
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    reply(req.send(body))
+}
+
+fn rollback(admin: SocketAddr) -> (u16, Value) {
+    reply(
+        http()
+            .post(format!("http://{admin}/policies/rollback"))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .send_empty(),
+    )
+}
+
+fn get(admin: SocketAddr, path: &str) -> (u16, Value) {
+    reply(http().get(format!("http://{admin}{path}")).call())
+}
+
+/// Waits for an agent's admin API to answer and report it is training.
+fn wait_ready(admin: SocketAddr) {
+    wait_for(
+        &format!("{admin} to be ready"),
+        Duration::from_secs(90),
+        || {
+            http()
+                .get(format!("http://{admin}/readyz"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+        },
+    );
+}
+
+fn builtin(name: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{name}.wasm"));
+    let st = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args(["policy", "export", name, "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    std::fs::read(out).unwrap()
+}
+
+/// Three regions on loopback with admin listeners and a token; `epochs` per region.
+fn cluster(dir: &Path, epochs: usize) -> (Vec<Agent>, Vec<SocketAddr>) {
+    let certs_dir = dir.join("certs");
+    certs(&certs_dir, &REGIONS);
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_tcp()).collect();
+    let agents = (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], listen[j].to_string()))
+                .collect();
+            write_config(
+                dir,
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                3,
+                listen[i],
+                &peers,
+                "peer_deadline_s = 60",
+                &format!(
+                    "epochs = {epochs}\n[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"",
+                    admin[i],
+                    dir.join("token").display()
+                ),
+            );
+            Agent::new(dir, REGIONS[i])
+        })
+        .collect();
+    (agents, admin)
+}
+
+#[test]
+fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agents, admin) = cluster(dir.path(), 200);
+    agents.iter_mut().for_each(Agent::start);
+    let a = admin[0];
+    wait_ready(a);
+    assert_eq!(get(a, "/healthz").0, 200);
+    let gaia = builtin("gaia", dir.path());
+    // No token, a wrong one: 401, nothing changes.
+    let (code, body) = put_policy(a, None, &gaia);
+    assert_eq!(code, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Bearer"));
+    assert_eq!(put_policy(a, Some("not-the-token-at-all-no"), &gaia).0, 401);
+    // Not a component: 422 with the reason.
+    let (code, body) = put_policy(a, Some(TOKEN), b"this is not wasm");
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["kind"], "load");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid weightgrad:policy")
+    );
+    // A valid component that would change the run's merge mode: 422.
+    let (code, body) = put_policy(a, Some(TOKEN), &builtin("diloco", dir.path()));
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("merge mode"),
+        "{body}"
+    );
+    // Over the body limit: 413.
+    let (code, _) = put_policy(a, Some(TOKEN), &vec![0u8; 9 << 20]);
+    assert_eq!(code, 413);
+    let (_, before) = get(a, "/policies");
+    assert_eq!(before["active"]["name"], "weightgrad");
+    assert_eq!(before["swaps"], 0);
+    // A good one swaps; /policies and /metrics show it.
+    let (code, body) = put_policy(a, Some(TOKEN), &gaia);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["active"]["name"], "gaia");
+    assert_eq!(body["previous"]["name"], "weightgrad");
+    let (_, policies) = get(a, "/policies");
+    assert_eq!(policies["active"]["name"], "gaia");
+    assert_eq!(policies["swaps"], 1);
+    assert!(policies["active"]["loaded_at"].as_str().is_some());
+    // Let a few rounds run under the new policy, then read the metrics.
+    let round = get(a, "/status").1["round"].as_u64().unwrap();
+    wait_for("five more rounds", Duration::from_secs(60), || {
+        get(a, "/status").1["round"].as_u64().unwrap() >= round + 5
+    });
+    let (_, metrics) = get(a, "/metrics");
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains("weightgrad_policy_swaps_total{region=\"us-east\"} 1"),
+        "{metrics}"
+    );
+    for name in [
+        "weightgrad_wan_bytes_sent_total{region=\"us-east\",peer=\"eu-west\"}",
+        "weightgrad_round_duration_seconds_bucket",
+        "weightgrad_bits_chosen_bucket",
+        "weightgrad_peer_up{region=\"us-east\",peer=\"ap-southeast\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    wait_for(
+        "the status page to show gaia",
+        Duration::from_secs(30),
+        || get(a, "/status").1["policy"]["name"] == "gaia",
+    );
+    // Rollback: weightgrad again; the CLI says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args([
+            "policy",
+            "rollback",
+            "--agent",
+            &format!("http://{a}"),
+            "--token-file",
+        ])
+        .arg(dir.path().join("token"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("active: weightgrad"));
+    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args(["status", "--agent", &format!("http://{a}"), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["region"], "us-east");
+    assert_eq!(status["peers"].as_array().unwrap().len(), 2);
+    assert!(status["round"].as_u64().unwrap() > 0);
+    // The agent logged the swaps with digests.
+    assert!(agents[0].log().contains("policy swapped"));
+    for a in &mut agents {
+        a.kill();
+    }
+}
+
+#[test]
+fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let epochs = 20;
+    // The same run without swaps, for the accuracy reference.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (mut plain, _) = cluster(plain_dir.path(), epochs);
+    plain.iter_mut().for_each(Agent::start);
+    let plain: Vec<Value> = plain
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agents, admin) = cluster(dir.path(), epochs);
+    let wasm = [
+        builtin("gaia", dir.path()),
+        builtin("weightgrad", dir.path()),
+    ];
+    agents.iter_mut().for_each(Agent::start);
+    admin.iter().copied().for_each(wait_ready);
+    // Fifty swaps on every agent while they train: pushes and rollbacks.
+    let mut swaps = 0;
+    for k in 0..50 {
+        for &a in &admin {
+            let (code, body) = if k < 2 {
+                put_policy(a, Some(TOKEN), &wasm[k % 2])
+            } else {
+                rollback(a)
+            };
+            assert_eq!(code, 200, "swap {k} at {a}: {body}");
+        }
+        swaps += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let mid_run = get(admin[0], "/status").1;
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    assert_eq!(swaps, 50);
+    assert!(
+        mid_run["round"].as_u64().unwrap() < reports[0]["rounds"].as_u64().unwrap(),
+        "the swaps happened while training"
+    );
+    let total = plain[0]["rounds"].as_u64().unwrap();
+    for (r, p) in reports.iter().zip(&plain) {
+        // Every round ran once, every peer's rounds all arrived, nothing refused.
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        assert_eq!(r["interrupted"], false);
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            assert_eq!(l["rejected"], 0, "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        let (acc, base) = (
+            r["test_accuracy"].as_f64().unwrap(),
+            p["test_accuracy"].as_f64().unwrap(),
+        );
+        eprintln!("{}: top-1 {acc} with swaps, {base} without", r["region"]);
+        assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
+    }
+    assert!(agents[0].log().contains("policy changed"));
+}

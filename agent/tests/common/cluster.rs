@@ -1,0 +1,176 @@
+//! Running `weightgrad agent` processes in tests: configs, certificates, processes and
+//! their logs and reports.
+
+use serde_json::Value;
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The heavy tests of a binary share two cores: run them one at a time.
+pub static HEAVY: Mutex<()> = Mutex::new(());
+
+pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
+
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One agent process, its files, and its log.
+pub struct Agent {
+    pub name: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub report: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            config: dir.join(format!("{name}.toml")),
+            log: dir.join(format!("{name}.log")),
+            report: dir.join(format!("{name}.json")),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+                .args(["agent", "--config"])
+                .arg(&self.config)
+                .arg("--report")
+                .arg(&self.report)
+                .env("WEIGHTGRAD_LOG", "warn,weightgrad=debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to finish its run and returns its report.
+    pub fn finish(&mut self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("started");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    tail(&self.log())
+                );
+                self.child = None;
+                let text = std::fs::read_to_string(&self.report).unwrap();
+                return serde_json::from_str(&text).unwrap();
+            }
+            if Instant::now() > deadline {
+                let log = self.log();
+                self.kill();
+                panic!(
+                    "{} did not finish in {within:?}:\n{}",
+                    self.name,
+                    tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes a config for `name` (shard `index` of `count`) listening on `listen`, dialling
+/// `peers` (name, address); `extra` is appended under `[training]`, `wan` extra keys under
+/// `[wan]`.
+#[allow(clippy::too_many_arguments)]
+pub fn write_config(
+    dir: &Path,
+    certs: &Path,
+    name: &str,
+    cert_name: &str,
+    index: usize,
+    count: usize,
+    listen: SocketAddr,
+    peers: &[(&str, String)],
+    wan: &str,
+    training: &str,
+) -> PathBuf {
+    let mut t = format!(
+        "region = \"{name}\"\n[wan]\nlisten = \"{listen}\"\nbandwidth_mbps = 50\nrtt_ms = 80\n{wan}\n"
+    );
+    for (p, addr) in peers {
+        t += &format!("[[peers]]\nname = \"{p}\"\naddress = \"{addr}\"\n");
+    }
+    t += &format!(
+        "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{cert_name}.pem\"\nkey = \"{c}/{cert_name}.key\"\n",
+        c = certs.display()
+    );
+    t += &format!("[data.shard]\nindex = {index}\ncount = {count}\n[training]\n{training}\n");
+    t += &format!("[checkpoint]\ndir = \"{}/state-{name}\"\n", dir.display());
+    if !t.contains("[admin]") && !wan.contains("[admin]") {
+        t += "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+pub fn certs(dir: &Path, regions: &[&str]) {
+    let list = regions.join(",");
+    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        .args(["certs", "init", "--regions", &list, "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn sum(reports: &[Value], key: &str) -> u64 {
+    reports.iter().map(|r| r[key].as_u64().unwrap()).sum()
+}
