@@ -113,6 +113,7 @@ fn cluster(dir: &Path, epochs: usize) -> (Vec<Agent>, Vec<SocketAddr>) {
                     admin[i],
                     dir.join("token").display()
                 ),
+                "",
             );
             Agent::new(dir, REGIONS[i])
         })

@@ -66,6 +66,7 @@ fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() 
                 &peers,
                 "",
                 "",
+                "",
             );
             Agent::new(dir.path(), REGIONS[i])
         })
@@ -154,6 +155,7 @@ fn refused(
         ],
         "peer_deadline_s = 600",
         "epochs = 1",
+        "",
     );
     write_config(
         dir.path(),
@@ -166,6 +168,7 @@ fn refused(
         &[("us-east", a.to_string())],
         "peer_deadline_s = 600",
         &format!("epochs = 1\nmodel = \"{model}\""),
+        "",
     );
     let mut server = Agent::new(dir.path(), "us-east");
     let mut intruder = Agent::new(dir.path(), "eu-west");
@@ -255,6 +258,7 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
                 &peers,
                 "peer_deadline_s = 2",
                 "epochs = 20",
+                "",
             );
             Agent::new(dir.path(), REGIONS[i])
         })
@@ -327,4 +331,101 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
             .map(|r| r["test_accuracy"].as_f64().unwrap())
             .collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn sigterm_checkpoints_and_a_restart_continues_from_the_same_round() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    certs(&certs_dir, &REGIONS);
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], listen[j].to_string()))
+                .collect();
+            write_config(
+                dir.path(),
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                3,
+                listen[i],
+                &peers,
+                "peer_deadline_s = 120",
+                "epochs = 20",
+                "every_rounds = 100000",
+            );
+            Agent::new(dir.path(), REGIONS[i])
+        })
+        .collect();
+    agents.iter_mut().for_each(Agent::start);
+    let round_of = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("round round="))
+            .filter_map(|l| {
+                l.split("round=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    wait_for("epoch 4 at ap-southeast", Duration::from_secs(120), || {
+        round_of(&agents[2].log()) >= 60
+    });
+    let pid = agents[2].child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopped = agents[2].finish(Duration::from_secs(60));
+    assert_eq!(stopped["interrupted"], true);
+    let at = stopped["rounds"].as_u64().unwrap();
+    assert!(at >= 60);
+    assert!(
+        agents[2].log().contains("checkpoint written"),
+        "{}",
+        agents[2].log()
+    );
+    // The others wait for it (well within the deadline) and it comes back.
+    agents[2].start();
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    let log = agents[2].log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming from checkpoint"))
+        .unwrap_or_else(|| panic!("no resume in\n{log}"));
+    assert!(resumed.contains(&format!("round={at}")), "{resumed}");
+    let total = reports[0]["rounds"].as_u64().unwrap();
+    for r in &reports {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        assert_eq!(r["snapshots_adopted"], 0, "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            assert_eq!(l["rejected"], 0, "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.93, "{}: top-1 {acc}", r["region"]);
+    }
+    eprintln!("stopped at round {at}; resumed; all finished {total} rounds");
 }

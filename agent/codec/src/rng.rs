@@ -17,6 +17,11 @@ impl DitherRng {
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
+
+    /// The current state: `DitherRng::new(g.state())` continues `g`'s stream exactly.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
 }
 
 impl RngCore for DitherRng {

@@ -47,6 +47,34 @@ impl Worker {
     }
 }
 
+/// One worker's place in its data, for checkpoints.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerState {
+    /// This epoch's sample order.
+    pub order: Vec<usize>,
+    /// Next position in `order`.
+    pub cursor: usize,
+    /// Epochs started.
+    pub epoch: u64,
+}
+
+/// Everything a [`RegionTrainer`] holds that training changes, for checkpoints.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Full-precision weights.
+    pub weights: Vec<Vec<f32>>,
+    /// Optimizer slots (e.g. Adam's moments), slot × tensor, flattened.
+    pub optimizer: Vec<Vec<Vec<f32>>>,
+    /// Optimizer steps.
+    pub optimizer_steps: u64,
+    /// Region steps.
+    pub steps: u64,
+    /// LAN bytes so far.
+    pub lan_bytes: u64,
+    /// Per worker.
+    pub workers: Vec<WorkerState>,
+}
+
 /// Result of one region step.
 #[derive(Debug)]
 pub struct StepResult {
@@ -396,6 +424,92 @@ impl RegionTrainer {
         self.weights = new;
         self.steps += 1;
         Ok(delta)
+    }
+
+    /// The state training changes, for a checkpoint.
+    pub fn export_state(&self) -> Result<TrainerState> {
+        let (slots, optimizer_steps) = self.opt.state();
+        let optimizer = slots
+            .into_iter()
+            .map(|(_, tensors)| {
+                tensors
+                    .iter()
+                    .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainerState {
+            weights: self.weights.clone(),
+            optimizer,
+            optimizer_steps,
+            steps: self.steps,
+            lan_bytes: self.lan_bytes,
+            workers: self
+                .workers
+                .iter()
+                .map(|w| WorkerState {
+                    order: w.order.clone(),
+                    cursor: w.cursor,
+                    epoch: w.epoch,
+                })
+                .collect(),
+        })
+    }
+
+    /// Restores a state exported by a trainer of the same model and workers; on error
+    /// nothing changes.
+    pub fn restore_state(&mut self, s: TrainerState) -> Result<()> {
+        let specs = self.model.manifest().tensors.clone();
+        ensure!(
+            s.weights.len() == specs.len()
+                && s.weights
+                    .iter()
+                    .zip(&specs)
+                    .all(|(w, t)| w.len() == t.numel()),
+            "the checkpoint's weights do not fit the model"
+        );
+        ensure!(
+            s.workers.len() == self.workers.len(),
+            "the checkpoint has {} workers, the configuration {}",
+            s.workers.len(),
+            self.workers.len()
+        );
+        for (w, ws) in self.workers.iter().zip(&s.workers) {
+            ensure!(
+                ws.cursor <= ws.order.len() && ws.order.iter().all(|&i| i < w.data.len()),
+                "the checkpoint's data order does not fit this region's shard"
+            );
+        }
+        let slots = s
+            .optimizer
+            .iter()
+            .map(|slot| {
+                ensure!(
+                    slot.len() == specs.len(),
+                    "optimizer state does not fit the model"
+                );
+                slot.iter()
+                    .zip(&specs)
+                    .map(|(v, t)| {
+                        Ok(Tensor::from_vec(
+                            v.clone(),
+                            t.shape.as_slice(),
+                            self.model.device(),
+                        )?)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.opt.restore(slots, s.optimizer_steps)?;
+        self.weights = s.weights;
+        self.steps = s.steps;
+        self.lan_bytes = s.lan_bytes;
+        for (w, ws) in self.workers.iter_mut().zip(s.workers) {
+            w.order = ws.order;
+            w.cursor = ws.cursor;
+            w.epoch = ws.epoch;
+        }
+        Ok(())
     }
 
     /// Top-1 and loss of the full-precision weights on `test`.

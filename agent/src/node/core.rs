@@ -3,6 +3,7 @@
 //! every piece of training and sync state and runs on its own thread; the WAN tasks talk to
 //! it through [`WanEvent`]s.
 
+use super::checkpoint::AgentCheckpoint;
 use super::liveness::{Liveness, LivenessChange};
 use super::status::{ByteTotals, PeerStatus, PolicyStatus, Status, now_rfc3339};
 use crate::lan::RegionTrainer;
@@ -11,9 +12,11 @@ use crate::sync::{ReceiveError, RegionSync, decode_snapshot, encode_snapshot};
 use crate::telemetry as m;
 use crate::train::Dataset;
 use crate::train::schedule::LrSchedule;
+use crate::wan::inbound::Acceptor;
 use crate::wan::link::{LinkSender, WanEvent};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
@@ -118,6 +121,14 @@ pub struct Core {
     pub wan_counters: WanCounters,
     /// Where the status page reads from.
     pub status: Arc<RwLock<Status>>,
+    /// The accepting side (closed before the final checkpoint).
+    pub acceptor: Arc<Acceptor>,
+    /// Where checkpoints go.
+    pub checkpoint_path: PathBuf,
+    /// Rounds between periodic checkpoints (0: only at the end and on stop).
+    pub checkpoint_every: u64,
+    /// A checkpoint to resume from.
+    pub resume: Option<AgentCheckpoint>,
 }
 
 /// Counters the WAN tasks keep for the report.
@@ -492,6 +503,90 @@ impl Core {
         *self.status.write().expect("status") = status;
     }
 
+    /// Writes a checkpoint; a failure is logged and training goes on (the previous
+    /// checkpoint stays in place).
+    fn save_checkpoint(&self, st: &LoopState) -> bool {
+        let started = Instant::now();
+        let ck = self.trainer.export_state().map(|trainer| AgentCheckpoint {
+            format: AgentCheckpoint::current_format(),
+            region: self.region.clone(),
+            manifest: self.manifest.clone(),
+            total_rounds: self.total_rounds,
+            policy_digest: st.policy_digest.clone(),
+            policy_state: st.policy_state.clone(),
+            wan_sent: st.wan_sent,
+            trainer,
+            sync: self.sync.export_state(),
+            unacked: self
+                .links
+                .iter()
+                .map(|l| {
+                    l.shared()
+                        .unacknowledged()
+                        .into_iter()
+                        .map(serde_bytes::ByteBuf::from)
+                        .collect()
+                })
+                .collect(),
+        });
+        match ck.and_then(|ck| ck.save(&self.checkpoint_path)) {
+            Ok(()) => {
+                tracing::info!(round = self.sync.round(), path = %self.checkpoint_path.display(), ms = started.elapsed().as_millis() as u64, "checkpoint written");
+                true
+            }
+            Err(e) => {
+                tracing::error!("checkpoint failed, the previous one stays: {e:#}");
+                false
+            }
+        }
+    }
+
+    /// Restores a checkpoint taken by this region's run.
+    fn resume_from(&mut self, st: &mut LoopState, ck: AgentCheckpoint) -> Result<()> {
+        let round = ck.sync.round();
+        self.trainer.restore_state(ck.trainer)?;
+        self.sync
+            .restore_state(ck.sync)
+            .map_err(|e| anyhow!("{}: {e}", self.checkpoint_path.display()))?;
+        st.wan_sent = ck.wan_sent;
+        if ck.policy_digest == self.policy.active().digest {
+            st.policy_state = ck.policy_state;
+        } else {
+            tracing::info!("the checkpoint was taken under another policy; its state starts empty");
+        }
+        // What peers had not acknowledged goes first, in order.
+        for (link, messages) in self.links.iter().zip(ck.unacked) {
+            for m in messages {
+                link.send(m.into_vec());
+            }
+        }
+        self.round.store(round, Ordering::Relaxed);
+        tracing::info!(round, path = %self.checkpoint_path.display(), "resuming from checkpoint");
+        Ok(())
+    }
+
+    /// Before the final checkpoint: lets what was sent be acknowledged (up to `patience`),
+    /// then stops taking messages and applies everything already handed over.
+    fn quiesce(&mut self, st: &mut LoopState, events: &Receiver<WanEvent>, patience: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < patience
+            && self.links.iter().any(|l| {
+                l.shared().connected.load(Ordering::Relaxed)
+                    && l.shared().unacked_messages.load(Ordering::Relaxed) > 0
+            })
+        {
+            if let Ok(ev) = events.recv_timeout(Duration::from_millis(20)) {
+                let now = start.elapsed();
+                self.handle(st, ev, now);
+            }
+        }
+        self.acceptor.close();
+        let now = start.elapsed();
+        while let Ok(ev) = events.try_recv() {
+            self.handle(st, ev, now);
+        }
+    }
+
     /// Every live peer's rounds have arrived and everything sent is acknowledged.
     fn finished(&self, st: &LoopState) -> bool {
         self.sync.round() >= self.total_rounds
@@ -551,6 +646,9 @@ impl Core {
         let first = self.policy.decide_round(&input);
         st.lan_plan = first.output.lan;
         st.policy_state = first.output.state;
+        if let Some(ck) = self.resume.take() {
+            self.resume_from(&mut st, ck)?;
+        }
         let mut interrupted = false;
         let mut last_publish = Instant::now();
         loop {
@@ -592,6 +690,11 @@ impl Core {
                 self.publish_policy_change(&mut st);
                 st.state = "training";
                 self.train_round(&mut st, &schedule)?;
+                if self.checkpoint_every > 0
+                    && self.sync.round().is_multiple_of(self.checkpoint_every)
+                {
+                    self.save_checkpoint(&st);
+                }
                 continue;
             }
             st.state = if !st.liveness.settled() {
@@ -612,6 +715,10 @@ impl Core {
             }
         }
         st.state = if interrupted { "stopping" } else { "finished" };
+        self.publish(&mut st);
+        // Flush what the plan sent, take in what peers handed over, then checkpoint.
+        self.quiesce(&mut st, &events, Duration::from_secs(10));
+        self.save_checkpoint(&st);
         let e = self.trainer.evaluate(&self.test)?;
         st.accuracy = Some(e.accuracy);
         self.publish(&mut st);

@@ -2,6 +2,7 @@
 //! policy from the configuration, starts the QUIC endpoints, one link task per peer and the
 //! accepting side, and runs the [`core`] loop until the run is over or it is told to stop.
 
+pub mod checkpoint;
 pub mod core;
 pub mod liveness;
 pub mod status;
@@ -198,6 +199,13 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
     let client = endpoint::client(&cfg.wan, &identity, bind, telemetry.clone())?;
     let (events_tx, events_rx) = std::sync::mpsc::channel();
     let round = Arc::new(AtomicU64::new(0));
+    let checkpoint_path = checkpoint::path(&cfg.checkpoint.dir, &cfg.region);
+    let resume = checkpoint::AgentCheckpoint::load(&checkpoint_path)?;
+    if let Some(ck) = &resume {
+        ck.check(&cfg.region, &manifest, total_rounds, &checkpoint_path)?;
+        // Hellos and welcomes tell peers where this region stands from the start.
+        round.store(ck.sync.round(), std::sync::atomic::Ordering::Relaxed);
+    }
     let acceptor = Arc::new(Acceptor {
         expect: Expectation {
             region: cfg.region.clone(),
@@ -209,6 +217,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         max_message,
         refusals: Arc::new(AtomicU64::new(0)),
         bad_streams: Arc::new(AtomicU64::new(0)),
+        open: RwLock::new(true),
     });
     let wan_counters = WanCounters {
         tls_refusals: telemetry.tls_refusals.clone(),
@@ -216,7 +225,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         bad_streams: acceptor.bad_streams.clone(),
     };
     tracing::info!(listen = %server.local_addr()?, "WAN endpoint listening");
-    runtime.spawn(inbound::serve(server, acceptor));
+    runtime.spawn(inbound::serve(server, acceptor.clone()));
     let hello = {
         let (region, manifest, round) = (cfg.region.clone(), manifest.clone(), round.clone());
         Arc::new(move || Hello {
@@ -267,6 +276,10 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         stop,
         wan_counters,
         status,
+        acceptor,
+        checkpoint_path,
+        checkpoint_every: cfg.checkpoint.every_rounds,
+        resume,
     };
     let report = core.run(events_rx);
     // The links' queues are closed now: their tasks close the connections. Give the

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct PeerClock {
     /// Highest round `c` such that every round `<= c` is complete.
     complete: u64,
@@ -35,7 +35,7 @@ impl PeerClock {
 }
 
 /// Per-peer round completion and the staleness bound.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MirrorClock {
     max_staleness: u64,
     peers: Vec<PeerClock>,

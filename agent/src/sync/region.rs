@@ -106,7 +106,7 @@ pub enum ReceiveError {
 }
 
 /// Byte and element counters for one link.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkCounters {
     /// Bytes handed to the link (frames and markers).
     pub bytes_sent: u64,
@@ -167,7 +167,7 @@ pub struct FrameStats {
 
 /// State of the `mean` merge: the shared anchor, the outer momentum and peers' updates
 /// received for outer steps not yet taken.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct OuterState {
     anchor: Vec<Vec<f32>>,
     momentum: Vec<Vec<f32>>,
@@ -177,7 +177,7 @@ struct OuterState {
 }
 
 /// f64 sums behind [`RegionSync::conservation_error`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Audit {
     /// Σ local updates, per tensor.
     local: Vec<Vec<f64>>,
@@ -196,6 +196,36 @@ fn add_update_f64(sum: &mut [f64], update: &Update, sign: f64) {
                 sum[i as usize] += sign * f64::from(x);
             }
         }
+    }
+}
+
+/// One link's state in a checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LinkState {
+    peer: String,
+    residual: Vec<Vec<f32>>,
+    rounds_since_sent: Vec<u32>,
+    rng: u64,
+    counters: LinkCounters,
+    applied: Vec<(u64, u32)>,
+    adjustment: Vec<Vec<f32>>,
+}
+
+/// Everything a [`RegionSync`] holds, for checkpoints: restoring it resumes the region
+/// exactly where it stopped.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncState {
+    round: u64,
+    clock: MirrorClock,
+    links: Vec<LinkState>,
+    outer: OuterState,
+    audit: Option<Audit>,
+}
+
+impl SyncState {
+    /// Rounds finished when it was taken.
+    pub fn round(&self) -> u64 {
+        self.round
     }
 }
 
@@ -348,6 +378,68 @@ impl RegionSync {
     /// Thresholds at which policies are told the significant fraction.
     pub fn stat_thresholds(&self) -> &[f32] {
         &self.config.stat_thresholds
+    }
+
+    /// The whole state, for a checkpoint.
+    pub fn export_state(&self) -> SyncState {
+        SyncState {
+            round: self.round,
+            clock: self.clock.clone(),
+            links: self
+                .links
+                .iter()
+                .map(|l| LinkState {
+                    peer: l.peer.clone(),
+                    residual: l.residual.clone(),
+                    rounds_since_sent: l.rounds_since_sent.clone(),
+                    rng: l.rng.state(),
+                    counters: l.counters,
+                    applied: l.applied.iter().copied().collect(),
+                    adjustment: l.adjustment.clone(),
+                })
+                .collect(),
+            outer: self.outer.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+
+    /// Restores a state exported from a region with the same peers and model; on error
+    /// nothing changes.
+    pub fn restore_state(&mut self, state: SyncState) -> Result<(), String> {
+        let peers: Vec<&str> = self.links.iter().map(|l| l.peer.as_str()).collect();
+        let theirs: Vec<&str> = state.links.iter().map(|l| l.peer.as_str()).collect();
+        if peers != theirs {
+            return Err(format!(
+                "the checkpoint's peers are {theirs:?}, the configuration's {peers:?}"
+            ));
+        }
+        let fits = |t: &[Vec<f32>]| {
+            t.len() == self.tensors.len()
+                && t.iter().zip(&self.tensors).all(|(v, m)| v.len() == m.numel)
+        };
+        if !state.links.iter().all(|l| {
+            fits(&l.residual)
+                && fits(&l.adjustment)
+                && l.rounds_since_sent.len() == self.tensors.len()
+        }) {
+            return Err("the checkpoint's residuals do not fit this model".into());
+        }
+        if state.audit.is_some() != self.audit.is_some() {
+            return Err("the checkpoint was taken with conservation auditing set otherwise".into());
+        }
+        self.round = state.round;
+        self.clock = state.clock;
+        for (link, s) in self.links.iter_mut().zip(state.links) {
+            link.residual = s.residual;
+            link.rounds_since_sent = s.rounds_since_sent;
+            link.rng = DitherRng::new(s.rng);
+            link.counters = s.counters;
+            link.applied = s.applied.into_iter().collect();
+            link.adjustment = s.adjustment;
+        }
+        self.outer = state.outer;
+        self.audit = state.audit;
+        Ok(())
     }
 
     /// Elements in the model.

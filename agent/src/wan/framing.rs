@@ -3,13 +3,14 @@
 //! tensors) share a stream; a large tensor's frame gets a stream of its own, so one big
 //! tensor does not hold up the rest.
 
-/// A stream's messages, grouped: each group is sent on one stream.
-pub fn group_for_streams(messages: &[Vec<u8>], target_stream_bytes: usize) -> Vec<Vec<usize>> {
+/// Groups messages of the given sizes for streams: indices of the messages each stream
+/// carries, in order.
+pub fn group_for_streams(sizes: &[usize], target_stream_bytes: usize) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut current_bytes = 0usize;
-    for (i, m) in messages.iter().enumerate() {
-        let size = m.len() + 4;
+    for (i, len) in sizes.iter().enumerate() {
+        let size = len + 4;
         if !current.is_empty() && current_bytes + size > target_stream_bytes {
             groups.push(std::mem::take(&mut current));
             current_bytes = 0;
@@ -76,7 +77,8 @@ mod tests {
         #[test]
         fn streams_round_trip(messages in prop::collection::vec(
             prop::collection::vec(any::<u8>(), 1..300), 0..20), target in 1usize..1000) {
-            let groups = group_for_streams(&messages, target);
+            let sizes: Vec<usize> = messages.iter().map(Vec::len).collect();
+            let groups = group_for_streams(&sizes, target);
             let flat: Vec<usize> = groups.iter().flatten().copied().collect();
             prop_assert_eq!(flat, (0..messages.len()).collect::<Vec<_>>());
             for g in &groups {

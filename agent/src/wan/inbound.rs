@@ -5,14 +5,16 @@
 
 use super::framing::decode_stream;
 use super::handshake::{Expectation, MAX_HANDSHAKE_BYTES, Verdict, encode_verdict};
-use super::link::{SNAPSHOT_REQUEST, STREAM_TARGET_BYTES, WanEvent};
+use super::link::{
+    ACK, SNAPSHOT_REQUEST, STREAM_MESSAGES, STREAM_SNAPSHOT, STREAM_TARGET_BYTES, WanEvent,
+};
 use super::telemetry::stats_of;
 use anyhow::{Result, anyhow, bail};
 use bytes::Bytes;
 use s2n_quic::stream::{BidirectionalStream, PeerStream};
 use s2n_quic::{Connection, Server};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// How long a new connection has to send its hello.
@@ -32,6 +34,16 @@ pub struct Acceptor {
     pub refusals: Arc<AtomicU64>,
     /// Streams dropped as malformed so far.
     pub bad_streams: Arc<AtomicU64>,
+    /// Whether messages are still handed to the core (closed for a final checkpoint).
+    pub open: RwLock<bool>,
+}
+
+impl Acceptor {
+    /// Stops handing messages to the core; returns once no stream is still handing some
+    /// over, so the core can drain its queue knowing nothing more will arrive.
+    pub fn close(&self) {
+        *self.open.write().expect("gate") = false;
+    }
 }
 
 /// Accepts connections until the endpoint closes.
@@ -122,38 +134,11 @@ async fn connection(mut conn: Connection, a: Arc<Acceptor>) {
     loop {
         match conn.accept().await {
             Ok(Some(PeerStream::Bidirectional(stream))) => {
-                tokio::spawn(serve_snapshot(stream, link, a.clone(), region.clone()));
+                tokio::spawn(serve_stream(stream, link, a.clone(), region.clone()));
             }
-            Ok(Some(PeerStream::Receive(mut stream))) => {
-                let a = a.clone();
-                let region = region.clone();
-                tokio::spawn(async move {
-                    // A stream holds one large message or small ones up to the target.
-                    let limit = a.max_message.max(STREAM_TARGET_BYTES).saturating_add(4);
-                    let bytes = match read_to_end(&mut stream, limit).await {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            // A broken connection: the sender resends what was not
-                            // acknowledged on its next connection.
-                            tracing::debug!(peer = %region, "stream cut short: {e:#}");
-                            return;
-                        }
-                    };
-                    match decode_stream(&bytes, a.max_message) {
-                        Ok(messages) => {
-                            for m in messages {
-                                let _ = a.events.send(WanEvent::Message {
-                                    link,
-                                    bytes: m.to_vec(),
-                                });
-                            }
-                        }
-                        Err(e) => {
-                            a.bad_streams.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(peer = %region, "dropped a malformed stream: {e}");
-                        }
-                    }
-                });
+            Ok(Some(PeerStream::Receive(_))) => {
+                a.bad_streams.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %region, "dropped a unidirectional stream (not part of the protocol)");
             }
             Ok(None) => break,
             Err(e) => {
@@ -164,14 +149,63 @@ async fn connection(mut conn: Connection, a: Arc<Acceptor>) {
     }
 }
 
-/// Answers a peer's snapshot request with this region's state (from the core).
-async fn serve_snapshot(stream: BidirectionalStream, link: usize, a: Arc<Acceptor>, peer: String) {
+/// One stream from an admitted peer: messages (handed to the core, then acknowledged) or
+/// a snapshot request.
+async fn serve_stream(stream: BidirectionalStream, link: usize, a: Arc<Acceptor>, peer: String) {
     let (mut rx, mut tx) = stream.split();
-    let outcome = async {
-        let request = read_to_end(&mut rx, 64).await?;
-        if request != SNAPSHOT_REQUEST {
-            bail!("unknown request on a bidirectional stream");
+    // A stream holds one large message or small ones up to the target.
+    let limit = a.max_message.max(STREAM_TARGET_BYTES).saturating_add(5);
+    let bytes = match read_to_end(&mut rx, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // A broken connection: the sender resends what was not acknowledged.
+            tracing::debug!(%peer, "stream cut short: {e:#}");
+            return;
         }
+    };
+    match bytes.split_first() {
+        Some((&STREAM_MESSAGES, body)) => match decode_stream(body, a.max_message) {
+            Ok(messages) => {
+                {
+                    // Closed at shutdown: what is not handed over by then is not
+                    // acknowledged, so the sender keeps it and sends it again.
+                    let open = a.open.read().expect("gate");
+                    if !*open {
+                        return;
+                    }
+                    for m in messages {
+                        let _ = a.events.send(WanEvent::Message {
+                            link,
+                            bytes: m.to_vec(),
+                        });
+                    }
+                }
+                let _ = tx.send(Bytes::from_static(ACK)).await;
+                let _ = tx.close().await;
+            }
+            Err(e) => {
+                a.bad_streams.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "dropped a malformed stream: {e}");
+            }
+        },
+        Some((&STREAM_SNAPSHOT, _)) if bytes == SNAPSHOT_REQUEST => {
+            serve_snapshot(tx, link, a, peer).await;
+        }
+        _ => {
+            a.bad_streams.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "dropped a stream of unknown kind");
+        }
+    }
+}
+
+/// Answers a peer's snapshot request with this region's state (from the core).
+async fn serve_snapshot(
+    mut tx: s2n_quic::stream::SendStream,
+    link: usize,
+    a: Arc<Acceptor>,
+    peer: String,
+) {
+    let outcome = async {
         let (reply, answer) = tokio::sync::oneshot::channel();
         a.events
             .send(WanEvent::SnapshotRequest { link, reply })

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use s2n_quic::client::Connect;
 use s2n_quic::{Client, Connection};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,6 +91,10 @@ pub struct LinkShared {
     pub transport: Mutex<Option<SharedStats>>,
     /// The last refusal or error, for the status page.
     pub last_error: Mutex<Option<String>>,
+    /// Messages queued or in flight and not yet acknowledged, by sequence number (what a
+    /// checkpoint keeps so a restart sends them again).
+    unacked: Mutex<BTreeMap<u64, Bytes>>,
+    next_seq: AtomicU64,
 }
 
 impl LinkShared {
@@ -110,23 +114,46 @@ impl LinkShared {
         Some(s)
     }
 
-    fn queued(&self, bytes: usize) {
+    fn queued(&self, bytes: &Bytes) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.unacked_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.unacked_messages.fetch_add(1, Ordering::Relaxed);
+        self.unacked
+            .lock()
+            .expect("unacked")
+            .insert(seq, bytes.clone());
+        seq
     }
 
-    fn acked(&self, bytes: u64, messages: u64) {
-        self.unacked_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.unacked_messages.fetch_sub(messages, Ordering::Relaxed);
-        self.acked_bytes.fetch_add(bytes, Ordering::Relaxed);
+    fn acked(&self, group: &Group) {
+        let mut store = self.unacked.lock().expect("unacked");
+        for (seq, m) in group {
+            if store.remove(seq).is_some() {
+                self.unacked_bytes
+                    .fetch_sub(m.len() as u64, Ordering::Relaxed);
+                self.unacked_messages.fetch_sub(1, Ordering::Relaxed);
+                self.acked_bytes
+                    .fetch_add(m.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every message not yet acknowledged, in the order it was queued.
+    pub fn unacknowledged(&self) -> Vec<Vec<u8>> {
+        self.unacked
+            .lock()
+            .expect("unacked")
+            .values()
+            .map(|b| b.to_vec())
+            .collect()
     }
 }
 
 /// The sending half the agent's core holds for one link.
 #[derive(Debug, Clone)]
 pub struct LinkSender {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<(u64, Bytes)>,
     snapshots: mpsc::UnboundedSender<()>,
     shared: Arc<LinkShared>,
 }
@@ -134,8 +161,9 @@ pub struct LinkSender {
 impl LinkSender {
     /// Queues a message; false if the link task is gone.
     pub fn send(&self, bytes: Vec<u8>) -> bool {
-        self.shared.queued(bytes.len());
-        self.tx.send(bytes).is_ok()
+        let bytes = Bytes::from(bytes);
+        let seq = self.shared.queued(&bytes);
+        self.tx.send((seq, bytes)).is_ok()
     }
 
     /// Asks the peer for a snapshot on the current connection; the answer comes back as
@@ -186,8 +214,14 @@ pub fn spawn(dialer: Dialer) -> (LinkSender, tokio::task::JoinHandle<()>) {
     )
 }
 
+/// First byte of a bidirectional stream that carries messages (answered with [`ACK`]).
+pub const STREAM_MESSAGES: u8 = b'M';
+/// First byte of a bidirectional stream that asks for a snapshot.
+pub const STREAM_SNAPSHOT: u8 = b'S';
+/// What a receiver answers once a stream's messages are in its agent's hands.
+pub const ACK: &[u8] = b"A";
 /// What a snapshot request stream carries.
-pub const SNAPSHOT_REQUEST: &[u8] = b"WGSQ";
+pub const SNAPSHOT_REQUEST: &[u8] = b"SWGSQ";
 
 async fn fetch_snapshot(mut handle: s2n_quic::connection::Handle, limit: usize) -> Result<Vec<u8>> {
     let mut s = handle.open_bidirectional_stream().await?;
@@ -208,11 +242,11 @@ async fn fetch_snapshot(mut handle: s2n_quic::connection::Handle, limit: usize) 
 
 async fn run(
     d: Dialer,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
     mut snapshot_rx: mpsc::UnboundedReceiver<()>,
     shared: Arc<LinkShared>,
 ) {
-    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut pending: VecDeque<(u64, Bytes)> = VecDeque::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), d.seed);
     let mut failures_in_a_row = 0u32;
     loop {
@@ -319,22 +353,21 @@ async fn dial(d: &Dialer) -> Result<(Connection, u64)> {
         .map_err(|_| anyhow!("no answer within {DIAL_TIMEOUT:?}"))?
 }
 
-/// A stream's messages with their order, for resending after a failure.
-type Group = Vec<(u64, Vec<u8>)>;
+/// A stream's messages with their sequence numbers, for acknowledging and resending.
+type Group = Vec<(u64, Bytes)>;
 
 /// Sends queued messages on `conn` until the queue closes (Ok) or the connection breaks
 /// (Err, with every unacknowledged message back at the front of `pending`, in order).
 async fn pump(
     conn: Connection,
     d: &Dialer,
-    rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    rx: &mut mpsc::UnboundedReceiver<(u64, Bytes)>,
     snapshot_rx: &mut mpsc::UnboundedReceiver<()>,
-    pending: &mut VecDeque<Vec<u8>>,
+    pending: &mut VecDeque<(u64, Bytes)>,
     shared: &LinkShared,
 ) -> Result<()> {
     let (handle, mut acceptor) = conn.split();
-    let mut in_flight: JoinSet<Result<(u64, u64), (Group, anyhow::Error)>> = JoinSet::new();
-    let mut seq = 0u64;
+    let mut in_flight: JoinSet<Result<Group, (Group, anyhow::Error)>> = JoinSet::new();
     let mut busy_since: Option<Instant> = None;
     let mut failed: Vec<Group> = Vec::new();
     let mut error: Option<anyhow::Error> = None;
@@ -342,31 +375,41 @@ async fn pump(
     loop {
         // Launch everything pending, grouped into streams.
         if error.is_none() && !pending.is_empty() {
-            let batch: Vec<Vec<u8>> = pending.drain(..).collect();
-            let groups = group_for_streams(&batch, STREAM_TARGET_BYTES);
-            let mut batch: Vec<Option<Vec<u8>>> = batch.into_iter().map(Some).collect();
+            let batch: Vec<(u64, Bytes)> = pending.drain(..).collect();
+            let sizes: Vec<usize> = batch.iter().map(|(_, m)| m.len()).collect();
+            let groups = group_for_streams(&sizes, STREAM_TARGET_BYTES);
+            let mut batch: Vec<Option<(u64, Bytes)>> = batch.into_iter().map(Some).collect();
             for g in groups {
                 let group: Group = g
                     .into_iter()
-                    .map(|i| {
-                        seq += 1;
-                        (seq, batch[i].take().expect("each message is in one group"))
-                    })
+                    .map(|i| batch[i].take().expect("each message is in one group"))
                     .collect();
                 let mut handle = handle.clone();
                 busy_since.get_or_insert_with(Instant::now);
                 in_flight.spawn(async move {
-                    let bytes = encode_stream(group.iter().map(|(_, m)| m.as_slice()));
-                    let payload: u64 = group.iter().map(|(_, m)| m.len() as u64).sum();
-                    let count = group.len() as u64;
+                    let mut bytes = vec![STREAM_MESSAGES];
+                    bytes.extend(encode_stream(group.iter().map(|(_, m)| &m[..])));
+                    // Delivered once the peer's agent has the messages: it answers ACK
+                    // only after handing them over (a QUIC acknowledgement alone would not
+                    // survive the peer stopping before it read them).
                     let sent = async {
-                        let mut s = handle.open_send_stream().await?;
+                        let mut s = handle.open_bidirectional_stream().await?;
                         s.send(Bytes::from(bytes)).await?;
-                        s.close().await?;
+                        s.finish()?;
+                        let mut answer = Vec::new();
+                        while let Some(chunk) = s.receive().await? {
+                            answer.extend_from_slice(&chunk);
+                            if answer.len() > ACK.len() {
+                                break;
+                            }
+                        }
+                        if answer != ACK {
+                            bail!("the peer did not acknowledge a stream");
+                        }
                         anyhow::Ok(())
                     };
                     match sent.await {
-                        Ok(()) => Ok((payload, count)),
+                        Ok(()) => Ok(group),
                         Err(e) => Err((group, e)),
                     }
                 });
@@ -380,7 +423,7 @@ async fn pump(
             }
             if let Some(e) = error.take() {
                 failed.sort_by_key(|g| g.first().map(|(s, _)| *s));
-                let resend: Vec<Vec<u8>> = failed.drain(..).flatten().map(|(_, m)| m).collect();
+                let resend: Vec<(u64, Bytes)> = failed.drain(..).flatten().collect();
                 for m in resend.into_iter().rev() {
                     pending.push_front(m);
                 }
@@ -410,7 +453,7 @@ async fn pump(
                 });
             }
             done = in_flight.join_next(), if !in_flight.is_empty() => match done {
-                Some(Ok(Ok((bytes, count)))) => shared.acked(bytes, count),
+                Some(Ok(Ok(group))) => shared.acked(&group),
                 Some(Ok(Err((group, e)))) => {
                     failed.push(group);
                     error.get_or_insert(e);
@@ -498,6 +541,7 @@ mod tests {
             max_message: 1 << 20,
             refusals: Arc::default(),
             bad_streams: Arc::default(),
+            open: std::sync::RwLock::new(true),
         });
         (tokio::spawn(serve(server, acceptor)), addr, rx)
     }

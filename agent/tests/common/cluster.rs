@@ -122,8 +122,8 @@ pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 /// Writes a config for `name` (shard `index` of `count`) listening on `listen`, dialling
-/// `peers` (name, address); `extra` is appended under `[training]`, `wan` extra keys under
-/// `[wan]`.
+/// `peers` (name, address); `wan`, `training` and `checkpoint` are extra keys for those
+/// sections (`training` may open further sections, such as `[admin]`).
 #[allow(clippy::too_many_arguments)]
 pub fn write_config(
     dir: &Path,
@@ -136,6 +136,7 @@ pub fn write_config(
     peers: &[(&str, String)],
     wan: &str,
     training: &str,
+    checkpoint: &str,
 ) -> PathBuf {
     let mut t = format!(
         "region = \"{name}\"\n[wan]\nlisten = \"{listen}\"\nbandwidth_mbps = 50\nrtt_ms = 80\n{wan}\n"
@@ -148,7 +149,10 @@ pub fn write_config(
         c = certs.display()
     );
     t += &format!("[data.shard]\nindex = {index}\ncount = {count}\n[training]\n{training}\n");
-    t += &format!("[checkpoint]\ndir = \"{}/state-{name}\"\n", dir.display());
+    t += &format!(
+        "[checkpoint]\ndir = \"{}/state-{name}\"\n{checkpoint}\n",
+        dir.display()
+    );
     if !t.contains("[admin]") && !wan.contains("[admin]") {
         t += "[admin]\nlisten = \"127.0.0.1:0\"\n";
     }

@@ -1,0 +1,138 @@
+//! The agent's checkpoint: weights, optimizer state, every per-peer residual, the mirror
+//! clock, the policy's digest and state blob, and the messages not yet acknowledged by
+//! peers. One file per region (`<checkpoint.dir>/<region>.ckpt`): magic, then zstd CBOR,
+//! written to a temporary file, synced, and renamed over the old one, so a crash leaves
+//! either the old checkpoint or the new one.
+
+use crate::lan::TrainerState;
+use crate::sync::region::SyncState;
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// First four bytes of a checkpoint file.
+const MAGIC: [u8; 4] = *b"WGCK";
+/// Format version.
+const FORMAT: u32 = 1;
+/// Largest decompressed checkpoint accepted.
+const MAX_BYTES: usize = 16 << 30;
+
+/// Everything a region needs to resume its run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentCheckpoint {
+    /// Format version.
+    pub format: u32,
+    /// Region name.
+    pub region: String,
+    /// Model manifest hash.
+    pub manifest: String,
+    /// Rounds in the run.
+    pub total_rounds: u64,
+    /// Digest of the policy active when it was taken.
+    pub policy_digest: String,
+    /// That policy's state blob.
+    #[serde(with = "serde_bytes")]
+    pub policy_state: Vec<u8>,
+    /// WAN bytes sent so far.
+    pub wan_sent: u64,
+    /// The trainer.
+    pub trainer: TrainerState,
+    /// The WAN state.
+    pub sync: SyncState,
+    /// Per link, the messages peers had not acknowledged, in order.
+    pub unacked: Vec<Vec<serde_bytes::ByteBuf>>,
+}
+
+/// Where `region`'s checkpoint lives in `dir`.
+pub fn path(dir: &Path, region: &str) -> PathBuf {
+    dir.join(format!("{region}.ckpt"))
+}
+
+impl AgentCheckpoint {
+    /// Writes atomically (temporary file, fsync, rename; then the directory is synced).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut cbor = Vec::new();
+        ciborium::into_writer(self, &mut cbor).context("encoding the checkpoint")?;
+        let body = zstd::bulk::compress(&cbor, 1).context("compressing the checkpoint")?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("checkpoint.dir: cannot create {}", dir.display()))?;
+        let tmp = path.with_extension("ckpt.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&MAGIC)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().with_context(|| format!("writing checkpoint {}", path.display()))
+    }
+
+    /// Reads `path`; `None` if there is no checkpoint there. A damaged file is an error
+    /// naming it (the agent does not start over silently).
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let damaged = |why: String| {
+            anyhow::anyhow!(
+                "checkpoint {} is damaged ({why}); move it away to start this region afresh",
+                path.display()
+            )
+        };
+        let Some(body) = bytes.strip_prefix(&MAGIC[..]) else {
+            return Err(damaged("not a weightgrad checkpoint".into()));
+        };
+        let cbor = zstd::bulk::decompress(body, MAX_BYTES).map_err(|e| damaged(e.to_string()))?;
+        let ck: Self = ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
+        if ck.format != FORMAT {
+            bail!(
+                "checkpoint {} has format {}, this agent reads {FORMAT}",
+                path.display(),
+                ck.format
+            );
+        }
+        Ok(Some(ck))
+    }
+
+    /// Checks that it belongs to this region's run.
+    pub fn check(
+        &self,
+        region: &str,
+        manifest: &str,
+        total_rounds: u64,
+        path: &Path,
+    ) -> Result<()> {
+        ensure!(
+            self.region == region,
+            "checkpoint {} belongs to region {}, not {region}",
+            path.display(),
+            self.region
+        );
+        ensure!(
+            self.manifest == manifest,
+            "checkpoint {} is of another model (manifest {}); training.model or the data differ",
+            path.display(),
+            self.manifest
+        );
+        ensure!(
+            self.total_rounds == total_rounds,
+            "checkpoint {} is of a run of {} rounds, this configuration makes {total_rounds}",
+            path.display(),
+            self.total_rounds
+        );
+        Ok(())
+    }
+
+    /// The format version this build writes.
+    pub fn current_format() -> u32 {
+        FORMAT
+    }
+}
