@@ -2,6 +2,7 @@
 
 mod admin_client;
 mod agent;
+mod bench;
 mod certs;
 mod config;
 mod demo;
@@ -29,6 +30,8 @@ pub enum Command {
     Status(admin_client::StatusArgs),
     /// Train one replica locally (no WAN): the single-region reference.
     Train(train::TrainArgs),
+    /// Compare policies side by side on a scenario of the simulated WAN.
+    Bench(bench::BenchArgs),
     /// Run several regions in one process over a simulated WAN (embedded digits).
     Demo(demo::DemoArgs),
     /// Check, list and export policy components.
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(args),
         Command::Status(args) => admin_client::status(args),
         Command::Train(args) => train::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run_demo(args),
         Command::Policy(args) => policy::run(args),
         Command::Config(args) => config::run(args),

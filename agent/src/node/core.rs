@@ -73,6 +73,12 @@ pub struct AgentReport {
     pub snapshots_served: u64,
     /// Seconds from start to the end of the run.
     pub wall_seconds: f64,
+    /// Seconds from the start of the first round to the moment every peer's last round
+    /// had arrived (none when stopped early).
+    pub training_seconds: Option<f64>,
+    /// Mean wall time of this region's own work per round (step, policy, encoding,
+    /// evaluations), seconds: what the simulator's per-step compute cost stands for.
+    pub busy_seconds_per_round: f64,
     /// Whether the run was stopped before its last round.
     pub interrupted: bool,
     /// Connections refused at the TLS handshake (wrong CA, unknown or mismatched name).
@@ -159,6 +165,9 @@ struct LoopState {
     policy_loaded_at: String,
     last_round_start: Option<Instant>,
     state: &'static str,
+    first_round_start: Option<Instant>,
+    busy: Duration,
+    busy_rounds: u64,
 }
 
 impl Core {
@@ -624,6 +633,9 @@ impl Core {
             policy_loaded_at: String::new(),
             last_round_start: None,
             state: "starting",
+            first_round_start: None,
+            busy: Duration::ZERO,
+            busy_rounds: 0,
         };
         self.publish(&mut st);
         // The first LAN plan: the policy's answer before any update exists.
@@ -650,6 +662,7 @@ impl Core {
             self.resume_from(&mut st, ck)?;
         }
         let mut interrupted = false;
+        let mut training_seconds = None;
         let mut last_publish = Instant::now();
         loop {
             let now = start.elapsed();
@@ -678,6 +691,7 @@ impl Core {
                 break;
             }
             if self.finished(&st) {
+                training_seconds = st.first_round_start.map(|t| t.elapsed().as_secs_f64());
                 break;
             }
             self.sync.apply_outer_step(&mut self.trainer.weights);
@@ -689,7 +703,11 @@ impl Core {
                 // A swap lands between rounds: look before asking the policy.
                 self.publish_policy_change(&mut st);
                 st.state = "training";
+                let began = Instant::now();
+                st.first_round_start.get_or_insert(began);
                 self.train_round(&mut st, &schedule)?;
+                st.busy += began.elapsed();
+                st.busy_rounds += 1;
                 if self.checkpoint_every > 0
                     && self.sync.round().is_multiple_of(self.checkpoint_every)
                 {
@@ -750,6 +768,8 @@ impl Core {
             snapshots_adopted: st.adopted,
             snapshots_served: st.served,
             wall_seconds: start.elapsed().as_secs_f64(),
+            training_seconds,
+            busy_seconds_per_round: st.busy.as_secs_f64() / st.busy_rounds.max(1) as f64,
             interrupted,
             tls_refusals: self.wan_counters.tls_refusals.load(Ordering::Relaxed),
             handshake_refusals: self.wan_counters.handshake_refusals.load(Ordering::Relaxed),

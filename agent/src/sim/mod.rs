@@ -41,6 +41,21 @@ pub struct SimConfig {
     pub sync: SyncConfig,
     /// Where each region's workers sit (decides whether data mode is allowed).
     pub lan_placement: LanPlacement,
+    /// A link whose bandwidth falls mid-run.
+    pub link_drop: Option<LinkDrop>,
+}
+
+/// A link that loses bandwidth mid-run (both directions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkDrop {
+    /// One end (region index).
+    pub a: usize,
+    /// The other end.
+    pub b: usize,
+    /// The drop happens when the first region has finished this fraction of the run.
+    pub at_fraction: f64,
+    /// Bandwidth multiplier from then on (e.g. 0.1).
+    pub factor: f64,
 }
 
 impl SimConfig {
@@ -58,6 +73,7 @@ impl SimConfig {
             sharding: ShardStrategy::Iid,
             sync: SyncConfig::default(),
             lan_placement: LanPlacement::default(),
+            link_drop: None,
         }
     }
 }
@@ -160,6 +176,11 @@ pub fn run(
     if cfg.workers == 0 || cfg.batch_size == 0 {
         bail!("workers and batch size must be positive");
     }
+    if let Some(d) = cfg.link_drop
+        && (d.a >= n || d.b >= n || d.a == d.b || !(d.factor > 0.0 && d.factor.is_finite()))
+    {
+        bail!("link drop {d:?} does not fit {n} regions");
+    }
     let shards_total = n * cfg.workers;
     let mut regions = Vec::with_capacity(n);
     for (r, name) in names.iter().enumerate() {
@@ -256,6 +277,7 @@ pub fn run(
     };
     let mut now = 0.0f64;
     let mut done_rounds = 0u64;
+    let mut dropped = false;
     let mut rejected = 0u64;
     for (r, rt) in regions.iter_mut().enumerate() {
         if let Some(t) = try_start(rt, total_rounds, &schedule, cfg, now)? {
@@ -268,6 +290,15 @@ pub fn run(
         match event {
             Event::StepDone(r) => {
                 let round = regions[r].sync.round() + 1;
+                if let Some(d) = cfg
+                    .link_drop
+                    .filter(|d| !dropped && round as f64 >= d.at_fraction * total_rounds as f64)
+                {
+                    dropped = true;
+                    for (x, y) in [(d.a, d.b), (d.b, d.a)] {
+                        links[x][link_index(x, y)].model.bandwidth_bps *= d.factor;
+                    }
+                }
                 let lr = schedule.lr_at(cfg.lr, round - 1, total_rounds);
                 let rt = &mut regions[r];
                 let (delta, loss) = rt.pending.take().expect("a finished step has its update");

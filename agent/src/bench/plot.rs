@@ -1,0 +1,111 @@
+//! SVG plots of a bench run (plotters): accuracy against WAN bytes and against virtual
+//! time, one line per policy.
+
+use super::BenchReport;
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+use std::path::Path;
+
+const COLORS: [RGBColor; 9] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
+
+/// Which axis to plot accuracy against.
+#[derive(Debug, Clone, Copy)]
+pub enum Axis {
+    /// WAN bytes (log scale; LAN-only, with none, is left out).
+    WanBytes,
+    /// Virtual seconds.
+    VirtualTime,
+}
+
+/// Writes one SVG.
+pub fn accuracy_against(report: &BenchReport, axis: Axis, path: &Path) -> Result<()> {
+    let series: Vec<(&str, Vec<(f64, f64)>)> = report
+        .results
+        .iter()
+        .filter(|r| !matches!(axis, Axis::WanBytes) || r.wan_bytes > 0)
+        .map(|r| {
+            let pts = r
+                .curve
+                .iter()
+                .map(|p| {
+                    let x = match axis {
+                        Axis::WanBytes => p.wan_bytes.max(1) as f64,
+                        Axis::VirtualTime => p.virtual_seconds,
+                    };
+                    (x, p.min_accuracy * 100.0)
+                })
+                .collect();
+            (r.policy.as_str(), pts)
+        })
+        .collect();
+    let xs = series.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
+    let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(l, h), x| (l.min(x), h.max(x)));
+    if !lo.is_finite() {
+        return Err(anyhow!("nothing to plot"));
+    }
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let caption = format!(
+        "{}: lowest-region top-1 (%) vs {}",
+        report.scenario,
+        match axis {
+            Axis::WanBytes => "WAN bytes",
+            Axis::VirtualTime => "virtual seconds",
+        }
+    );
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(caption, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50);
+    // The two axes give charts of different types: one body for both.
+    macro_rules! finish {
+        ($chart:expr, $x_desc:expr) => {{
+            let mut chart = $chart.map_err(|e| anyhow!("{e}"))?;
+            chart
+                .configure_mesh()
+                .x_desc($x_desc)
+                .y_desc("top-1 %")
+                .draw()
+                .map_err(|e| anyhow!("{e}"))?;
+            for (i, (name, pts)) in series.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                    .map_err(|e| anyhow!("{e}"))?
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()
+                .map_err(|e| anyhow!("{e}"))?;
+        }};
+    }
+    match axis {
+        Axis::WanBytes => finish!(
+            builder.build_cartesian_2d((lo..hi * 1.1).log_scale(), 0.0..100.0),
+            "WAN bytes (log)"
+        ),
+        Axis::VirtualTime => finish!(
+            builder.build_cartesian_2d(0.0..hi * 1.05, 0.0..100.0),
+            "virtual seconds"
+        ),
+    }
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! `weightgrad bench --real`: runs a policy as real agent processes talking QUIC through
+//! the WAN emulator (one relay per direction of dialling, shaped like the scenario's
+//! links), then runs the simulator with its per-step cost set to the agents' measured
+//! per-round work, so the two can be compared on WAN bytes and on time.
+
+use crate::sim::{SimConfig, SimReport, run};
+use crate::train::ModelSpec;
+use crate::wan::relay::{self, Relay, RelayConfig};
+use crate::wan::shaper::Shaping;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A policy run for real and in the simulator.
+#[derive(Debug, Clone, Serialize)]
+pub struct RealCheck {
+    /// Policy name.
+    pub policy: String,
+    /// WAN bytes all agents sent.
+    pub real_wan_bytes: u64,
+    /// WAN bytes in the simulator.
+    pub sim_wan_bytes: u64,
+    /// Seconds from the first round to every region having every peer's last round (the
+    /// slowest region).
+    pub real_seconds: f64,
+    /// Virtual seconds of the simulator with the measured per-round cost.
+    pub sim_seconds: f64,
+    /// The measured per-round cost (mean over regions), seconds.
+    pub busy_seconds_per_round: f64,
+    /// Lowest final top-1 of the agents.
+    pub real_accuracy: f64,
+    /// Lowest final top-1 in the simulator.
+    pub sim_accuracy: f64,
+}
+
+impl RealCheck {
+    /// Real over simulated WAN bytes.
+    pub fn bytes_ratio(&self) -> f64 {
+        self.real_wan_bytes as f64 / self.sim_wan_bytes.max(1) as f64
+    }
+
+    /// Real over simulated time.
+    pub fn time_ratio(&self) -> f64 {
+        self.real_seconds / self.sim_seconds.max(1e-9)
+    }
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_udp() -> Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Runs `policy` under `cfg` as real agents (this binary, `exe`) in `dir`, then the
+/// calibrated simulation; `policy` must be a built-in name.
+pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<RealCheck> {
+    if cfg.model != ModelSpec::default_mlp() {
+        bail!("--real runs the default digits MLP only");
+    }
+    if cfg.link_drop.is_some() {
+        bail!("--real does not emulate a link that changes mid-run; pick another scenario");
+    }
+    let regions = &cfg.topology.regions;
+    let n = regions.len();
+    std::fs::create_dir_all(dir)?;
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        crate::wan::certs::init(regions, &certs, false)?;
+    }
+    let listen: Vec<SocketAddr> = (0..n).map(|_| free_udp()).collect::<Result<_>>()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut relays: Vec<Relay> = Vec::new();
+    let mut via = vec![vec![String::new(); n]; n];
+    for (i, row) in via.iter_mut().enumerate() {
+        for (j, slot) in row.iter_mut().enumerate().filter(|(j, _)| *j != i) {
+            let shape = |a: usize, b: usize| {
+                let l = cfg.topology.link(a, b);
+                let mut s = Shaping::new(l.bandwidth_bps / 1e6, l.rtt_s * 1e3 / 2.0);
+                s.jitter_s = (l.jitter_s / 2.0).min(s.delay_s);
+                s.loss = l.loss;
+                s
+            };
+            let r = rt.block_on(relay::start(RelayConfig {
+                listen: "127.0.0.1:0".parse()?,
+                upstream: listen[j],
+                up: shape(i, j),
+                down: shape(j, i),
+                seed: cfg.seed ^ (i * n + j) as u64,
+            }))?;
+            *slot = r.local_addr().to_string();
+            relays.push(r);
+        }
+    }
+    let shard = match cfg.sharding {
+        crate::train::dataset::ShardStrategy::Iid => "iid",
+        crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
+    };
+    let mut children = Children(Vec::new());
+    let run_dir = dir.join(policy);
+    std::fs::create_dir_all(&run_dir)?;
+    for (i, region) in regions.iter().enumerate() {
+        let link = cfg.topology.link(i, (i + 1) % n);
+        let mut t = format!(
+            "region = \"{region}\"\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\n",
+            listen[i],
+            link.bandwidth_bps / 1e6,
+            link.rtt_s * 1e3
+        );
+        for (j, peer) in regions.iter().enumerate().filter(|(j, _)| *j != i) {
+            writeln!(
+                t,
+                "[[peers]]\nname = \"{peer}\"\naddress = \"{}\"",
+                via[i][j]
+            )?;
+        }
+        writeln!(
+            t,
+            "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{region}.pem\"\nkey = \"{c}/{region}.key\"",
+            c = certs.display()
+        )?;
+        writeln!(
+            t,
+            "[data.shard]\nindex = {i}\ncount = {n}\nstrategy = \"{shard}\"\n[training]\nworkers = {}\nbatch_size = {}\nepochs = {}\nlr = {}\nseed = {}\nmax_staleness = {}",
+            cfg.workers, cfg.batch_size, cfg.epochs, cfg.lr, cfg.seed, cfg.sync.max_staleness
+        )?;
+        writeln!(
+            t,
+            "[policy]\nsource = \"{policy}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[checkpoint]\ndir = \"{}\"\nevery_rounds = 1000000000",
+            run_dir.join(format!("state-{region}")).display()
+        )?;
+        let config = run_dir.join(format!("{region}.toml"));
+        std::fs::write(&config, t)?;
+        // A leftover checkpoint would resume an old run.
+        let _ = std::fs::remove_dir_all(run_dir.join(format!("state-{region}")));
+        let log = std::fs::File::create(run_dir.join(format!("{region}.log")))?;
+        children.0.push(
+            Command::new(exe)
+                .arg("agent")
+                .arg("--config")
+                .arg(&config)
+                .arg("--report")
+                .arg(run_dir.join(format!("{region}.json")))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    for (i, child) in children.0.iter_mut().enumerate() {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!(
+                        "agent {} failed ({status}); see {}",
+                        regions[i],
+                        run_dir.join(format!("{}.log", regions[i])).display()
+                    );
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agents still running after an hour; see {}",
+                    run_dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    drop(relays);
+    let reports: Vec<serde_json::Value> = regions
+        .iter()
+        .map(|r| {
+            let path = run_dir.join(format!("{r}.json"));
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(serde_json::from_str(&text)?)
+        })
+        .collect::<Result<_>>()?;
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let real_wan_bytes = reports
+        .iter()
+        .map(|r| r["wan_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let real_seconds = reports
+        .iter()
+        .map(|r| f(r, "training_seconds"))
+        .fold(0.0, f64::max);
+    let busy = reports
+        .iter()
+        .map(|r| f(r, "busy_seconds_per_round"))
+        .sum::<f64>()
+        / n as f64;
+    let real_accuracy = reports
+        .iter()
+        .map(|r| f(r, "test_accuracy"))
+        .fold(1.0, f64::min);
+    let sim = simulate(cfg, policy, busy)?;
+    Ok(RealCheck {
+        policy: policy.to_string(),
+        real_wan_bytes,
+        sim_wan_bytes: sim.wan_bytes,
+        real_seconds,
+        sim_seconds: sim.virtual_seconds,
+        busy_seconds_per_round: busy,
+        real_accuracy,
+        sim_accuracy: sim
+            .regions
+            .iter()
+            .map(|r| r.test_accuracy)
+            .fold(1.0, f64::min),
+    })
+}
+
+fn simulate(cfg: &SimConfig, policy: &str, compute_s: f64) -> Result<SimReport> {
+    let mut c = cfg.clone();
+    c.compute_s = compute_s;
+    c.sync.merge = crate::policies::merge_mode_for(policy);
+    let p = crate::policies::builtin(policy).map_err(anyhow::Error::msg)?;
+    let data = crate::train::dataset::embedded_digits()?;
+    run(&c, p.as_ref(), &data, &mut |_, _| {})
+}
+
+/// The checks as a Markdown table.
+pub fn markdown(checks: &[RealCheck]) -> String {
+    let mut out = String::from(
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | top-1 agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for c in checks {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.2}% / {:.2}% |",
+            c.policy,
+            c.real_wan_bytes,
+            c.sim_wan_bytes,
+            c.bytes_ratio(),
+            c.real_seconds,
+            c.sim_seconds,
+            c.time_ratio(),
+            c.busy_seconds_per_round * 1e3,
+            c.real_accuracy * 100.0,
+            c.sim_accuracy * 100.0
+        );
+    }
+    out
+}
