@@ -38,13 +38,14 @@ pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
             cfg.topology = Topology::default_for(3);
             cfg.sharding = ShardStrategy::LabelSkew;
         }
-        // us-east ↔ eu-west falls to 10% of its bandwidth halfway through.
+        // us-east ↔ ap-southeast (the longest link) falls to 10% of its bandwidth a quarter
+        // of the way through (before any policy reaches a high target).
         "link-drop" => {
             cfg.topology = Topology::default_for(3);
             cfg.link_drop = Some(LinkDrop {
                 a: 0,
-                b: 1,
-                at_fraction: 0.5,
+                b: 2,
+                at_fraction: 0.25,
                 factor: 0.1,
             });
         }
@@ -303,8 +304,28 @@ mod tests {
         assert_eq!(c.topology.links[0][1].bandwidth_bps, 100e6);
         apply_scenario("non-iid", &mut c).unwrap();
         assert_eq!(c.sharding, ShardStrategy::LabelSkew);
+        apply_scenario("link-drop", &mut c).unwrap();
+        assert_eq!(c.link_drop.unwrap().factor, 0.1);
         let err = apply_scenario("moon", &mut c).unwrap_err().to_string();
         assert!(err.contains("paper-3dc"), "{err}");
+    }
+
+    #[test]
+    fn a_link_drop_slows_a_bandwidth_hungry_run() {
+        let data = embedded_digits().unwrap();
+        let mut cfg = SimConfig::demo(3, 1);
+        cfg.epochs = 2;
+        let policy = builtin("full-sync").unwrap();
+        let steady = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        apply_scenario("link-drop", &mut cfg).unwrap();
+        cfg.link_drop.as_mut().unwrap().factor = 0.01;
+        let dropped = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        assert!(
+            dropped.virtual_seconds > steady.virtual_seconds * 1.2,
+            "{} vs {}",
+            dropped.virtual_seconds,
+            steady.virtual_seconds
+        );
     }
 
     #[test]
