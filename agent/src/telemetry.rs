@@ -55,6 +55,8 @@ pub const WAN_BYTES_SENT: &str = "weightgrad_wan_bytes_sent_total";
 pub const WAN_BYTES_RECEIVED: &str = "weightgrad_wan_bytes_received_total";
 /// Full-precision bytes of the values sent.
 pub const WAN_DECODED_BYTES_SENT: &str = "weightgrad_wan_decoded_bytes_sent_total";
+/// Full-precision bytes of the values received and applied.
+pub const WAN_DECODED_BYTES_RECEIVED: &str = "weightgrad_wan_decoded_bytes_received_total";
 /// LAN bytes.
 pub const LAN_BYTES: &str = "weightgrad_lan_bytes_total";
 /// Elements sent.
@@ -125,6 +127,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         Counter,
         ["peer"],
         "What the sent values would take at full precision (4 bytes per element sent)"
+    ),
+    metric!(
+        "weightgrad_wan_decoded_bytes_received_total",
+        Counter,
+        ["peer"],
+        "What the received and applied values would take at full precision (4 bytes per element)"
     ),
     metric!(
         "weightgrad_lan_bytes_total",
@@ -349,6 +357,7 @@ mod tests {
             WAN_BYTES_SENT,
             WAN_BYTES_RECEIVED,
             WAN_DECODED_BYTES_SENT,
+            WAN_DECODED_BYTES_RECEIVED,
             LAN_BYTES,
             ELEMENTS_SENT,
             ELEMENTS_HELD,
@@ -377,7 +386,7 @@ mod tests {
         ] {
             assert!(seen.contains(name), "{name} is not in the catalogue");
         }
-        assert_eq!(seen.len(), 28, "every catalogue entry has a constant");
+        assert_eq!(seen.len(), 29, "every catalogue entry has a constant");
     }
 
     #[test]

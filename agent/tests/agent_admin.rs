@@ -181,6 +181,7 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
     for name in [
         "weightgrad_wan_bytes_sent_total{region=\"us-east\",peer=\"eu-west\"}",
         "weightgrad_round_duration_seconds_bucket",
+        "weightgrad_wan_decoded_bytes_received_total{region=\"us-east\",peer=\"eu-west\"}",
         "weightgrad_bits_chosen_bucket",
         "weightgrad_peer_up{region=\"us-east\",peer=\"ap-southeast\"} 1",
     ] {
@@ -228,7 +229,8 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
 #[test]
 fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let epochs = 20;
+    // Long enough that fifty swaps land well inside the run.
+    let epochs = 40;
     // The same run without swaps, for the accuracy reference.
     let plain_dir = tempfile::tempdir().unwrap();
     let (mut plain, _) = cluster(plain_dir.path(), epochs);
@@ -258,7 +260,7 @@ fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
             assert_eq!(code, 200, "swap {k} at {a}: {body}");
         }
         swaps += 1;
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(50));
     }
     let mid_run = get(admin[0], "/status").1;
     let reports: Vec<Value> = agents

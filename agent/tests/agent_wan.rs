@@ -429,3 +429,127 @@ fn sigterm_checkpoints_and_a_restart_continues_from_the_same_round() {
     }
     eprintln!("stopped at round {at}; resumed; all finished {total} rounds");
 }
+
+/// Three regions on loopback, 20 epochs, a checkpoint every `every` rounds.
+fn loopback_cluster(dir: &std::path::Path, every: u64) -> Vec<Agent> {
+    let certs_dir = dir.join("certs");
+    certs(&certs_dir, &REGIONS);
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    (0..3)
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], listen[j].to_string()))
+                .collect();
+            write_config(
+                dir,
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                3,
+                listen[i],
+                &peers,
+                "peer_deadline_s = 120",
+                "epochs = 20",
+                &format!("every_rounds = {every}"),
+            );
+            Agent::new(dir, REGIONS[i])
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catches_up() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // The fault-free run, for the accuracy reference.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let mut plain = loopback_cluster(plain_dir.path(), 20);
+    plain.iter_mut().for_each(Agent::start);
+    let plain: Vec<Value> = plain
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = loopback_cluster(dir.path(), 20);
+    agents.iter_mut().for_each(Agent::start);
+    let round_of = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("round round="))
+            .filter_map(|l| {
+                l.split("round=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    // Kill between checkpoints (written at 40, 60, ...), with no chance to clean up.
+    wait_for("round 75 at ap-southeast", Duration::from_secs(120), || {
+        round_of(&agents[2].log()) >= 75
+    });
+    agents[2].kill();
+    let log_before = agents[2].log();
+    let last_checkpoint = log_before
+        .lines()
+        .filter(|l| l.contains("checkpoint written"))
+        .filter_map(|l| {
+            l.split("round=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .expect("a periodic checkpoint before the kill");
+    assert_eq!(last_checkpoint % 20, 0);
+    agents[2].start();
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    let log = agents[2].log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming from checkpoint"))
+        .unwrap_or_else(|| panic!("no resume in\n{log}"));
+    assert!(
+        resumed.contains(&format!("round={last_checkpoint}")),
+        "{resumed}"
+    );
+    assert!(resumed.contains("clean=false"), "{resumed}");
+    // It caught up from a live peer rather than waiting for rounds nobody will resend.
+    assert!(
+        reports[2]["snapshots_adopted"].as_u64().unwrap() >= 1,
+        "{}",
+        reports[2]
+    );
+    let total = plain[0]["rounds"].as_u64().unwrap();
+    for (r, p) in reports.iter().zip(&plain) {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        let (acc, base) = (
+            r["test_accuracy"].as_f64().unwrap(),
+            p["test_accuracy"].as_f64().unwrap(),
+        );
+        eprintln!(
+            "{}: top-1 {acc} after the kill, {base} without",
+            r["region"]
+        );
+        assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
+    }
+}

@@ -42,6 +42,11 @@ pub struct AgentCheckpoint {
     pub sync: SyncState,
     /// Per link, the messages peers had not acknowledged, in order.
     pub unacked: Vec<Vec<serde_bytes::ByteBuf>>,
+    /// Written at a clean stop (SIGTERM or the end of the run), after intake was closed and
+    /// drained. A periodic checkpoint is not clean: peers may have handed over messages
+    /// after it, which a restart from it no longer has.
+    #[serde(default)]
+    pub clean: bool,
 }
 
 /// Where `region`'s checkpoint lives in `dir`.

@@ -168,6 +168,8 @@ struct LoopState {
     first_round_start: Option<Instant>,
     busy: Duration,
     busy_rounds: u64,
+    /// Resumed from a periodic (not clean) checkpoint: take any peer's model that is ahead.
+    catch_up: bool,
 }
 
 impl Core {
@@ -206,7 +208,10 @@ impl Core {
                 metrics::counter!(m::WAN_BYTES_RECEIVED, "peer" => peer.clone())
                     .increment(bytes.len() as u64);
                 match self.sync.receive(link, &bytes, &mut self.trainer.weights) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        metrics::counter!(m::WAN_DECODED_BYTES_RECEIVED, "peer" => peer.clone())
+                            .absolute(self.sync.counters(link).elements_received * 4);
+                    }
                     Err(e @ ReceiveError::Duplicate { .. }) => tracing::debug!("{e}"),
                     Err(e) => {
                         metrics::counter!(m::MESSAGES_REJECTED, "peer" => peer).increment(1);
@@ -263,11 +268,17 @@ impl Core {
                             ));
                         }
                         let notice = self.sync.adopt(&snap, &mut self.trainer.weights)?;
+                        if st.catch_up {
+                            // Resumed after a crash: peers already hold what the lost
+                            // rounds sent from the old residuals.
+                            self.sync.clear_residuals();
+                        }
                         Ok((snap.round, notice))
                     });
                 match outcome {
                     Ok((round, notice)) => {
                         st.adopted += 1;
+                        st.catch_up = false;
                         metrics::counter!(m::SNAPSHOTS, "kind" => "adopted").increment(1);
                         self.round.store(self.sync.round(), Ordering::Relaxed);
                         tracing::info!(
@@ -301,7 +312,18 @@ impl Core {
         if st.fetching.is_some() || st.fetch_retry_at.is_some_and(|t| now < t) {
             return;
         }
-        let behind = self.sync.round() + self.sync.clock().max_staleness() + 1;
+        let round = self.sync.round();
+        if st.catch_up
+            && (0..self.links.len()).all(|l| st.peer_rounds[l].is_some_and(|r| r <= round))
+        {
+            // Every peer is level or behind: nothing was handed over after the checkpoint.
+            st.catch_up = false;
+        }
+        let behind = if st.catch_up {
+            round
+        } else {
+            round + self.sync.clock().max_staleness() + 1
+        };
         let ahead = (0..self.links.len())
             .filter(|&l| st.liveness.is_connected(l))
             .filter_map(|l| st.peer_rounds[l].map(|r| (r, l)))
@@ -514,7 +536,7 @@ impl Core {
 
     /// Writes a checkpoint; a failure is logged and training goes on (the previous
     /// checkpoint stays in place).
-    fn save_checkpoint(&self, st: &LoopState) -> bool {
+    fn save_checkpoint(&self, st: &LoopState, clean: bool) -> bool {
         let started = Instant::now();
         let ck = self.trainer.export_state().map(|trainer| AgentCheckpoint {
             format: AgentCheckpoint::current_format(),
@@ -537,6 +559,7 @@ impl Core {
                         .collect()
                 })
                 .collect(),
+            clean,
         });
         match ck.and_then(|ck| ck.save(&self.checkpoint_path)) {
             Ok(()) => {
@@ -558,6 +581,9 @@ impl Core {
             .restore_state(ck.sync)
             .map_err(|e| anyhow!("{}: {e}", self.checkpoint_path.display()))?;
         st.wan_sent = ck.wan_sent;
+        // After a crash, what peers handed over since this checkpoint is gone and they will
+        // not send it again: catch up from any peer that is ahead.
+        st.catch_up = !ck.clean;
         if ck.policy_digest == self.policy.active().digest {
             st.policy_state = ck.policy_state;
         } else {
@@ -570,7 +596,7 @@ impl Core {
             }
         }
         self.round.store(round, Ordering::Relaxed);
-        tracing::info!(round, path = %self.checkpoint_path.display(), "resuming from checkpoint");
+        tracing::info!(round, path = %self.checkpoint_path.display(), clean = ck.clean, "resuming from checkpoint");
         Ok(())
     }
 
@@ -636,6 +662,7 @@ impl Core {
             first_round_start: None,
             busy: Duration::ZERO,
             busy_rounds: 0,
+            catch_up: false,
         };
         self.publish(&mut st);
         // The first LAN plan: the policy's answer before any update exists.
@@ -711,7 +738,7 @@ impl Core {
                 if self.checkpoint_every > 0
                     && self.sync.round().is_multiple_of(self.checkpoint_every)
                 {
-                    self.save_checkpoint(&st);
+                    self.save_checkpoint(&st, false);
                 }
                 continue;
             }
@@ -736,7 +763,7 @@ impl Core {
         self.publish(&mut st);
         // Flush what the plan sent, take in what peers handed over, then checkpoint.
         self.quiesce(&mut st, &events, Duration::from_secs(10));
-        self.save_checkpoint(&st);
+        self.save_checkpoint(&st, true);
         let e = self.trainer.evaluate(&self.test)?;
         st.accuracy = Some(e.accuracy);
         self.publish(&mut st);

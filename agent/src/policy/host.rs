@@ -178,7 +178,7 @@ impl Sandbox {
             },
             component,
         };
-        policy.info = self.call(&policy, |store, guest| {
+        policy.info = self.call_within(&policy, self.admission_budget(), |store, guest| {
             guest
                 .weightgrad_policy_policy()
                 .call_info(store)
@@ -187,14 +187,33 @@ impl Sandbox {
         Ok(policy)
     }
 
+    /// The wall-clock budget of admission calls (`info` and the self-test): behaviour is
+    /// checked there, not speed, so a loaded host does not refuse a good policy; an
+    /// endless loop still fails.
+    pub fn admission_budget(&self) -> Duration {
+        (self.limits.deadline * 100).max(Duration::from_secs(1))
+    }
+
     /// Runs one round's decision, validating the output against the input.
     pub fn decide(
         &self,
         policy: &CompiledPolicy,
         input: &PolicyInput,
     ) -> Result<PolicyOutput, PolicyFailure> {
+        self.decide_within(policy, input, self.limits.deadline)
+    }
+
+    /// Like [`Self::decide`] with its own wall-clock budget. Admission self-tests use a
+    /// generous one: they check behaviour, and a busy host must not refuse a good policy
+    /// because a 10 ms budget was spent waiting for a core.
+    pub fn decide_within(
+        &self,
+        policy: &CompiledPolicy,
+        input: &PolicyInput,
+        deadline: Duration,
+    ) -> Result<PolicyOutput, PolicyFailure> {
         let wit_input = input_to_wit(input);
-        let result = self.call(policy, |store, guest| {
+        let result = self.call_within(policy, deadline, |store, guest| {
             guest
                 .weightgrad_policy_policy()
                 .call_decide(store, &wit_input)
@@ -211,10 +230,11 @@ impl Sandbox {
         Ok(output)
     }
 
-    /// Instantiates `policy` in a fresh, limited store and runs `f` on it.
-    fn call<R>(
+    /// Instantiates `policy` in a fresh, limited store and runs `f` on it within `deadline`.
+    fn call_within<R>(
         &self,
         policy: &CompiledPolicy,
+        deadline: Duration,
         f: impl FnOnce(&mut Store<CallState>, &Guest) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyFailure> {
         let limits = StoreLimitsBuilder::new()
@@ -224,18 +244,18 @@ impl Sandbox {
             .build();
         let mut store = Store::new(&self.engine, CallState { limits });
         store.limiter(|s| &mut s.limits);
-        let ticks = (self.limits.deadline.as_millis() as u64).max(1);
+        let ticks = (deadline.as_millis() as u64).max(1);
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         let linker = Linker::new(&self.engine);
         let guest = Guest::instantiate(&mut store, &policy.component, &linker)
             .map_err(|e| PolicyFailure::Load(one_line(&e)))?;
-        f(&mut store, &guest).map_err(|e| self.classify(e))
+        f(&mut store, &guest).map_err(|e| self.classify(e, deadline))
     }
 
-    fn classify(&self, e: wasmtime::Error) -> PolicyFailure {
+    fn classify(&self, e: wasmtime::Error, deadline: Duration) -> PolicyFailure {
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return PolicyFailure::Timeout(self.limits.deadline);
+            return PolicyFailure::Timeout(deadline);
         }
         let text = format!("{e:#}");
         if text.contains("forcing trap when growing memory")

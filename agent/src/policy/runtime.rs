@@ -102,7 +102,8 @@ impl PolicyRuntime {
     /// Compiles and self-tests a candidate without touching the running policy.
     pub fn admit(sandbox: &Sandbox, bytes: &[u8]) -> Result<CompiledPolicy, PolicyFailure> {
         let policy = sandbox.load(bytes)?;
-        sandbox.decide(&policy, &golden_input())?;
+        // Behaviour, not speed: a generous budget (an endless loop still fails).
+        sandbox.decide_within(&policy, &golden_input(), sandbox.admission_budget())?;
         Ok(policy)
     }
 

@@ -114,6 +114,9 @@ pub struct LinkCounters {
     pub bytes_received: u64,
     /// Elements sent.
     pub elements_sent: u64,
+    /// Elements received and applied.
+    #[serde(default)]
+    pub elements_received: u64,
     /// Frames refused.
     pub rejected: u64,
     /// Updates received again and not applied again.
@@ -523,6 +526,15 @@ impl RegionSync {
         link.residual = new;
     }
 
+    /// Empties every link's residual, recording what was in them as adjustments (after a
+    /// crash, the peers already hold what the lost rounds sent; resending the old
+    /// residuals would apply that part twice).
+    pub fn clear_residuals(&mut self) {
+        for l in 0..self.links.len() {
+            self.reset_residual(l, None);
+        }
+    }
+
     /// This region's state for the peer on link `l`, which rejoins without its own. The
     /// link's residual is cleared: everything in it is in the weights the peer adopts.
     pub fn snapshot_for(&mut self, l: usize, weights: &[Vec<f32>], manifest: &str) -> Snapshot {
@@ -824,6 +836,7 @@ impl RegionSync {
                         frame.update.add_to(&mut slot[h.tensor as usize], 1.0);
                     }
                 }
+                self.links[l].counters.elements_received += frame.update.value_count() as u64;
                 self.clock.frame_arrived(l, h.clock);
                 self.prune_applied(l);
                 Ok(())

@@ -35,8 +35,9 @@ pub fn limits(wan: &WanConfig) -> Result<Limits> {
         .with_bidirectional_remote_data_window(window)?
         .with_unidirectional_data_window(window)?
         .with_max_send_buffer_size(send_buffer)?
-        .with_max_open_local_unidirectional_streams(1024)?
-        .with_max_open_remote_unidirectional_streams(1024)?
+        // Messages ride bidirectional streams (the receiver acknowledges on them).
+        .with_max_open_local_bidirectional_streams(1024)?
+        .with_max_open_remote_bidirectional_streams(1024)?
         .with_max_idle_timeout(idle_timeout(wan))?
         // Keep-alives well inside the idle timeout (and typical NAT timeouts).
         .with_max_keep_alive_period(idle_timeout(wan) / 3)?
