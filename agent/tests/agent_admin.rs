@@ -87,37 +87,17 @@ fn builtin(name: &str, dir: &Path) -> Vec<u8> {
 
 /// Three regions on loopback with admin listeners and a token; `epochs` per region.
 fn cluster(dir: &Path, epochs: usize) -> (Vec<Agent>, Vec<SocketAddr>) {
-    let certs_dir = dir.join("certs");
-    certs(&certs_dir, &REGIONS);
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let token = dir.join("token");
+    std::fs::write(&token, TOKEN).unwrap();
     let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_tcp()).collect();
-    let agents = (0..3)
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], listen[j].to_string()))
-                .collect();
-            write_config(
-                dir,
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                3,
-                listen[i],
-                &peers,
-                "peer_deadline_s = 60",
-                &format!(
-                    "epochs = {epochs}\n[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"",
-                    admin[i],
-                    dir.join("token").display()
-                ),
-                "",
-            );
-            Agent::new(dir, REGIONS[i])
-        })
-        .collect();
+    let training = |i: usize| {
+        format!(
+            "epochs = {epochs}\n[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"",
+            admin[i],
+            token.display()
+        )
+    };
+    let agents = loopback_regions(dir, "peer_deadline_s = 60", &training, "");
     (agents, admin)
 }
 

@@ -17,8 +17,6 @@ use weightgrad::wan::shaper::Shaping;
 fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    certs(&certs_dir, &REGIONS);
     let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
     // One relay per direction of dialling: i dials j through relays[i][j], which shapes
     // both directions at 50 Mbit/s with the pair's one-way delay (RTT 40, 80, 120 ms).
@@ -49,28 +47,14 @@ fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() 
             relays.push(r);
         }
     }
-    let mut agents: Vec<Agent> = (0..3)
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], via[i][j].clone()))
-                .collect();
-            write_config(
-                dir.path(),
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                3,
-                listen[i],
-                &peers,
-                "",
-                "",
-                "",
-            );
-            Agent::new(dir.path(), REGIONS[i])
-        })
-        .collect();
+    let mut agents = three_regions(
+        dir.path(),
+        &listen,
+        |i, j| via[i][j].clone(),
+        "",
+        &|_| String::new(),
+        "",
+    );
     agents.iter_mut().for_each(Agent::start);
     let reports: Vec<Value> = agents
         .iter_mut()
@@ -238,54 +222,21 @@ fn a_peer_training_another_model_is_refused_and_both_sides_log_it() {
 fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    certs(&certs_dir, &REGIONS);
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
-    let mut agents: Vec<Agent> = (0..3)
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], listen[j].to_string()))
-                .collect();
-            write_config(
-                dir.path(),
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                3,
-                listen[i],
-                &peers,
-                "peer_deadline_s = 2",
-                "epochs = 20",
-                "",
-            );
-            Agent::new(dir.path(), REGIONS[i])
-        })
-        .collect();
+    let mut agents = loopback_regions(
+        dir.path(),
+        "peer_deadline_s = 2",
+        &|_| "epochs = 20".into(),
+        "",
+    );
     agents.iter_mut().for_each(Agent::start);
-    let round_of = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains(" round ") || l.contains("round round="))
-            .filter_map(|l| {
-                l.split("round=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0)
-    };
     // Let the run get going, then stop ap-southeast hard.
     wait_for("epoch 3 at ap-southeast", Duration::from_secs(120), || {
-        round_of(&agents[2].log()) >= 45
+        latest_round(&agents[2].log()) >= 45
     });
     agents[2].kill();
-    let stopped_at = round_of(&agents[2].log());
+    let stopped_at = latest_round(&agents[2].log());
     // The others notice, exclude it after the deadline, and keep training.
-    let before = round_of(&agents[0].log());
+    let before = latest_round(&agents[0].log());
     wait_for(
         "us-east to exclude ap-southeast",
         Duration::from_secs(30),
@@ -298,7 +249,7 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
     wait_for(
         "us-east to train three epochs without it",
         Duration::from_secs(120),
-        || round_of(&agents[0].log()) >= before + 45,
+        || latest_round(&agents[0].log()) >= before + 45,
     );
     // Restart it: it takes a live peer's model and finishes the run with the others.
     agents[2].start();
@@ -337,48 +288,15 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
 fn sigterm_checkpoints_and_a_restart_continues_from_the_same_round() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    certs(&certs_dir, &REGIONS);
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
-    let mut agents: Vec<Agent> = (0..3)
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], listen[j].to_string()))
-                .collect();
-            write_config(
-                dir.path(),
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                3,
-                listen[i],
-                &peers,
-                "peer_deadline_s = 120",
-                "epochs = 20",
-                "every_rounds = 100000",
-            );
-            Agent::new(dir.path(), REGIONS[i])
-        })
-        .collect();
+    let mut agents = loopback_regions(
+        dir.path(),
+        "peer_deadline_s = 120",
+        &|_| "epochs = 20".into(),
+        "every_rounds = 100000",
+    );
     agents.iter_mut().for_each(Agent::start);
-    let round_of = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains("round round="))
-            .filter_map(|l| {
-                l.split("round=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0)
-    };
     wait_for("epoch 4 at ap-southeast", Duration::from_secs(120), || {
-        round_of(&agents[2].log()) >= 60
+        latest_round(&agents[2].log()) >= 60
     });
     let pid = agents[2].child.as_ref().unwrap().id().to_string();
     assert!(
@@ -432,31 +350,12 @@ fn sigterm_checkpoints_and_a_restart_continues_from_the_same_round() {
 
 /// Three regions on loopback, 20 epochs, a checkpoint every `every` rounds.
 fn loopback_cluster(dir: &std::path::Path, every: u64) -> Vec<Agent> {
-    let certs_dir = dir.join("certs");
-    certs(&certs_dir, &REGIONS);
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
-    (0..3)
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], listen[j].to_string()))
-                .collect();
-            write_config(
-                dir,
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                3,
-                listen[i],
-                &peers,
-                "peer_deadline_s = 120",
-                "epochs = 20",
-                &format!("every_rounds = {every}"),
-            );
-            Agent::new(dir, REGIONS[i])
-        })
-        .collect()
+    loopback_regions(
+        dir,
+        "peer_deadline_s = 120",
+        &|_| "epochs = 20".into(),
+        &format!("every_rounds = {every}"),
+    )
 }
 
 #[test]
@@ -474,38 +373,13 @@ fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catch
     let dir = tempfile::tempdir().unwrap();
     let mut agents = loopback_cluster(dir.path(), 20);
     agents.iter_mut().for_each(Agent::start);
-    let round_of = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains("round round="))
-            .filter_map(|l| {
-                l.split("round=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0)
-    };
     // Kill between checkpoints (written at 40, 60, ...), with no chance to clean up.
     wait_for("round 75 at ap-southeast", Duration::from_secs(120), || {
-        round_of(&agents[2].log()) >= 75
+        latest_round(&agents[2].log()) >= 75
     });
     agents[2].kill();
     let log_before = agents[2].log();
-    let last_checkpoint = log_before
-        .lines()
-        .filter(|l| l.contains("checkpoint written"))
-        .filter_map(|l| {
-            l.split("round=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
+    let last_checkpoint = max_logged(&log_before, "checkpoint written", "round=")
         .expect("a periodic checkpoint before the kill");
     assert_eq!(last_checkpoint % 20, 0);
     agents[2].start();

@@ -9,7 +9,7 @@ use crate::lan::RegionTrainer;
 use crate::policies::{builtin, merge_mode_for};
 use crate::sim::{EvalPoint, LinkDrop, SimConfig, SimReport, run, topology::Topology};
 use crate::train::DataSplit;
-use crate::train::dataset::{ShardStrategy, shard_indices};
+use crate::train::dataset::ShardStrategy;
 use crate::train::schedule::LrSchedule;
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -129,18 +129,10 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
 /// The speed limit: every region's workers in one region, no WAN, full-precision LAN,
 /// the same shards, seeds, schedule and per-step compute cost as the simulated runs.
 pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
-    let n = cfg.topology.regions.len();
-    let shards_total = n * cfg.workers;
-    let shards = (0..shards_total)
-        .map(|k| {
-            data.train.subset(&shard_indices(
-                &data.train.labels,
-                shards_total,
-                k,
-                cfg.sharding,
-                cfg.seed,
-            ))
-        })
+    let layout = cfg.layout();
+    let shards = (0..layout.regions)
+        .flat_map(|r| layout.worker_shards(&data.train.labels, r))
+        .map(|idx| data.train.subset(&idx))
         .collect();
     let mut trainer = RegionTrainer::new(
         "lan-only",
@@ -152,24 +144,7 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
         cfg.seed,
     )?;
     // As many rounds as the WAN runs make: the same samples per region-step.
-    let steps_per_epoch = (0..n)
-        .map(|r| {
-            let samples: usize = (0..cfg.workers)
-                .map(|k| {
-                    shard_indices(
-                        &data.train.labels,
-                        shards_total,
-                        r * cfg.workers + k,
-                        cfg.sharding,
-                        cfg.seed,
-                    )
-                    .len()
-                })
-                .sum();
-            samples.div_ceil(cfg.workers * cfg.batch_size)
-        })
-        .max()
-        .unwrap_or(1) as u64;
+    let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total = steps_per_epoch * cfg.epochs as u64;
     let schedule = LrSchedule::Cosine { min_factor: 0.0 };
     let mut curve = Vec::new();

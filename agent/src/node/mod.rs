@@ -13,7 +13,7 @@ use crate::lan::RegionTrainer;
 use crate::policies::merge_mode_for;
 use crate::policy::{PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
 use crate::sync::{RegionSync, SyncConfig};
-use crate::train::dataset::shard_indices;
+use crate::train::dataset::RegionLayout;
 use crate::wan::handshake::{Expectation, Hello, PROTOCOL_VERSION};
 use crate::wan::inbound::{self, Acceptor};
 use crate::wan::link::{self, Dialer};
@@ -27,29 +27,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-
-/// Rounds per epoch for a run whose regions hold `shards` shards of `labels` with
-/// `workers` workers each: the largest region's steps (every region runs the same count).
-fn steps_per_epoch(
-    cfg: &AgentConfig,
-    labels: &[u32],
-    strategy: crate::train::dataset::ShardStrategy,
-) -> u64 {
-    let w = cfg.training.workers;
-    let count = cfg.data.shard.count;
-    (0..count)
-        .map(|r| {
-            let samples: usize = (0..w)
-                .map(|k| {
-                    shard_indices(labels, count * w, r * w + k, strategy, cfg.training.seed).len()
-                })
-                .sum();
-            samples.div_ceil(w * cfg.training.batch_size)
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1) as u64
-}
 
 /// Loads the policy the configuration names (a built-in or a `.wasm` file) into the
 /// sandbox and self-tests it.
@@ -79,17 +56,17 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
     let data = source.load(t.seed)?;
     let strategy = cfg.shard_strategy().map_err(anyhow::Error::msg)?;
     let spec = cfg.model_spec().map_err(anyhow::Error::msg)?;
-    let count = cfg.data.shard.count;
-    let shards = (0..t.workers)
-        .map(|k| {
-            data.train.subset(&shard_indices(
-                &data.train.labels,
-                count * t.workers,
-                region_index * t.workers + k,
-                strategy,
-                t.seed,
-            ))
-        })
+    let layout = RegionLayout {
+        regions: cfg.data.shard.count,
+        workers: t.workers,
+        batch_size: t.batch_size,
+        strategy,
+        seed: t.seed,
+    };
+    let shards = layout
+        .worker_shards(&data.train.labels, region_index)
+        .iter()
+        .map(|idx| data.train.subset(idx))
         .collect();
     let mut trainer = RegionTrainer::new(
         &cfg.region,
@@ -101,7 +78,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         t.seed.wrapping_add(region_index as u64 * 7919),
     )?;
     trainer.set_placement(cfg.lan);
-    let spe = steps_per_epoch(&cfg, &data.train.labels, strategy);
+    let spe = layout.steps_per_epoch(&data.train.labels);
     let total_rounds = spe * t.epochs as u64;
     let policy = Arc::new(load_policy(&cfg)?);
     let policy_name = policy.active().info.name.clone();

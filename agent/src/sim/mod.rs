@@ -6,7 +6,7 @@ pub mod wan;
 
 use crate::lan::{LanPlacement, RegionTrainer};
 use crate::sync::{RegionSync, SyncConfig};
-use crate::train::dataset::{ShardStrategy, shard_indices};
+use crate::train::dataset::{RegionLayout, ShardStrategy};
 use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -59,6 +59,17 @@ pub struct LinkDrop {
 }
 
 impl SimConfig {
+    /// How the data is dealt to regions and workers.
+    pub fn layout(&self) -> RegionLayout {
+        RegionLayout {
+            regions: self.topology.regions.len(),
+            workers: self.workers,
+            batch_size: self.batch_size,
+            strategy: self.sharding,
+            seed: self.seed,
+        }
+    }
+
     /// The demo's defaults: digits MLP, `regions` regions of 2 workers.
     pub fn demo(regions: usize, seed: u64) -> Self {
         Self {
@@ -181,19 +192,13 @@ pub fn run(
     {
         bail!("link drop {d:?} does not fit {n} regions");
     }
-    let shards_total = n * cfg.workers;
+    let layout = cfg.layout();
     let mut regions = Vec::with_capacity(n);
     for (r, name) in names.iter().enumerate() {
-        let shards = (0..cfg.workers)
-            .map(|k| {
-                data.train.subset(&shard_indices(
-                    &data.train.labels,
-                    shards_total,
-                    r * cfg.workers + k,
-                    cfg.sharding,
-                    cfg.seed,
-                ))
-            })
+        let shards = layout
+            .worker_shards(&data.train.labels, r)
+            .iter()
+            .map(|idx| data.train.subset(idx))
             .collect();
         let mut trainer = RegionTrainer::new(
             name,
@@ -225,11 +230,7 @@ pub fn run(
             evals: Vec::new(),
         });
     }
-    let steps_per_epoch = regions
-        .iter()
-        .map(|r| r.trainer.samples().div_ceil(r.trainer.samples_per_step()))
-        .max()
-        .unwrap_or(1) as u64;
+    let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total_rounds = steps_per_epoch * cfg.epochs as u64;
     let schedule = LrSchedule::Cosine { min_factor: 0.0 };
     let mut links: Vec<Vec<VirtualLink>> = (0..n)

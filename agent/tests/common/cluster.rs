@@ -178,3 +178,80 @@ pub fn certs(dir: &Path, regions: &[&str]) {
 pub fn sum(reports: &[Value], key: &str) -> u64 {
     reports.iter().map(|r| r[key].as_u64().unwrap()).sum()
 }
+
+/// The highest `key=` value on log lines containing `marker`.
+pub fn max_logged(log: &str, marker: &str, key: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| {
+            l.split(key)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+}
+
+/// The last round an agent logged at an epoch's end (0 before the first).
+pub fn latest_round(log: &str) -> u64 {
+    max_logged(log, "round round=", "round=").unwrap_or(0)
+}
+
+/// Certificates and configs for the three `REGIONS` in `dir`: region `i` listens on
+/// `listen[i]` and dials peer `j` at `address(i, j)`; `wan` and `checkpoint` are extra keys
+/// for those sections, `training(i)` for region `i`'s `[training]` (it may open further
+/// sections, such as `[admin]`). Returns the agents, not started.
+pub fn three_regions(
+    dir: &Path,
+    listen: &[SocketAddr],
+    address: impl Fn(usize, usize) -> String,
+    wan: &str,
+    training: &dyn Fn(usize) -> String,
+    checkpoint: &str,
+) -> Vec<Agent> {
+    let certs_dir = dir.join("certs");
+    certs(&certs_dir, &REGIONS);
+    (0..REGIONS.len())
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..REGIONS.len())
+                .filter(|&j| j != i)
+                .map(|j| (REGIONS[j], address(i, j)))
+                .collect();
+            write_config(
+                dir,
+                &certs_dir,
+                REGIONS[i],
+                REGIONS[i],
+                i,
+                REGIONS.len(),
+                listen[i],
+                &peers,
+                wan,
+                &training(i),
+                checkpoint,
+            );
+            Agent::new(dir, REGIONS[i])
+        })
+        .collect()
+}
+
+/// Three regions dialling each other directly on loopback.
+pub fn loopback_regions(
+    dir: &Path,
+    wan: &str,
+    training: &dyn Fn(usize) -> String,
+    checkpoint: &str,
+) -> Vec<Agent> {
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let to = listen.clone();
+    three_regions(
+        dir,
+        &listen,
+        move |_, j| to[j].to_string(),
+        wan,
+        training,
+        checkpoint,
+    )
+}

@@ -14,7 +14,7 @@ pub use cifar::load_cifar10_dir;
 pub use csv::{CsvOptions, load_csv, load_csv_pair};
 pub use embedded::embedded_digits;
 pub use idx::{IdxKind, load_idx_dir, parse_idx};
-pub use shard::{ShardStrategy, shard_indices};
+pub use shard::{RegionLayout, ShardStrategy, shard_indices};
 pub use source::DataSource;
 
 use std::path::PathBuf;

@@ -28,6 +28,55 @@ impl std::str::FromStr for ShardStrategy {
     }
 }
 
+/// How a run deals its data: `regions` regions of `workers` workers each, one shard per
+/// worker, `batch_size` samples per worker per step. Every region of a run computes the
+/// same layout, so each knows every region's share and the run's round count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionLayout {
+    /// Regions sharing the data set.
+    pub regions: usize,
+    /// Workers per region.
+    pub workers: usize,
+    /// Samples per worker per step.
+    pub batch_size: usize,
+    /// How samples are dealt.
+    pub strategy: ShardStrategy,
+    /// Seed of the deal.
+    pub seed: u64,
+}
+
+impl RegionLayout {
+    /// The sample indices of each of `region`'s workers.
+    pub fn worker_shards(&self, labels: &[u32], region: usize) -> Vec<Vec<usize>> {
+        let total = self.regions * self.workers;
+        (0..self.workers)
+            .map(|k| {
+                shard_indices(
+                    labels,
+                    total,
+                    region * self.workers + k,
+                    self.strategy,
+                    self.seed,
+                )
+            })
+            .collect()
+    }
+
+    /// Rounds per epoch: the largest region's steps over its share, so every region runs
+    /// the same number of rounds.
+    pub fn steps_per_epoch(&self, labels: &[u32]) -> u64 {
+        let per_step = (self.workers * self.batch_size).max(1);
+        (0..self.regions)
+            .map(|r| {
+                let samples: usize = self.worker_shards(labels, r).iter().map(Vec::len).sum();
+                samples.div_ceil(per_step)
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1) as u64
+    }
+}
+
 /// The sample indices of shard `shard` out of `shards`, for a data set with `labels`.
 ///
 /// The shards partition `0..labels.len()` exactly; the result depends only on the inputs.
@@ -118,5 +167,28 @@ mod tests {
         assert_eq!((tr.len(), te.len()), (4, 1));
         let (tr, te) = split_holdout(10, 0.3, 1);
         assert_eq!((tr.len(), te.len()), (7, 3));
+    }
+
+    #[test]
+    fn a_layout_gives_every_region_its_workers_shards_and_one_round_count() {
+        let labels: Vec<u32> = (0..103).map(|i| i % 10).collect();
+        let layout = RegionLayout {
+            regions: 3,
+            workers: 2,
+            batch_size: 4,
+            strategy: ShardStrategy::Iid,
+            seed: 7,
+        };
+        let mut all: Vec<usize> = (0..3)
+            .flat_map(|r| layout.worker_shards(&labels, r).into_iter().flatten())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..103).collect::<Vec<_>>(),
+            "the workers' shards partition the set"
+        );
+        // 103 samples over 3 regions: at most 35 per region, 8 per step -> 5 steps.
+        assert_eq!(layout.steps_per_epoch(&labels), 5);
     }
 }
