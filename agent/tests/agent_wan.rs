@@ -427,3 +427,140 @@ fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catch
         assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
     }
 }
+
+/// Three regions, each pair through a fast relay (1 Gbit/s, 1 ms) that the test can cut
+/// and restore; deadline 2 s, 20 epochs.
+struct Relayed {
+    rt: tokio::runtime::Runtime,
+    /// (dialler, dialled, relay address, upstream, relay while up).
+    relays: Vec<(usize, usize, SocketAddr, SocketAddr, Option<Relay>)>,
+    agents: Vec<Agent>,
+}
+
+impl Relayed {
+    fn new(dir: &std::path::Path) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+        let mut relays = Vec::new();
+        for i in 0..3 {
+            for j in (0..3).filter(|&j| j != i) {
+                let r = Self::relay(&rt, "127.0.0.1:0".parse().unwrap(), listen[j]);
+                relays.push((i, j, r.local_addr(), listen[j], Some(r)));
+            }
+        }
+        let addr: Vec<(usize, usize, String)> = relays
+            .iter()
+            .map(|(i, j, a, _, _)| (*i, *j, a.to_string()))
+            .collect();
+        let agents = three_regions(
+            dir,
+            &listen,
+            move |i, j| {
+                addr.iter()
+                    .find(|(a, b, _)| *a == i && *b == j)
+                    .map(|(_, _, s)| s.clone())
+                    .unwrap()
+            },
+            "peer_deadline_s = 2",
+            &|_| "epochs = 20".into(),
+            "",
+        );
+        Self { rt, relays, agents }
+    }
+
+    fn relay(rt: &tokio::runtime::Runtime, listen: SocketAddr, upstream: SocketAddr) -> Relay {
+        let shaping = Shaping::new(1000.0, 1.0);
+        rt.block_on(relay::start(RelayConfig {
+            listen,
+            upstream,
+            up: shaping,
+            down: shaping,
+            seed: 1,
+        }))
+        .unwrap()
+    }
+
+    /// Cuts (or restores) every path to and from `region`.
+    fn set_partitioned(&mut self, region: usize, cut: bool) {
+        for (i, j, addr, upstream, relay) in &mut self.relays {
+            if *i == region || *j == region {
+                *relay = if cut {
+                    None
+                } else {
+                    Some(Self::relay(&self.rt, *addr, *upstream))
+                };
+            }
+        }
+    }
+}
+
+#[test]
+fn a_partitioned_region_goes_on_alone_and_merges_back_through_its_residuals() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // The fault-free run through the same relays, for the accuracy reference.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let mut plain = Relayed::new(plain_dir.path());
+    plain.agents.iter_mut().for_each(Agent::start);
+    let plain: Vec<Value> = plain
+        .agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Relayed::new(dir.path());
+    run.agents.iter_mut().for_each(Agent::start);
+    wait_for("round 60 at ap-southeast", Duration::from_secs(120), || {
+        latest_round(&run.agents[2].log()) >= 60
+    });
+    run.set_partitioned(2, true);
+    // Both sides exclude each other past the deadline and go on.
+    wait_for("both sides to exclude", Duration::from_secs(60), || {
+        run.agents[0]
+            .log()
+            .contains("peer unreachable past the deadline")
+            && run.agents[2]
+                .log()
+                .contains("peer unreachable past the deadline")
+    });
+    let (east, south) = (
+        latest_round(&run.agents[0].log()),
+        latest_round(&run.agents[2].log()),
+    );
+    wait_for("both sides to train on", Duration::from_secs(60), || {
+        latest_round(&run.agents[0].log()) >= east + 15
+            && latest_round(&run.agents[2].log()) >= south + 15
+    });
+    run.set_partitioned(2, false);
+    let reports: Vec<Value> = run
+        .agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    assert!(run.agents[0].log().contains("peer is back"));
+    let total = plain[0]["rounds"].as_u64().unwrap();
+    for (r, p) in reports.iter().zip(&plain) {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        // Merged through the residuals, not by taking anyone's model.
+        assert_eq!(r["snapshots_adopted"], 0, "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        let (acc, base) = (
+            r["test_accuracy"].as_f64().unwrap(),
+            p["test_accuracy"].as_f64().unwrap(),
+        );
+        eprintln!(
+            "{}: top-1 {acc} after the partition, {base} without",
+            r["region"]
+        );
+        assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
+    }
+}

@@ -170,6 +170,10 @@ struct LoopState {
     busy_rounds: u64,
     /// Resumed from a periodic (not clean) checkpoint: take any peer's model that is ahead.
     catch_up: bool,
+    /// Started without state and not trained yet: take a peer's model if the run is well
+    /// under way. A region that has its own state (it was partitioned, or restarted from a
+    /// clean checkpoint) keeps it and merges through the residuals instead.
+    fresh: bool,
 }
 
 impl Core {
@@ -279,6 +283,7 @@ impl Core {
                     Ok((round, notice)) => {
                         st.adopted += 1;
                         st.catch_up = false;
+                        st.fresh = false;
                         metrics::counter!(m::SNAPSHOTS, "kind" => "adopted").increment(1);
                         self.round.store(self.sync.round(), Ordering::Relaxed);
                         tracing::info!(
@@ -306,10 +311,15 @@ impl Core {
         }
     }
 
-    /// A region far behind a reachable peer (it was excluded, or restarted without its
-    /// state) takes that peer's model instead of training on from a stale one.
+    /// A region without state (fresh, or restarted after a crash) takes the model of a
+    /// reachable peer that is ahead, instead of training on from a stale one. A region with
+    /// its own state (after a partition heals) keeps it: the residuals carry every update
+    /// across, and the mirror clock lets the one ahead wait.
     fn maybe_fetch(&mut self, st: &mut LoopState, now: Duration) {
-        if st.fetching.is_some() || st.fetch_retry_at.is_some_and(|t| now < t) {
+        if !(st.fresh || st.catch_up)
+            || st.fetching.is_some()
+            || st.fetch_retry_at.is_some_and(|t| now < t)
+        {
             return;
         }
         let round = self.sync.round();
@@ -663,6 +673,7 @@ impl Core {
             busy: Duration::ZERO,
             busy_rounds: 0,
             catch_up: false,
+            fresh: self.resume.is_none(),
         };
         self.publish(&mut st);
         // The first LAN plan: the policy's answer before any update exists.
@@ -732,6 +743,7 @@ impl Core {
                 st.state = "training";
                 let began = Instant::now();
                 st.first_round_start.get_or_insert(began);
+                st.fresh = false;
                 self.train_round(&mut st, &schedule)?;
                 st.busy += began.elapsed();
                 st.busy_rounds += 1;
