@@ -469,7 +469,15 @@ impl Relayed {
     }
 
     fn relay(rt: &tokio::runtime::Runtime, listen: SocketAddr, upstream: SocketAddr) -> Relay {
-        let shaping = Shaping::new(1000.0, 1.0);
+        Self::shaped(rt, listen, upstream, Shaping::new(1000.0, 1.0))
+    }
+
+    fn shaped(
+        rt: &tokio::runtime::Runtime,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        shaping: Shaping,
+    ) -> Relay {
         rt.block_on(relay::start(RelayConfig {
             listen,
             upstream,
@@ -480,15 +488,28 @@ impl Relayed {
         .unwrap()
     }
 
+    /// Replaces the paths between `a` and `b` with ones shaped like `shaping`.
+    fn reshape(&mut self, a: usize, b: usize, shaping: Shaping) {
+        for (i, j, addr, upstream, relay) in &mut self.relays {
+            if (*i, *j) == (a, b) || (*i, *j) == (b, a) {
+                if let Some(old) = relay.take() {
+                    self.rt.block_on(old.stop());
+                }
+                *relay = Some(Self::shaped(&self.rt, *addr, *upstream, shaping));
+            }
+        }
+    }
+
     /// Cuts (or restores) every path to and from `region`.
     fn set_partitioned(&mut self, region: usize, cut: bool) {
         for (i, j, addr, upstream, relay) in &mut self.relays {
             if *i == region || *j == region {
-                *relay = if cut {
-                    None
-                } else {
-                    Some(Self::relay(&self.rt, *addr, *upstream))
-                };
+                if let Some(old) = relay.take() {
+                    self.rt.block_on(old.stop());
+                }
+                if !cut {
+                    *relay = Some(Self::relay(&self.rt, *addr, *upstream));
+                }
             }
         }
     }
@@ -562,5 +583,124 @@ fn a_partitioned_region_goes_on_alone_and_merges_back_through_its_residuals() {
             r["region"]
         );
         assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_stops_the_agent_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = loopback_regions(dir.path(), "", &|_| "epochs = 1".into(), "");
+    let state = dir.path().join("state-us-east");
+    std::fs::create_dir_all(&state).unwrap();
+    let ckpt = state.join("us-east.ckpt");
+    for damage in [&b"WGCK\x28\xb5\x2f\xfdjunk"[..], b"not a checkpoint", b""] {
+        std::fs::write(&ckpt, damage).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+            .args(["agent", "--config"])
+            .arg(&agents[0].config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("us-east.ckpt") && err.contains("damaged") && err.contains("move it away"),
+            "{err}"
+        );
+    }
+    // Moved away, the agent starts.
+    std::fs::remove_file(&ckpt).unwrap();
+    agents[0].start();
+    wait_for("us-east to listen", Duration::from_secs(60), || {
+        agents[0].log().contains("WAN endpoint listening")
+    });
+    agents[0].kill();
+}
+
+#[test]
+fn restarting_every_region_in_turn_loses_nothing() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = loopback_regions(
+        dir.path(),
+        "peer_deadline_s = 120",
+        &|_| "epochs = 30".into(),
+        "every_rounds = 100000",
+    );
+    agents.iter_mut().for_each(Agent::start);
+    for agent in agents.iter_mut() {
+        let at = latest_round(&agent.log());
+        wait_for("some progress", Duration::from_secs(120), || {
+            latest_round(&agent.log()) >= at + 30
+        });
+        let pid = agent.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let stopped = agent.finish(Duration::from_secs(60));
+        assert_eq!(stopped["interrupted"], true, "{stopped}");
+        agent.start();
+    }
+    let reports: Vec<Value> = agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    let total = reports[0]["rounds"].as_u64().unwrap();
+    for (r, a) in reports.iter().zip(&agents) {
+        assert!(a.log().contains("resuming from checkpoint"), "{}", a.name);
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        assert_eq!(r["snapshots_adopted"], 0, "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            assert_eq!(l["rejected"], 0, "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        assert!(r["test_accuracy"].as_f64().unwrap() >= 0.95, "{r}");
+    }
+}
+
+#[test]
+fn a_link_falling_to_a_tenth_mid_run_keeps_every_region_training() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Relayed::new(dir.path());
+    // Start every path at 50 Mbit/s and 10 ms one way.
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        run.reshape(a, b, Shaping::new(50.0, 10.0));
+    }
+    run.agents.iter_mut().for_each(Agent::start);
+    wait_for("round 60 at us-east", Duration::from_secs(120), || {
+        latest_round(&run.agents[0].log()) >= 60
+    });
+    // us-east ↔ eu-west falls to a tenth of its bandwidth.
+    run.reshape(0, 1, Shaping::new(5.0, 10.0));
+    let reports: Vec<Value> = run
+        .agents
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
+    let total = reports[0]["rounds"].as_u64().unwrap();
+    for r in &reports {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+        assert!(r["test_accuracy"].as_f64().unwrap() >= 0.94, "{r}");
     }
 }

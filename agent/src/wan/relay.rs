@@ -101,6 +101,18 @@ impl Relay {
     pub fn stats(&self) -> &RelayStats {
         &self.stats
     }
+
+    /// Stops the relay and waits until its sockets are closed (dropping it only asks its
+    /// tasks to stop), so its address can be bound again at once.
+    pub async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for Relay {
