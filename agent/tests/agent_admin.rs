@@ -133,8 +133,9 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
         "{body}"
     );
     // Over the body limit: 413.
-    let (code, _) = put_policy(a, Some(TOKEN), &vec![0u8; 9 << 20]);
-    assert_eq!(code, 413);
+    let (code, body) = put_policy(a, Some(TOKEN), &vec![0u8; 9 << 20]);
+    assert_eq!(code, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");
     let (_, before) = get(a, "/policies");
     assert_eq!(before["active"]["name"], "weightgrad");
     assert_eq!(before["swaps"], 0);

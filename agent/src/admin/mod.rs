@@ -8,6 +8,7 @@ use crate::node::status::{Status, now_rfc3339};
 use crate::policy::{CompiledPolicy, PolicyFailure, PolicyRuntime};
 use auth::Token;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -136,11 +137,26 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
 async fn push_policy(
     State(s): State<Arc<AdminState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
+    // The body limit's refusal, as JSON like every other error.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.status();
+            return error(
+                status,
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    format!("the policy exceeds the {}-byte limit", s.max_body)
+                } else {
+                    format!("unreadable body: {e}")
+                },
+            );
+        }
+    };
     if body.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
