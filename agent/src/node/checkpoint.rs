@@ -95,7 +95,8 @@ impl AgentCheckpoint {
         let Some(body) = bytes.strip_prefix(&MAGIC[..]) else {
             return Err(damaged("not a weightgrad checkpoint".into()));
         };
-        let cbor = zstd::bulk::decompress(body, MAX_BYTES).map_err(|e| damaged(e.to_string()))?;
+        let cbor = crate::sync::snapshot::decompress_within(body, MAX_BYTES)
+            .map_err(|e| damaged(e.to_string()))?;
         let ck: Self = ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
         if ck.format != FORMAT {
             bail!(

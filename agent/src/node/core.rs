@@ -131,7 +131,7 @@ pub struct Core {
     pub acceptor: Arc<Acceptor>,
     /// Where checkpoints go.
     pub checkpoint_path: PathBuf,
-    /// Rounds between periodic checkpoints (0: only at the end and on stop).
+    /// Rounds between periodic checkpoints (besides the ones at the end and on stop).
     pub checkpoint_every: u64,
     /// A checkpoint to resume from.
     pub resume: Option<AgentCheckpoint>,
@@ -324,9 +324,11 @@ impl Core {
         }
         let round = self.sync.round();
         if st.catch_up
-            && (0..self.links.len()).all(|l| st.peer_rounds[l].is_some_and(|r| r <= round))
+            && (0..self.links.len())
+                .all(|l| st.peer_rounds[l].is_some_and(|r| r <= self.sync.clock().complete(l)))
         {
-            // Every peer is level or behind: nothing was handed over after the checkpoint.
+            // No peer has finished a round beyond what the checkpoint holds of it: nothing
+            // was handed over after the checkpoint.
             st.catch_up = false;
         }
         let behind = if st.catch_up {
@@ -607,6 +609,11 @@ impl Core {
         }
         self.round.store(round, Ordering::Relaxed);
         tracing::info!(round, path = %self.checkpoint_path.display(), clean = ck.clean, "resuming from checkpoint");
+        // From here on the run moves past the checkpoint: should this process crash, the
+        // file must not still claim a clean stop.
+        if ck.clean {
+            self.save_checkpoint(st, false);
+        }
         Ok(())
     }
 

@@ -248,7 +248,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         steps_per_epoch: spe,
         lr: t.lr,
         regions: (peers.len() + 1) as u32,
-        deadline: Duration::from_secs_f64(cfg.wan.peer_deadline_s),
+        deadline: Duration::try_from_secs_f64(cfg.wan.peer_deadline_s).unwrap_or(Duration::MAX),
         round,
         stop,
         wan_counters,

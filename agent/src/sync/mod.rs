@@ -393,11 +393,20 @@ mod tests {
                 s.finish_round(w, &plans).unwrap();
             }
         }
-        // r2 restarts empty and takes r0's snapshot; r0 clears its residual for r2, and r1
-        // copies its residual for r0 into its residual for r2 when the notice arrives.
+        // r2 restarts empty and takes r0's snapshot; when the notice arrives, r0 takes what
+        // it served out of its residual for r2 (what came later stays), and r1 copies its
+        // residual for r0 into its residual for r2.
         let mut c = RegionSync::new(&names[2], &peers(2), metas.clone(), cfg, 3);
+        let served = a.residual(1).to_vec();
         let snap = a.snapshot_for(1, &wa, "m");
-        assert!(a.residual(1).iter().flatten().all(|v| *v == 0.0));
+        assert_eq!(
+            a.residual(1),
+            &served[..],
+            "nothing changes before the notice"
+        );
+        // An update after the snapshot, which the newcomer's weights lack.
+        let late: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.25; m.numel]).collect();
+        a.add_local_update(&late);
         let mut wc = Vec::new();
         let notice = c.adopt(&snap, &mut wc).unwrap();
         assert_eq!(wc, wa);
@@ -410,6 +419,18 @@ mod tests {
         b.receive(1, &notice.to_bytes(), &mut wb).unwrap();
         assert_eq!(b.clock().complete(1), 20);
         assert_eq!(b.residual(1), b.residual(0));
+        a.receive(1, &notice.to_bytes(), &mut wa).unwrap();
+        // Only what came after the snapshot is left (to float rounding).
+        for (r, l) in a.residual(1).iter().flatten().zip(late.iter().flatten()) {
+            assert!((r - l).abs() < 1e-6, "{r} vs {l}");
+        }
+        // A resent notice is a duplicate, not a second reset.
+        let before_b = b.residual(1).to_vec();
+        assert!(matches!(
+            b.receive(1, &notice.to_bytes(), &mut wb),
+            Err(ReceiveError::Duplicate { .. })
+        ));
+        assert_eq!(b.residual(1), &before_b[..]);
         for (s, links) in [(&a, 2), (&b, 2)] {
             for l in 0..links {
                 let e = s.conservation_error(l).unwrap();

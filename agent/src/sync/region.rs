@@ -134,6 +134,12 @@ struct Link {
     /// Σ (old − new residual) over resets after the peer resumed from a snapshot: what
     /// reached it through a snapshot rather than through frames.
     adjustment: Vec<Vec<f32>>,
+    /// The residual as it stood when this region served the peer a snapshot; taken out
+    /// of the residual only when the peer's resume notice confirms it adopted it.
+    served: Option<Vec<Vec<f32>>>,
+    /// The snapshot round of the last resume notice applied (a resent notice is a
+    /// duplicate, not a second reset).
+    last_resume: Option<u64>,
 }
 
 /// What one round produced for one link.
@@ -212,6 +218,10 @@ struct LinkState {
     counters: LinkCounters,
     applied: Vec<(u64, u32)>,
     adjustment: Vec<Vec<f32>>,
+    #[serde(default)]
+    served: Option<Vec<Vec<f32>>>,
+    #[serde(default)]
+    last_resume: Option<u64>,
 }
 
 /// Everything a [`RegionSync`] holds, for checkpoints: restoring it resumes the region
@@ -265,6 +275,8 @@ impl RegionSync {
                 counters: LinkCounters::default(),
                 applied: BTreeSet::new(),
                 adjustment: tensors.iter().map(|t| vec![0.0; t.numel]).collect(),
+                served: None,
+                last_resume: None,
             })
             .collect();
         let zeros = || -> Vec<Vec<f64>> { tensors.iter().map(|t| vec![0.0; t.numel]).collect() };
@@ -399,6 +411,8 @@ impl RegionSync {
                     counters: l.counters,
                     applied: l.applied.iter().copied().collect(),
                     adjustment: l.adjustment.clone(),
+                    served: l.served.clone(),
+                    last_resume: l.last_resume,
                 })
                 .collect(),
             outer: self.outer.clone(),
@@ -439,6 +453,8 @@ impl RegionSync {
             link.counters = s.counters;
             link.applied = s.applied.into_iter().collect();
             link.adjustment = s.adjustment;
+            link.served = s.served.filter(|v| fits(v));
+            link.last_resume = s.last_resume;
         }
         self.outer = state.outer;
         self.audit = state.audit;
@@ -535,10 +551,12 @@ impl RegionSync {
         }
     }
 
-    /// This region's state for the peer on link `l`, which rejoins without its own. The
-    /// link's residual is cleared: everything in it is in the weights the peer adopts.
+    /// This region's state for the peer on link `l`, which rejoins without its own.
+    /// Everything in the link's residual is in the weights the peer adopts; it is taken out
+    /// of the residual when the peer's resume notice confirms the adoption (a snapshot lost
+    /// on the way costs nothing).
     pub fn snapshot_for(&mut self, l: usize, weights: &[Vec<f32>], manifest: &str) -> Snapshot {
-        self.reset_residual(l, None);
+        self.links[l].served = Some(self.links[l].residual.clone());
         Snapshot {
             source: self.name.clone(),
             round: self.round,
@@ -774,13 +792,31 @@ impl RegionSync {
                 if r.sender != peer {
                     return Err(reject(format!("notice claims sender {:?}", r.sender)));
                 }
+                if self.links[l].last_resume == Some(r.after) {
+                    return Err(ReceiveError::Duplicate {
+                        peer: peer.to_string(),
+                        tensor: u32::MAX,
+                        clock: r.after,
+                    });
+                }
+                self.links[l].last_resume = Some(r.after);
                 self.clock.skip_to(l, r.after);
                 self.prune_applied(l);
-                // The peer now holds what `source` held. The source cleared its own
-                // residual when it served the snapshot; every other region's residual for
-                // the peer becomes its residual for the source (approximately what the
-                // snapshot lacks of this region's updates).
-                if r.source != self.name {
+                // The peer now holds what `source` held. The source takes out of its
+                // residual what it held when it served the snapshot (what came later stays);
+                // every other region's residual for the peer becomes its residual for the
+                // source (approximately what the snapshot lacks of this region's updates).
+                if r.source == self.name {
+                    if let Some(served) = self.links[l].served.take() {
+                        let rest = self.links[l]
+                            .residual
+                            .iter()
+                            .zip(&served)
+                            .map(|(now, then)| now.iter().zip(then).map(|(n, t)| n - t).collect())
+                            .collect();
+                        self.reset_residual(l, Some(rest));
+                    }
+                } else {
                     let copy = self
                         .links
                         .iter()

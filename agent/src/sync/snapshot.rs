@@ -22,6 +22,20 @@ pub struct Snapshot {
     pub weights: Vec<Vec<f32>>,
 }
 
+/// Decompresses a zstd stream of at most `limit` bytes, growing the buffer as data comes
+/// (a declared size is not trusted, and nothing is reserved up front).
+pub fn decompress_within(body: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(body)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > limit {
+        return Err(std::io::Error::other(format!("more than {limit} bytes")));
+    }
+    Ok(out)
+}
+
 /// Encodes a snapshot.
 pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     let mut cbor = Vec::new();
@@ -36,7 +50,7 @@ pub fn decode_snapshot(bytes: &[u8], max_bytes: usize) -> Result<Snapshot, Strin
     let body = bytes
         .strip_prefix(&SNAPSHOT_MAGIC[..])
         .ok_or("not a weightgrad snapshot (bad magic)")?;
-    let cbor = zstd::bulk::decompress(body, max_bytes)
+    let cbor = decompress_within(body, max_bytes)
         .map_err(|e| format!("snapshot does not decompress within {max_bytes} bytes: {e}"))?;
     let mut cursor = std::io::Cursor::new(&cbor[..]);
     let s: Snapshot = ciborium::from_reader(&mut cursor).map_err(|e| format!("snapshot: {e}"))?;

@@ -156,8 +156,8 @@ impl Expectation {
     }
 }
 
-fn short(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
+fn short(hash: &str) -> String {
+    hash.chars().take(12).collect()
 }
 
 fn encode<T: Serialize>(magic: [u8; 4], value: &T) -> Vec<u8> {

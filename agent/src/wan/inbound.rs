@@ -6,7 +6,7 @@
 use super::framing::decode_stream;
 use super::handshake::{Expectation, MAX_HANDSHAKE_BYTES, Verdict, encode_verdict};
 use super::link::{
-    ACK, SNAPSHOT_REQUEST, STREAM_MESSAGES, STREAM_SNAPSHOT, STREAM_TARGET_BYTES, WanEvent,
+    ACK, REJECT, SNAPSHOT_REQUEST, STREAM_MESSAGES, STREAM_SNAPSHOT, STREAM_TARGET_BYTES, WanEvent,
 };
 use super::telemetry::stats_of;
 use anyhow::{Result, anyhow, bail};
@@ -174,10 +174,14 @@ async fn serve_stream(stream: BidirectionalStream, link: usize, a: Arc<Acceptor>
                         return;
                     }
                     for m in messages {
-                        let _ = a.events.send(WanEvent::Message {
+                        let handed = a.events.send(WanEvent::Message {
                             link,
                             bytes: m.to_vec(),
                         });
+                        if handed.is_err() {
+                            // The core is gone: no acknowledgement, the sender keeps it.
+                            return;
+                        }
                     }
                 }
                 let _ = tx.send(Bytes::from_static(ACK)).await;
@@ -185,7 +189,10 @@ async fn serve_stream(stream: BidirectionalStream, link: usize, a: Arc<Acceptor>
             }
             Err(e) => {
                 a.bad_streams.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "dropped a malformed stream: {e}");
+                tracing::warn!(%peer, "refused a malformed stream: {e}");
+                // Say so, or the sender would resend it forever.
+                let _ = tx.send(Bytes::from_static(REJECT)).await;
+                let _ = tx.close().await;
             }
         },
         Some((&STREAM_SNAPSHOT, _)) if bytes == SNAPSHOT_REQUEST => {

@@ -1,8 +1,9 @@
 //! One outgoing WAN link: dials a peer (mutual TLS, then the application handshake), sends
 //! the messages the agent queues for it on QUIC streams, and redials with backoff when the
-//! connection breaks. A message counts as delivered once the peer's QUIC stack has
-//! acknowledged its whole stream; whatever was not acknowledged is sent again on the next
-//! connection, in order (receivers drop duplicates), so a broken link loses nothing.
+//! connection breaks. A message counts as delivered once the peer's agent has acknowledged
+//! its stream (after handing the messages to its core, not merely on QUIC's receipt);
+//! whatever was not acknowledged is sent again on the next connection, in order (receivers
+//! drop duplicates), so a broken link loses nothing.
 
 use super::backoff::Backoff;
 use super::framing::{encode_stream, group_for_streams};
@@ -220,6 +221,9 @@ pub const STREAM_MESSAGES: u8 = b'M';
 pub const STREAM_SNAPSHOT: u8 = b'S';
 /// What a receiver answers once a stream's messages are in its agent's hands.
 pub const ACK: &[u8] = b"A";
+/// What a receiver answers when it refuses a stream as malformed (the sender drops it
+/// rather than resending it forever).
+pub const REJECT: &[u8] = b"R";
 /// What a snapshot request stream carries.
 pub const SNAPSHOT_REQUEST: &[u8] = b"SWGSQ";
 
@@ -403,13 +407,23 @@ async fn pump(
                                 break;
                             }
                         }
+                        if answer == REJECT {
+                            return anyhow::Ok(false);
+                        }
                         if answer != ACK {
                             bail!("the peer did not acknowledge a stream");
                         }
-                        anyhow::Ok(())
+                        anyhow::Ok(true)
                     };
                     match sent.await {
-                        Ok(()) => Ok(group),
+                        Ok(true) => Ok(group),
+                        Ok(false) => {
+                            tracing::error!(
+                                messages = group.len(),
+                                "the peer refused a stream as malformed; its messages are dropped"
+                            );
+                            Ok(group)
+                        }
                         Err(e) => Err((group, e)),
                     }
                 });
@@ -655,5 +669,19 @@ mod tests {
                 .any(|e| matches!(e, WanEvent::Disconnected { .. }))
         );
         assert!(shared.goodput_bps() > 0.0);
+        // A message the peer refuses as malformed (an empty one) is dropped after the
+        // peer says so, not resent forever over new connections.
+        let connects = shared.connects.load(Ordering::Relaxed);
+        assert!(sender.send(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.unacked_messages.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(shared.unacked_messages.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            shared.connects.load(Ordering::Relaxed),
+            connects,
+            "no redial"
+        );
     }
 }
