@@ -255,3 +255,52 @@ pub fn loopback_regions(
         checkpoint,
     )
 }
+
+impl Agent {
+    /// Sends SIGTERM (the agent finishes its round, checkpoints and exits).
+    pub fn terminate(&self) {
+        let pid = self.child.as_ref().expect("started").id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+}
+
+/// Every region ran all `total` rounds, every peer's rounds all arrived everywhere, and on
+/// every link Σ sent + adjustments + residual = Σ local updates (relative gap < 1e-5).
+pub fn assert_complete_and_conserved(reports: &[Value], total: u64) {
+    for r in reports {
+        assert_eq!(r["rounds"].as_u64(), Some(total), "{r}");
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["peer_rounds_complete"].as_u64(), Some(total), "{l}");
+            let e = l["conservation_error"].as_f64().unwrap();
+            assert!(
+                e < 1e-5,
+                "{}→{}: conservation error {e}",
+                r["region"],
+                l["peer"]
+            );
+        }
+    }
+}
+
+/// Each region's final top-1 is at most one point below the same region's in `baseline`
+/// (printed with `label`, e.g. "after the kill").
+pub fn assert_within_a_point(reports: &[Value], baseline: &[Value], label: &str) {
+    for (r, p) in reports.iter().zip(baseline) {
+        let (acc, base) = (
+            r["test_accuracy"].as_f64().unwrap(),
+            p["test_accuracy"].as_f64().unwrap(),
+        );
+        eprintln!("{}: top-1 {acc} {label}, {base} without", r["region"]);
+        assert!(acc >= base - 0.01, "{}: {acc} vs {base}", r["region"]);
+    }
+}
+
+/// No link of any region refused a message.
+pub fn assert_nothing_refused(reports: &[Value]) {
+    for r in reports {
+        for l in r["links"].as_array().unwrap() {
+            assert_eq!(l["rejected"], 0, "{}: {l}", r["region"]);
+        }
+    }
+}
