@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -88,7 +88,12 @@ pub struct RelayStats {
 pub struct Relay {
     local: SocketAddr,
     stats: Arc<RelayStats>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Tells the forwarder to stop its readers, wait for them, and return.
+    shutdown: Option<oneshot::Sender<()>>,
+    /// The forwarder: owns the listening socket (through its readers too).
+    forwarder: Option<JoinHandle<()>>,
+    /// The two delivery tasks; their queues hold sockets as well.
+    deliverers: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
@@ -102,14 +107,20 @@ impl Relay {
         &self.stats
     }
 
-    /// Stops the relay and waits until its sockets are closed (dropping it only asks its
-    /// tasks to stop), so its address can be bound again at once.
+    /// Stops the relay and waits until every task holding one of its sockets has ended
+    /// (dropping it only asks them to stop), so its address can be bound again at once.
     pub async fn stop(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
-        for t in &tasks {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(forwarder) = self.forwarder.take() {
+            let _ = forwarder.await;
+        }
+        let deliverers = std::mem::take(&mut self.deliverers);
+        for t in &deliverers {
             t.abort();
         }
-        for t in tasks {
+        for t in deliverers {
             let _ = t.await;
         }
     }
@@ -117,7 +128,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.forwarder.iter().chain(&self.deliverers) {
             t.abort();
         }
     }
@@ -160,7 +171,8 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
     let down = Arc::new(Mutex::new(Shaper::new(cfg.down, cfg.seed ^ 0x9e37_79b9)));
     let (up_tx, up_rx) = mpsc::unbounded_channel();
     let (down_tx, down_rx) = mpsc::unbounded_channel();
-    let mut tasks = vec![tokio::spawn(deliver(up_rx)), tokio::spawn(deliver(down_rx))];
+    let deliverers = vec![tokio::spawn(deliver(up_rx)), tokio::spawn(deliver(down_rx))];
+    let (shutdown, mut shutdown_rx) = oneshot::channel::<()>();
     let at = move |t: f64| epoch + Duration::from_secs_f64(t);
     let now = move || epoch.elapsed().as_secs_f64();
     let bind_for_upstream: SocketAddr = if cfg.upstream.is_ipv4() {
@@ -169,14 +181,23 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let forward_stats = stats.clone();
-    tasks.push(tokio::spawn(async move {
+    let forwarder = tokio::spawn(async move {
         let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-        // Dropped (and so aborted) with this task when the relay is dropped: nothing keeps
-        // the relay's sockets bound after it is gone.
+        // Each reader holds the listening socket. On shutdown they are aborted and awaited
+        // before this task returns, so `Relay::stop` leaves nothing bound; dropping the
+        // relay aborts this task, whose dropped set aborts them in turn.
         let mut readers = tokio::task::JoinSet::new();
         let mut buf = vec![0u8; 65_536];
         loop {
-            let Ok((n, from)) = listen.recv_from(&mut buf).await else {
+            let received = tokio::select! {
+                biased;
+                _ = &mut shutdown_rx => {
+                    readers.shutdown().await;
+                    return;
+                }
+                received = listen.recv_from(&mut buf) => received,
+            };
+            let Ok((n, from)) = received else {
                 continue;
             };
             let socket = match clients.get(&from) {
@@ -230,11 +251,13 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                 });
             }
         }
-    }));
+    });
     Ok(Relay {
         local,
         stats,
-        tasks,
+        shutdown: Some(shutdown),
+        forwarder: Some(forwarder),
+        deliverers,
     })
 }
 
@@ -294,6 +317,22 @@ mod tests {
         }
         assert_eq!(relay.stats().up.delivered.load(Relaxed), 3);
         assert_eq!(relay.stats().down.delivered.load(Relaxed), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_relay_frees_its_address_at_once() {
+        let (server, _echo) = echo().await;
+        let mut cfg = config(server, Shaping::new(1000.0, 1.0));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        for i in 0..200u8 {
+            let relay = start(cfg).await.unwrap();
+            cfg.listen = relay.local_addr();
+            // A datagram each way, so a reader of upstream replies is running.
+            client.send_to(&[i; 8], relay.local_addr()).await.unwrap();
+            assert_eq!(recv(&client, &mut buf).await.0, 8);
+            relay.stop().await;
+        }
     }
 
     #[tokio::test]
