@@ -79,6 +79,10 @@ pub const LOSS: &str = "weightgrad_loss";
 pub const ACCURACY: &str = "weightgrad_test_accuracy";
 /// Staleness per peer.
 pub const STALENESS: &str = "weightgrad_staleness_rounds";
+/// The configured staleness bound.
+pub const STALENESS_BOUND: &str = "weightgrad_staleness_bound_rounds";
+/// Rounds the whole run takes.
+pub const RUN_ROUNDS: &str = "weightgrad_run_rounds";
 /// Link RTT.
 pub const LINK_RTT: &str = "weightgrad_link_rtt_seconds";
 /// Link goodput.
@@ -202,6 +206,18 @@ pub const CATALOGUE: &[MetricDef] = &[
         Gauge,
         ["peer"],
         "This region's rounds minus the peer's fully arrived rounds"
+    ),
+    metric!(
+        "weightgrad_staleness_bound_rounds",
+        Gauge,
+        [],
+        "The configured staleness bound, `training.max_staleness` (alerts compare `weightgrad_staleness_rounds` with it)"
+    ),
+    metric!(
+        "weightgrad_run_rounds",
+        Gauge,
+        [],
+        "Rounds the whole run takes; `weightgrad_round` reaching it means this region is finished"
     ),
     metric!(
         "weightgrad_link_rtt_seconds",
@@ -369,6 +385,8 @@ mod tests {
             LOSS,
             ACCURACY,
             STALENESS,
+            STALENESS_BOUND,
+            RUN_ROUNDS,
             LINK_RTT,
             LINK_GOODPUT,
             LINK_LOST,
@@ -386,7 +404,7 @@ mod tests {
         ] {
             assert!(seen.contains(name), "{name} is not in the catalogue");
         }
-        assert_eq!(seen.len(), 29, "every catalogue entry has a constant");
+        assert_eq!(seen.len(), 31, "every catalogue entry has a constant");
     }
 
     #[test]

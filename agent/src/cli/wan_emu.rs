@@ -6,6 +6,7 @@ use crate::wan::shaper::Shaping;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 /// Options of `weightgrad wan-emu`.
 #[derive(Debug, Args)]
@@ -13,9 +14,11 @@ pub struct WanEmuArgs {
     /// UDP address clients send to.
     #[arg(long)]
     listen: SocketAddr,
-    /// UDP address datagrams are relayed to.
+    /// Where datagrams are relayed to: `host:port` (a name is resolved once at start,
+    /// retried for up to 30 s while it does not resolve yet, as when the upstream's
+    /// container is still starting).
     #[arg(long)]
-    upstream: SocketAddr,
+    upstream: String,
     /// Bandwidth each way, Mbit/s.
     #[arg(long, default_value_t = 50.0)]
     mbps: f64,
@@ -51,23 +54,25 @@ fn shaping(mbps: f64, a: &WanEmuArgs) -> Shaping {
 
 /// Runs the relay until Ctrl-C or SIGTERM, then prints what it did.
 pub fn run(args: WanEmuArgs) -> Result<()> {
-    let cfg = RelayConfig {
-        listen: args.listen,
-        upstream: args.upstream,
-        up: shaping(args.mbps, &args),
-        down: shaping(args.down_mbps.unwrap_or(args.mbps), &args),
-        seed: args.seed,
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let upstream = rt.block_on(resolve(&args.upstream, Duration::from_secs(30)))?;
+    let cfg = RelayConfig {
+        listen: args.listen,
+        upstream,
+        up: shaping(args.mbps, &args),
+        down: shaping(args.down_mbps.unwrap_or(args.mbps), &args),
+        seed: args.seed,
+    };
     rt.block_on(async {
         let relay = start(cfg).await?;
         eprintln!(
-            "relaying {} -> {} at {} Mbit/s, {} ms one way (±{} ms), loss {}",
+            "relaying {} -> {} ({}) at {} Mbit/s, {} ms one way (±{} ms), loss {}",
             relay.local_addr(),
+            args.upstream,
             cfg.upstream,
             args.mbps,
             args.delay_ms,
@@ -84,4 +89,40 @@ pub fn run(args: WanEmuArgs) -> Result<()> {
         eprintln!("upstream -> client: {}", relay.stats().down.summary());
         Ok(())
     })
+}
+
+/// Resolves `host:port` to its first address, retrying once a second until `patience` runs
+/// out: a name that does not resolve yet may belong to a host that is still starting.
+async fn resolve(upstream: &str, patience: Duration) -> Result<SocketAddr> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let error = match tokio::net::lookup_host(upstream).await {
+            Ok(mut addrs) => match addrs.next() {
+                Some(addr) => return Ok(addr),
+                None => anyhow::anyhow!("no address"),
+            },
+            Err(e) => e.into(),
+        };
+        if Instant::now() >= deadline {
+            return Err(error.context(format!(
+                "--upstream {upstream}: cannot resolve it (expected host:port)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_names_and_addresses_resolve_and_bad_ones_are_named() {
+        let addr = resolve("127.0.0.1:4433", Duration::ZERO).await.unwrap();
+        assert_eq!(addr, "127.0.0.1:4433".parse::<SocketAddr>().unwrap());
+        let local = resolve("localhost:4433", Duration::ZERO).await.unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 4433, "{local}");
+        let e = resolve("no-port", Duration::ZERO).await.unwrap_err();
+        assert!(format!("{e:#}").contains("--upstream no-port"), "{e:#}");
+    }
 }

@@ -469,6 +469,8 @@ impl Core {
         self.publish_policy_change(st);
         let active = self.policy.active();
         let round = self.sync.round();
+        metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
+        metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
         let peers = (0..self.links.len())
             .map(|l| {
                 let peer = self.sync.peer(l).to_string();
