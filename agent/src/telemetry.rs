@@ -325,6 +325,23 @@ pub fn install(region: &str) -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// How often [`spawn_upkeep`] drains recorded histogram samples.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Drains the recorder's histogram samples into their buckets every [`UPKEEP_EVERY`], on the
+/// current tokio runtime. The exporter otherwise keeps every sample until the next scrape,
+/// so an agent nobody scrapes would grow by every duration, bit-width and ratio it records
+/// (the soak in `docs/reliability.md` found this).
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
 /// The catalogue as the Markdown table in `docs/metrics.md`.
 pub fn markdown() -> String {
     let mut out =

@@ -424,8 +424,9 @@ impl Relayed {
         Self { rt, relays, agents }
     }
 
+    /// A path at 50 Mbit/s and 10 ms one way.
     fn relay(rt: &tokio::runtime::Runtime, listen: SocketAddr, upstream: SocketAddr) -> Relay {
-        Self::shaped(rt, listen, upstream, Shaping::new(1000.0, 1.0))
+        Self::shaped(rt, listen, upstream, Shaping::new(50.0, 10.0))
     }
 
     fn shaped(
@@ -471,19 +472,26 @@ impl Relayed {
     }
 }
 
+/// The fault-free run through the relays, with the fault tests' seeds: their accuracy
+/// reference, run once for all of them.
+fn fault_free() -> &'static [Value] {
+    static RUN: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plain = Relayed::new(dir.path());
+        plain.agents.iter_mut().for_each(Agent::start);
+        plain
+            .agents
+            .iter_mut()
+            .map(|a| a.finish(Duration::from_secs(600)))
+            .collect()
+    })
+}
+
 #[test]
 fn a_partitioned_region_goes_on_alone_and_merges_back_through_its_residuals() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    // The fault-free run through the same relays, for the accuracy reference.
-    let plain_dir = tempfile::tempdir().unwrap();
-    let mut plain = Relayed::new(plain_dir.path());
-    plain.agents.iter_mut().for_each(Agent::start);
-    let plain: Vec<Value> = plain
-        .agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
-
+    let plain = fault_free();
     let dir = tempfile::tempdir().unwrap();
     let mut run = Relayed::new(dir.path());
     run.agents.iter_mut().for_each(Agent::start);
@@ -521,7 +529,7 @@ fn a_partitioned_region_goes_on_alone_and_merges_back_through_its_residuals() {
     for r in &reports {
         assert_eq!(r["snapshots_adopted"], 0, "{r}");
     }
-    assert_within_a_point(&reports, &plain, "after the partition");
+    assert_within_a_point(&reports, plain, "after the partition");
 }
 
 #[test]
@@ -593,11 +601,8 @@ fn restarting_every_region_in_turn_loses_nothing() {
 fn a_link_falling_to_a_tenth_mid_run_keeps_every_region_training() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
+    let plain = fault_free();
     let mut run = Relayed::new(dir.path());
-    // Start every path at 50 Mbit/s and 10 ms one way.
-    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
-        run.reshape(a, b, Shaping::new(50.0, 10.0));
-    }
     run.agents.iter_mut().for_each(Agent::start);
     wait_for("round 60 at us-east", Duration::from_secs(120), || {
         latest_round(&run.agents[0].log()) >= 60
@@ -609,9 +614,7 @@ fn a_link_falling_to_a_tenth_mid_run_keeps_every_region_training() {
         .iter_mut()
         .map(|a| a.finish(Duration::from_secs(600)))
         .collect();
-    let total = reports[0]["rounds"].as_u64().unwrap();
+    let total = plain[0]["rounds"].as_u64().unwrap();
     assert_complete_and_conserved(&reports, total);
-    for r in &reports {
-        assert!(r["test_accuracy"].as_f64().unwrap() >= 0.94, "{r}");
-    }
+    assert_within_a_point(&reports, plain, "after the link fell to a tenth");
 }

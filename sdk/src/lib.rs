@@ -388,7 +388,8 @@ pub fn golden_input() -> PolicyInput {
 }
 
 /// Checks an output against its input: one plan per link and tensor, bits allowed, τ finite
-/// and non-negative. Returns a description of the first problem.
+/// and non-negative, `top_fraction` in (0, 1], LAN widths allowed, data mode only where
+/// allowed. Returns a description of the first problem.
 pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(), String> {
     if output.links.len() != input.links.len() {
         return Err(format!(
@@ -417,6 +418,13 @@ pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(),
                 return Err(format!(
                     "link {l}, tensor {t}: tau {} is not finite and >= 0",
                     p.tau
+                ));
+            }
+            // Written so that NaN fails too.
+            if !(p.top_fraction > 0.0 && p.top_fraction <= 1.0) {
+                return Err(format!(
+                    "link {l}, tensor {t}: top_fraction {} is not in (0, 1]",
+                    p.top_fraction
                 ));
             }
         }
@@ -539,6 +547,25 @@ mod tests {
         assert_eq!(TauSchedule::InverseSqrt.tau(0.01, &ctx), 0.01);
         ctx.base_lr = 0.0;
         assert_eq!(TauSchedule::LearningRate.tau(0.01, &ctx), 0.01);
+    }
+
+    /// Found by the `validate_output` fuzz target (sdk/fuzz): a plan with `top_fraction`
+    /// -inf was accepted. NaN, zero, negative and above-one fractions are refused now.
+    #[test]
+    fn top_fraction_outside_zero_to_one_is_refused() {
+        let plan = |top_fraction| TensorPlan {
+            send: true,
+            tau: 0.01,
+            bits: 2,
+            top_fraction,
+        };
+        for bad in [f32::NEG_INFINITY, f32::NAN, 0.0, -0.5, 1.5, f32::INFINITY] {
+            let e = validate_output(&input(1, 2), &output(1, 2, plan(bad))).unwrap_err();
+            assert!(e.contains("top_fraction"), "{bad}: {e}");
+        }
+        for good in [1.0, 0.5, 0.01, f32::MIN_POSITIVE] {
+            assert!(validate_output(&input(1, 2), &output(1, 2, plan(good))).is_ok());
+        }
     }
 
     #[test]

@@ -419,8 +419,18 @@ impl AgentConfig {
             }
         }
         positive("training.lr", t.lr)?;
-        if t.workers > 1024 {
-            return Err(format!("training.workers: {} is more than 1024", t.workers));
+        // Upper bounds keep the run's arithmetic (rounds = steps per epoch × epochs, the
+        // staleness window) far from overflow; no real run comes near them.
+        for (key, v, max) in [
+            ("training.workers", t.workers as u64, 1024),
+            ("training.batch_size", t.batch_size as u64, 1 << 16),
+            ("training.epochs", t.epochs as u64, 1_000_000),
+            ("training.max_staleness", t.max_staleness, 1_000_000),
+            ("data.shard.count", s.count as u64, 1024),
+        ] {
+            if v > max {
+                return Err(format!("{key}: {v} is more than {max}"));
+            }
         }
         if self.policy.source.is_empty() {
             return Err("policy.source: empty; name a built-in policy or a .wasm file".into());
@@ -672,6 +682,28 @@ dir = "state"
         assert!(e.contains("checkpoint"), "{e}");
         let e = err(&format!("{EXAMPLE}\n[lan]\ncrosses_wan = \"yes\"\n"));
         assert!(e.contains("crosses_wan"), "{e}");
+    }
+
+    #[test]
+    fn numbers_too_large_for_a_run_are_refused_by_name() {
+        for (extra, key) in [
+            (
+                "[training]\nepochs = 18446744073709551615",
+                "training.epochs",
+            ),
+            (
+                "[training]\nmax_staleness = 18446744073709551615",
+                "training.max_staleness",
+            ),
+            ("[training]\nbatch_size = 100000", "training.batch_size"),
+            ("[training]\nworkers = 5000", "training.workers"),
+        ] {
+            let e = err(&format!("{EXAMPLE}\n{extra}\n"));
+            assert!(e.contains(key) && e.contains("more than"), "{key}: {e}");
+        }
+        let e = err(&EXAMPLE.replace("count = 3", "count = 4096"));
+        assert!(e.contains("data.shard.count"), "{e}");
+        assert!(AgentConfig::parse(&format!("{EXAMPLE}\n[training]\nepochs = 1000000\n")).is_ok());
     }
 
     #[test]

@@ -126,7 +126,10 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         .build()?;
     let _guard = runtime.enter();
     let prometheus = match crate::telemetry::install(&cfg.region) {
-        Ok(h) => Some(h),
+        Ok(h) => {
+            crate::telemetry::spawn_upkeep(h.clone());
+            Some(h)
+        }
         Err(e) => {
             tracing::warn!("metrics disabled: {e:#}");
             None
