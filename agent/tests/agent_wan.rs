@@ -384,8 +384,8 @@ fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catch
     assert_within_a_point(&reports, &plain, "after the kill");
 }
 
-/// Three regions, each pair through a fast relay (1 Gbit/s, 1 ms) that the test can cut
-/// and restore; deadline 2 s, 20 epochs.
+/// Three regions, each pair through a relay (50 Mbit/s, 10 ms one way) that the test can cut,
+/// restore or reshape; deadline 2 s, 20 epochs.
 struct Relayed {
     rt: tokio::runtime::Runtime,
     /// (dialler, dialled, relay address, upstream, relay while up).

@@ -398,8 +398,9 @@ fn the_dockerfile_matches_the_cli_and_the_layout() {
     );
     assert_eq!(get("STOPSIGNAL"), ["SIGTERM"]);
     let setup = get("RUN").join(" ");
+    let words: BTreeSet<&str> = setup.split_whitespace().collect();
     for dir in [STATE_DIR, "/etc/weightgrad", SECRETS_DIR] {
-        assert!(setup.contains(dir), "the image creates {dir}");
+        assert!(words.contains(dir), "the image creates {dir}");
     }
     // The build stage's commands (policy list and export) parse too.
     let scripts: Vec<String> = stages(&path)
@@ -931,6 +932,7 @@ fn every_kustomize_overlay_renders_and_validates() {
             );
         }
         assert!(rendered.contains(&format!("weightgrad.io/region: {region}")));
+        check_rendered(&region, &rendered);
         let file = dir.path().join(format!("{region}.yaml"));
         std::fs::write(&file, &rendered).unwrap();
         let report = run_ok(Command::new(&validate).arg("--strict").arg(&file));
@@ -938,6 +940,75 @@ fn every_kustomize_overlay_renders_and_validates() {
         let passed = report.matches(" passed for resource ").count();
         assert_eq!(passed, 6, "{region}:\n{report}");
         assert!(!report.contains("ERROR"), "{region}:\n{report}");
+    }
+}
+
+/// What kustomize must have done: selectors that select the pod, generated names
+/// rewritten where the StatefulSet mounts them, everything in the namespace.
+fn check_rendered(region: &str, rendered: &str) {
+    let docs = YamlLoader::load_from_str(rendered).unwrap();
+    let of = |kind: &str| -> Vec<&Yaml> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .collect()
+    };
+    let labels = |y: &Yaml| -> BTreeMap<String, String> {
+        y.as_hash()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().unwrap().to_string(),
+                            v.as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let selects = |selector: &BTreeMap<String, String>, pod: &BTreeMap<String, String>| {
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod.get(k) == Some(v))
+    };
+    let sts = of("StatefulSet")[0];
+    let pod = labels(&sts["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(
+        pod.get("weightgrad.io/region").map(String::as_str),
+        Some(region)
+    );
+    assert!(selects(
+        &labels(&sts["spec"]["selector"]["matchLabels"]),
+        &pod
+    ));
+    for svc in of("Service") {
+        assert!(
+            selects(&labels(&svc["spec"]["selector"]), &pod),
+            "{region}: {svc:?}"
+        );
+    }
+    let monitor = of("PodMonitor")[0];
+    assert!(selects(
+        &labels(&monitor["spec"]["selector"]["matchLabels"]),
+        &pod
+    ));
+    let volumes = sts["spec"]["template"]["spec"]["volumes"].as_vec().unwrap();
+    let config_map = of("ConfigMap")[0]["metadata"]["name"].as_str().unwrap();
+    let secret = of("Secret")[0]["metadata"]["name"].as_str().unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["configMap"]["name"].as_str() == Some(config_map))
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["secret"]["secretName"].as_str() == Some(secret))
+    );
+    for d in &docs {
+        assert_eq!(
+            d["metadata"]["namespace"].as_str(),
+            Some("weightgrad"),
+            "{d:?}"
+        );
     }
 }
 
@@ -997,23 +1068,54 @@ fn a_real_prometheus_scrapes_running_agents() {
     let mut agents = loopback_regions(
         dir.path(),
         "",
-        &|i| format!("epochs = 20\n[admin]\nlisten = \"{}\"", admin[i]),
+        // Longer than the test: the agents are still serving when Prometheus scrapes.
+        &|i| format!("epochs = 200\n[admin]\nlisten = \"{}\"", admin[i]),
         "",
     );
     agents.iter_mut().for_each(Agent::start);
-    // The shipped scrape job, pointed at these agents, scraping every second.
-    let shipped = yaml(&deployments().join("prometheus/prometheus.yml")).remove(0);
-    let job = shipped["scrape_configs"][0]["job_name"].as_str().unwrap();
-    let targets: Vec<String> = admin.iter().map(|a| format!("\"{a}\"")).collect();
-    let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: {job}\n    metrics_path: {}\n    static_configs:\n      - targets: [{}]\n",
-        shipped["scrape_configs"][0]["metrics_path"]
-            .as_str()
-            .unwrap(),
-        targets.join(", ")
+    // The shipped configuration and alert rules, pointed at these agents and scraping every
+    // second; everything else as shipped.
+    let mut config = yaml(&deployments().join("prometheus/prometheus.yml")).remove(0);
+    let rules = dir.path().join("alerts.yml");
+    std::fs::copy(deployments().join("prometheus/alerts.yml"), &rules).unwrap();
+    set(
+        &mut config,
+        &["global", "scrape_interval"],
+        Yaml::String("1s".into()),
     );
-    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    set(
+        &mut config,
+        &["global", "evaluation_interval"],
+        Yaml::String("1s".into()),
+    );
+    set(
+        &mut config,
+        &["rule_files"],
+        Yaml::Array(vec![Yaml::String(rules.display().to_string())]),
+    );
+    let Yaml::Array(jobs) = &mut as_hash(&mut config)[&Yaml::String("scrape_configs".into())]
+    else {
+        panic!("scrape_configs is a list");
+    };
+    set(
+        &mut jobs[0],
+        &["static_configs"],
+        Yaml::Array(vec![Yaml::Hash(
+            [(
+                Yaml::String("targets".into()),
+                Yaml::Array(admin.iter().map(|a| Yaml::String(a.to_string())).collect()),
+            )]
+            .into_iter()
+            .collect(),
+        )]),
+    );
+    let mut text = String::new();
+    yaml_rust2::YamlEmitter::new(&mut text)
+        .dump(&config)
+        .unwrap();
+    std::fs::write(dir.path().join("prometheus.yml"), text).unwrap();
     let web = free_tcp();
+    let log = dir.path().join("prometheus.log");
     let mut server = Command::new(prometheus)
         .arg(format!(
             "--config.file={}",
@@ -1025,7 +1127,7 @@ fn a_real_prometheus_scrapes_running_agents() {
         ))
         .arg(format!("--web.listen-address={web}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let query = format!("http://{web}/api/v1/query?query=weightgrad_wan_bytes_sent_total");
@@ -1049,14 +1151,64 @@ fn a_real_prometheus_scrapes_running_agents() {
             .collect();
         last = body;
     }
+    // The shipped alert rules load and evaluate without error.
+    let rules_of = |v: &Value| -> Vec<Value> {
+        v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let mut rules = Value::Null;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        rules = ureq::get(format!("http://{web}/api/v1/rules"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok())
+            .unwrap_or(Value::Null);
+        let loaded = rules_of(&rules);
+        if loaded.len() == 5 && loaded.iter().all(|r| r["health"] == "ok") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let _ = server.kill();
     let _ = server.wait();
     for a in &mut agents {
         a.kill();
     }
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
     let want: BTreeSet<String> = REGIONS.iter().map(|r| r.to_string()).collect();
     assert_eq!(
-        regions, want,
-        "WAN-bytes series from every agent; last answer: {last}"
+        regions,
+        want,
+        "WAN-bytes series from every agent; last answer: {last}\nPrometheus:\n{}",
+        tail(&log)
     );
+    let loaded = rules_of(&rules);
+    assert_eq!(loaded.len(), 5, "{rules}");
+    for r in &loaded {
+        assert_eq!(r["health"], "ok", "{r}");
+    }
+}
+
+fn as_hash(y: &mut Yaml) -> &mut yaml_rust2::yaml::Hash {
+    match y {
+        Yaml::Hash(h) => h,
+        other => panic!("not a mapping: {other:?}"),
+    }
+}
+
+/// Sets `path` (mapping keys) in `y` to `value`.
+fn set(y: &mut Yaml, path: &[&str], value: Yaml) {
+    let (last, parents) = path.split_last().unwrap();
+    let mut at = y;
+    for key in parents {
+        at = as_hash(at)
+            .get_mut(&Yaml::String((*key).into()))
+            .unwrap_or_else(|| panic!("{key} missing"));
+    }
+    as_hash(at).insert(Yaml::String((*last).into()), value);
 }

@@ -469,6 +469,8 @@ impl Core {
         self.publish_policy_change(st);
         let active = self.policy.active();
         let round = self.sync.round();
+        // Also while starting or waiting, so a region stuck before its first round shows.
+        metrics::gauge!(m::ROUND).set(round as f64);
         metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
         metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
         let peers = (0..self.links.len())
@@ -707,6 +709,10 @@ impl Core {
         st.policy_state = first.output.state;
         if let Some(ck) = self.resume.take() {
             self.resume_from(&mut st, ck)?;
+        }
+        // Every decision failure kind starts at 0, so the first failure is an increase.
+        for kind in crate::policy::PolicyFailure::DECISION_KINDS {
+            metrics::counter!(m::POLICY_FAILURES, "kind" => kind).increment(0);
         }
         let mut interrupted = false;
         let mut training_seconds = None;

@@ -67,6 +67,16 @@ pub enum PolicyFailure {
 }
 
 impl PolicyFailure {
+    /// The kinds a round's decision can fail with (loading and fitting fail only a swap).
+    pub const DECISION_KINDS: [&'static str; 6] = [
+        "timeout",
+        "memory",
+        "trap",
+        "refused",
+        "invalid",
+        "oversized",
+    ];
+
     /// A short, bounded label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -273,4 +283,27 @@ fn one_line(e: &wasmtime::Error) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_kinds_are_exactly_the_kinds_a_decision_can_fail_with() {
+        let s = || String::from("x");
+        let decision = [
+            PolicyFailure::Timeout(Duration::from_millis(10)),
+            PolicyFailure::Memory(16 << 20),
+            PolicyFailure::Trap(s()),
+            PolicyFailure::Refused(s()),
+            PolicyFailure::Invalid(s()),
+            PolicyFailure::Oversized(s()),
+        ];
+        let kinds: Vec<&str> = decision.iter().map(PolicyFailure::kind).collect();
+        assert_eq!(kinds, PolicyFailure::DECISION_KINDS);
+        for swap_only in [PolicyFailure::Load(s()), PolicyFailure::Incompatible(s())] {
+            assert!(!PolicyFailure::DECISION_KINDS.contains(&swap_only.kind()));
+        }
+    }
 }
