@@ -39,6 +39,23 @@ fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Valu
     )
 }
 
+/// `PUT /policies` announcing an 8 MB body it never sends, without a token; the status
+/// code of the answer (the test fails if none comes within 5 s).
+fn unauthenticated_put_without_body(admin: SocketAddr) -> u16 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(admin).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "PUT /policies HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/wasm\r\nContent-Length: 8000000\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer)
+        .expect("an answer before the announced body is sent");
+    String::from_utf8_lossy(&answer[9..12]).parse().unwrap()
+}
+
 fn put_policy(admin: SocketAddr, token: Option<&str>, body: &[u8]) -> (u16, Value) {
     let mut req = http().put(format!("http://{admin}/policies"));
     if let Some(t) = token {
@@ -115,6 +132,9 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
     assert_eq!(code, 401, "{body}");
     assert!(body["error"].as_str().unwrap().contains("Bearer"));
     assert_eq!(put_policy(a, Some("not-the-token-at-all-no"), &gaia).0, 401);
+    // The token is checked before the body is read: a caller without one who announces
+    // 8 MB and sends none is answered at once, not waited for.
+    assert_eq!(unauthenticated_put_without_body(a), 401);
     // Not a component: 422 with the reason.
     let (code, body) = put_policy(a, Some(TOKEN), b"this is not wasm");
     assert_eq!(code, 422, "{body}");

@@ -8,9 +8,12 @@ use crate::node::status::{Status, now_rfc3339};
 use crate::policy::{CompiledPolicy, PolicyFailure, PolicyRuntime};
 use auth::Token;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -53,10 +56,25 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
-        .route("/policies", get(policies).put(push_policy))
-        .route("/policies/rollback", post(rollback))
+        .route(
+            "/policies",
+            get(policies).put(push_policy.layer(from_fn_with_state(state.clone(), require_token))),
+        )
+        .route(
+            "/policies/rollback",
+            post(rollback.layer(from_fn_with_state(state.clone(), require_token))),
+        )
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// In front of every mutating call: the token is checked before anything of the request's
+/// body is read, so a caller without it cannot make the agent take in a body.
+async fn require_token(State(s): State<Arc<AdminState>>, request: Request, next: Next) -> Response {
+    match authorize(&s, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => *refusal,
+    }
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
@@ -134,14 +152,11 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     }
 }
 
+/// Behind [`require_token`].
 async fn push_policy(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return *r;
-    }
     // The body limit's refusal, as JSON like every other error.
     let body = match body {
         Ok(b) => b,
@@ -198,10 +213,8 @@ async fn push_policy(
     }
 }
 
-async fn rollback(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return *r;
-    }
+/// Behind [`require_token`].
+async fn rollback(State(s): State<Arc<AdminState>>) -> Response {
     match s.policy.rollback() {
         Ok(report) => {
             s.loaded_at
