@@ -398,8 +398,15 @@ fn the_dockerfile_matches_the_cli_and_the_layout() {
     );
     assert_eq!(get("STOPSIGNAL"), ["SIGTERM"]);
     let setup = get("RUN").join(" ");
+    // The state directory belongs to the image's user, private; the others exist.
+    assert!(
+        setup.contains(&format!(
+            "install -d -o weightgrad -g weightgrad -m 0700 {STATE_DIR}"
+        )),
+        "{setup}"
+    );
     let words: BTreeSet<&str> = setup.split_whitespace().collect();
-    for dir in [STATE_DIR, "/etc/weightgrad", SECRETS_DIR] {
+    for dir in ["/etc/weightgrad", SECRETS_DIR] {
         assert!(words.contains(dir), "the image creates {dir}");
     }
     // The build stage's commands (policy list and export) parse too.
@@ -948,19 +955,24 @@ fn every_kustomize_overlay_renders_and_validates() {
 fn check_rendered(region: &str, rendered: &str) {
     let docs = YamlLoader::load_from_str(rendered).unwrap();
     let of = |kind: &str| -> Vec<&Yaml> {
-        docs.iter()
+        let found: Vec<&Yaml> = docs
+            .iter()
             .filter(|d| d["kind"].as_str() == Some(kind))
-            .collect()
+            .collect();
+        assert!(!found.is_empty(), "{region}: no {kind} rendered");
+        found
     };
     let labels = |y: &Yaml| -> BTreeMap<String, String> {
         y.as_hash()
             .map(|h| {
                 h.iter()
                     .map(|(k, v)| {
-                        (
-                            k.as_str().unwrap().to_string(),
-                            v.as_str().unwrap().to_string(),
-                        )
+                        let text = |y: &Yaml| {
+                            y.as_str()
+                                .unwrap_or_else(|| panic!("{region}: label {y:?} is not a string"))
+                                .to_string()
+                        };
+                        (text(k), text(v))
                     })
                     .collect()
             })
@@ -975,21 +987,31 @@ fn check_rendered(region: &str, rendered: &str) {
         pod.get("weightgrad.io/region").map(String::as_str),
         Some(region)
     );
-    assert!(selects(
-        &labels(&sts["spec"]["selector"]["matchLabels"]),
-        &pod
-    ));
+    // Selectors (immutable on a running StatefulSet) stay as in base: no region label.
+    let mut selectors = vec![labels(&sts["spec"]["selector"]["matchLabels"])];
     for svc in of("Service") {
+        selectors.push(labels(&svc["spec"]["selector"]));
+    }
+    selectors.push(labels(
+        &of("PodMonitor")[0]["spec"]["selector"]["matchLabels"],
+    ));
+    for selector in &selectors {
         assert!(
-            selects(&labels(&svc["spec"]["selector"]), &pod),
-            "{region}: {svc:?}"
+            selects(selector, &pod),
+            "{region}: {selector:?} misses the pod"
+        );
+        assert!(
+            !selector.contains_key("weightgrad.io/region"),
+            "{region}: {selector:?}"
         );
     }
-    let monitor = of("PodMonitor")[0];
-    assert!(selects(
-        &labels(&monitor["spec"]["selector"]["matchLabels"]),
-        &pod
-    ));
+    // Nor do the volume claim templates (immutable too).
+    for claim in sts["spec"]["volumeClaimTemplates"].as_vec().unwrap() {
+        assert!(
+            !labels(&claim["metadata"]["labels"]).contains_key("weightgrad.io/region"),
+            "{region}: {claim:?}"
+        );
+    }
     let volumes = sts["spec"]["template"]["spec"]["volumes"].as_vec().unwrap();
     let config_map = of("ConfigMap")[0]["metadata"]["name"].as_str().unwrap();
     let secret = of("Secret")[0]["metadata"]["name"].as_str().unwrap();
@@ -1093,9 +1115,10 @@ fn a_real_prometheus_scrapes_running_agents() {
         &["rule_files"],
         Yaml::Array(vec![Yaml::String(rules.display().to_string())]),
     );
-    let Yaml::Array(jobs) = &mut as_hash(&mut config)[&Yaml::String("scrape_configs".into())]
+    let Some(Yaml::Array(jobs)) =
+        as_hash(&mut config).get_mut(&Yaml::String("scrape_configs".into()))
     else {
-        panic!("scrape_configs is a list");
+        panic!("prometheus.yml: scrape_configs is not a list");
     };
     set(
         &mut jobs[0],
@@ -1136,6 +1159,12 @@ fn a_real_prometheus_scrapes_running_agents() {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::time::Instant::now() < deadline && regions.len() < REGIONS.len() {
         std::thread::sleep(Duration::from_millis(500));
+        if let Some(status) = server.try_wait().unwrap() {
+            panic!(
+                "Prometheus exited ({status}):\n{}",
+                tail(&std::fs::read_to_string(&log).unwrap_or_default())
+            );
+        }
         let Ok(mut reply) = ureq::get(&query).call() else {
             continue;
         };
@@ -1160,6 +1189,12 @@ fn a_real_prometheus_scrapes_running_agents() {
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect()
     };
+    let shipped_rules = yaml(&deployments().join("prometheus/alerts.yml"))[0]["groups"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|g| g["rules"].as_vec().map_or(0, Vec::len))
+        .sum::<usize>();
     let mut rules = Value::Null;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
@@ -1169,7 +1204,7 @@ fn a_real_prometheus_scrapes_running_agents() {
             .and_then(|mut r| r.body_mut().read_json().ok())
             .unwrap_or(Value::Null);
         let loaded = rules_of(&rules);
-        if loaded.len() == 5 && loaded.iter().all(|r| r["health"] == "ok") {
+        if loaded.len() == shipped_rules && loaded.iter().all(|r| r["health"] == "ok") {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -1188,9 +1223,10 @@ fn a_real_prometheus_scrapes_running_agents() {
         tail(&log)
     );
     let loaded = rules_of(&rules);
-    assert_eq!(loaded.len(), 5, "{rules}");
+    let log = tail(&log);
+    assert_eq!(loaded.len(), shipped_rules, "{rules}\n{log}");
     for r in &loaded {
-        assert_eq!(r["health"], "ok", "{r}");
+        assert_eq!(r["health"], "ok", "{r}\n{log}");
     }
 }
 

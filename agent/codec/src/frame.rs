@@ -46,6 +46,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Whether every frame for a tensor of `numel` elements fits these limits, whatever the
+    /// plan: a value takes at most 32 bits, a sparse frame is sent only when it is smaller
+    /// than the dense one, and the header is at most `max_header`.
+    pub fn admits_tensor(&self, numel: usize) -> bool {
+        let payload = numel.saturating_mul(4);
+        let frame = payload
+            .saturating_add(self.max_header)
+            .saturating_add(PREAMBLE);
+        numel <= self.max_elements && payload <= self.max_payload && frame <= self.max_frame
+    }
+}
+
 /// How the payload is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -586,6 +599,41 @@ mod tests {
         assert!(matches!(enc.decoded, Update::Dense(_)));
         let h = decode(&enc.bytes, &Limits::default()).unwrap().header;
         assert_eq!(h.raw_len, 250, "1000 values × 2 bits, no index section");
+    }
+
+    #[test]
+    fn admitted_tensors_encode_within_the_limits_at_their_worst() {
+        let limits = Limits {
+            max_header: 256,
+            max_frame: 256 + PREAMBLE + 4 * 1000,
+            max_payload: 1 << 20,
+            max_elements: 1 << 20,
+        };
+        assert!(limits.admits_tensor(1000));
+        assert!(!limits.admits_tensor(1001));
+        assert!(!Limits::default().admits_tensor(usize::MAX));
+        // The worst plan for an admitted tensor: every element at fp32, and a sparse
+        // selection of all but one (sent dense, being no smaller).
+        let x: Vec<f32> = (0..1000).map(|i| i as f32 * 1e-3 - 0.5).collect();
+        let worst = [
+            Update::Dense(x.clone()),
+            Update::Sparse {
+                indices: (1..1000).collect(),
+                values: x[1..].to_vec(),
+            },
+        ];
+        for update in &worst {
+            let enc = encode(
+                &meta(),
+                1000,
+                update,
+                &opts(Quantizer::Fp32, None),
+                &mut DitherRng::new(0),
+            )
+            .unwrap();
+            assert!(enc.bytes.len() <= limits.max_frame, "{}", enc.bytes.len());
+            decode(&enc.bytes, &limits).unwrap();
+        }
     }
 
     #[test]

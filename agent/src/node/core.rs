@@ -469,8 +469,11 @@ impl Core {
         self.publish_policy_change(st);
         let active = self.policy.active();
         let round = self.sync.round();
-        // Also while starting or waiting, so a region stuck before its first round shows.
-        metrics::gauge!(m::ROUND).set(round as f64);
+        // Also while starting or waiting, so a region stuck before its first round shows
+        // (not before a checkpoint is taken up: the gauge would dip to 0 on a restart).
+        if self.resume.is_none() {
+            metrics::gauge!(m::ROUND).set(round as f64);
+        }
         metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
         metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
         let peers = (0..self.links.len())

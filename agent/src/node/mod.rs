@@ -93,6 +93,24 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         audit,
         ..SyncConfig::default()
     };
+    // A frame the peers would refuse as too large would be lost: refuse such a model here.
+    let limits = sync_cfg.limits;
+    if let Some((i, m)) = trainer
+        .metas()
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !limits.admits_tensor(m.numel))
+    {
+        anyhow::bail!(
+            "training.model {}: tensor {i} has {} elements; one update frame for it could \
+             exceed the {}-byte frame limit, which peers refuse (at most about {} elements \
+             per tensor)",
+            t.model,
+            m.numel,
+            limits.max_frame,
+            (limits.max_frame - limits.max_header - weightgrad_codec::frame::PREAMBLE) / 4
+        );
+    }
     let max_message = sync_cfg.limits.max_frame;
     let mut sync = RegionSync::new(
         &cfg.region,
