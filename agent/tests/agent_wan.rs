@@ -565,13 +565,24 @@ fn a_damaged_checkpoint_stops_the_agent_with_the_file_named() {
 #[test]
 fn restarting_every_region_in_turn_loses_nothing() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = |dir: &std::path::Path| {
+        loopback_regions(
+            dir,
+            "peer_deadline_s = 120",
+            &|_| "epochs = 30".into(),
+            "every_rounds = 100000",
+        )
+    };
+    // The same run without restarts, for the accuracy reference.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let mut plain = cluster(plain_dir.path());
+    plain.iter_mut().for_each(Agent::start);
+    let plain: Vec<Value> = plain
+        .iter_mut()
+        .map(|a| a.finish(Duration::from_secs(600)))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let mut agents = loopback_regions(
-        dir.path(),
-        "peer_deadline_s = 120",
-        &|_| "epochs = 30".into(),
-        "every_rounds = 100000",
-    );
+    let mut agents = cluster(dir.path());
     agents.iter_mut().for_each(Agent::start);
     for agent in agents.iter_mut() {
         let at = latest_round(&agent.log());
@@ -593,8 +604,8 @@ fn restarting_every_region_in_turn_loses_nothing() {
     for (r, a) in reports.iter().zip(&agents) {
         assert!(a.log().contains("resuming from checkpoint"), "{}", a.name);
         assert_eq!(r["snapshots_adopted"], 0, "{r}");
-        assert!(r["test_accuracy"].as_f64().unwrap() >= 0.95, "{r}");
     }
+    assert_within_a_point(&reports, &plain, "after restarting every region in turn");
 }
 
 #[test]
