@@ -147,7 +147,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wrong_ca_wrong_name_and_wrong_server_name_are_refused() {
+    async fn wrong_ca_no_certificate_wrong_name_and_wrong_server_name_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         crate::wan::certs::init(
             &["us-east".into(), "eu-west".into(), "mallory".into()],
@@ -169,6 +169,27 @@ mod tests {
                 .await
                 .is_err()
         );
+        // No certificate at all: the CA is trusted, nothing is presented.
+        let anonymous = async {
+            let id = identity(dir.path(), "eu-west");
+            let tls = tls::Client::builder()
+                .with_empty_trust_store()?
+                .with_certificate(id.ca_pem.as_str())?
+                .build()?;
+            let c = Client::builder()
+                .with_tls(tls)?
+                .with_io("127.0.0.1:0")?
+                .start()?;
+            let mut conn = c
+                .connect(Connect::new(addr).with_server_name("us-east"))
+                .await?;
+            let mut s = conn.open_send_stream().await?;
+            s.send(bytes::Bytes::from_static(b"hello")).await?;
+            s.close().await?;
+            anyhow::Ok(())
+        };
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(20), anonymous).await;
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
         // Dialling the server under another region's name: its certificate does not match.
         assert!(
             connect(&identity(dir.path(), "eu-west"), addr, "ap-southeast")
