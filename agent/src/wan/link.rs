@@ -140,6 +140,16 @@ impl LinkShared {
         }
     }
 
+    /// Every message not yet acknowledged with its sequence number, in queue order.
+    fn unacknowledged_entries(&self) -> Vec<(u64, Bytes)> {
+        self.unacked
+            .lock()
+            .expect("unacked")
+            .iter()
+            .map(|(seq, b)| (*seq, b.clone()))
+            .collect()
+    }
+
     /// Every message not yet acknowledged, in the order it was queued.
     pub fn unacknowledged(&self) -> Vec<Vec<u8>> {
         self.unacked
@@ -371,9 +381,8 @@ async fn pump(
     shared: &LinkShared,
 ) -> Result<()> {
     let (handle, mut acceptor) = conn.split();
-    let mut in_flight: JoinSet<Result<Group, (Group, anyhow::Error)>> = JoinSet::new();
+    let mut in_flight: JoinSet<Result<Group, anyhow::Error>> = JoinSet::new();
     let mut busy_since: Option<Instant> = None;
-    let mut failed: Vec<Group> = Vec::new();
     let mut error: Option<anyhow::Error> = None;
     let mut queue_open = true;
     loop {
@@ -424,7 +433,7 @@ async fn pump(
                             );
                             Ok(group)
                         }
-                        Err(e) => Err((group, e)),
+                        Err(e) => Err(e),
                     }
                 });
             }
@@ -436,8 +445,16 @@ async fn pump(
                     .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             if let Some(e) = error.take() {
-                failed.sort_by_key(|g| g.first().map(|(s, _)| *s));
-                let resend: Vec<(u64, Bytes)> = failed.drain(..).flatten().collect();
+                // Everything sent on this connection and not acknowledged goes first on the
+                // next, in order: taken from the store, so a stream task that failed in any
+                // way (a panic included) loses nothing.
+                let queued: std::collections::HashSet<u64> =
+                    pending.iter().map(|(seq, _)| *seq).collect();
+                let resend: Vec<(u64, Bytes)> = shared
+                    .unacknowledged_entries()
+                    .into_iter()
+                    .filter(|(seq, _)| !queued.contains(seq))
+                    .collect();
                 for m in resend.into_iter().rev() {
                     pending.push_front(m);
                 }
@@ -468,8 +485,7 @@ async fn pump(
             }
             done = in_flight.join_next(), if !in_flight.is_empty() => match done {
                 Some(Ok(Ok(group))) => shared.acked(&group),
-                Some(Ok(Err((group, e)))) => {
-                    failed.push(group);
+                Some(Ok(Err(e))) => {
                     error.get_or_insert(e);
                 }
                 Some(Err(join)) => {
