@@ -215,10 +215,12 @@ fn a_peer_training_another_model_is_refused_and_both_sides_log_it() {
 fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
+    // Long enough that the others are far from done when the stopped region returns: a
+    // region that finishes while a peer is excluded exits without counting it again.
     let mut agents = loopback_regions(
         dir.path(),
         "peer_deadline_s = 2",
-        &|_| "epochs = 20".into(),
+        &|_| "epochs = 40".into(),
         "",
     );
     agents.iter_mut().for_each(Agent::start);
@@ -246,6 +248,11 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
     );
     // Restart it: it takes a live peer's model and finishes the run with the others.
     agents[2].start();
+    wait_for(
+        "us-east to count ap-southeast again",
+        Duration::from_secs(60),
+        || agents[0].log().contains("peer is back"),
+    );
     let reports: Vec<Value> = agents
         .iter_mut()
         .map(|a| a.finish(Duration::from_secs(600)))
