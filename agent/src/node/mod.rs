@@ -108,7 +108,12 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
             t.model,
             m.numel,
             limits.max_frame,
-            (limits.max_frame - limits.max_header - weightgrad_codec::frame::PREAMBLE) / 4
+            (limits
+                .max_frame
+                .saturating_sub(limits.max_header + weightgrad_codec::frame::PREAMBLE)
+                / 4)
+            .min(limits.max_payload / 4)
+            .min(limits.max_elements)
         );
     }
     let max_message = sync_cfg.limits.max_frame;

@@ -448,6 +448,11 @@ async fn pump(
                 // Everything sent on this connection and not acknowledged goes first on the
                 // next, in order: taken from the store, so a stream task that failed in any
                 // way (a panic included) loses nothing.
+                // What is still in the channel is in the store too: take it first, so it is
+                // sent once, after the older messages.
+                while let Ok(m) = rx.try_recv() {
+                    pending.push_back(m);
+                }
                 let queued: std::collections::HashSet<u64> =
                     pending.iter().map(|(seq, _)| *seq).collect();
                 let resend: Vec<(u64, Bytes)> = shared

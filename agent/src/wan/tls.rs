@@ -170,16 +170,23 @@ mod tests {
                 .is_err()
         );
         // No certificate at all: the CA is trusted, nothing is presented.
+        // (The client is built outside the attempt: only the connection may fail.)
+        let id = identity(dir.path(), "eu-west");
+        let tls = tls::Client::builder()
+            .with_empty_trust_store()
+            .unwrap()
+            .with_certificate(id.ca_pem.as_str())
+            .unwrap()
+            .build()
+            .unwrap();
+        let c = Client::builder()
+            .with_tls(tls)
+            .unwrap()
+            .with_io("127.0.0.1:0")
+            .unwrap()
+            .start()
+            .unwrap();
         let anonymous = async {
-            let id = identity(dir.path(), "eu-west");
-            let tls = tls::Client::builder()
-                .with_empty_trust_store()?
-                .with_certificate(id.ca_pem.as_str())?
-                .build()?;
-            let c = Client::builder()
-                .with_tls(tls)?
-                .with_io("127.0.0.1:0")?
-                .start()?;
             let mut conn = c
                 .connect(Connect::new(addr).with_server_name("us-east"))
                 .await?;
