@@ -13,7 +13,7 @@ use s2n_quic::client::Connect;
 use std::net::SocketAddr;
 use std::time::Duration;
 use weightgrad::codec::frame::{
-    Compression, EncodeOptions, FrameHeader, FrameMeta, MAGIC, Update, VERSION, encode,
+    Compression, EncodeOptions, FrameHeader, FrameMeta, Update, assemble, encode,
 };
 use weightgrad::codec::quant::{Quantizer, Scheme};
 use weightgrad::config::AgentConfig;
@@ -37,14 +37,7 @@ fn zstd_bomb(sender: &str) -> Vec<u8> {
         raw_len: 1600,
         compression: Compression::Zstd,
     };
-    let mut cbor = Vec::new();
-    ciborium::into_writer(&header, &mut cbor).unwrap();
-    let mut frame = MAGIC.to_vec();
-    frame.push(VERSION);
-    frame.extend((cbor.len() as u32).to_le_bytes());
-    frame.extend(&cbor);
-    frame.extend(&bomb);
-    frame
+    assemble(&header, &bomb).unwrap()
 }
 
 /// A well-formed fp32 frame for `tensor` with `len` elements.

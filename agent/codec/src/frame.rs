@@ -275,15 +275,8 @@ pub fn encode_reusing<R: RngCore + ?Sized>(
         raw_len: raw_len as u32,
         compression,
     };
-    let mut cbor = Vec::new();
-    ciborium::into_writer(&header, &mut cbor).map_err(|e| CodecError::Header(e.to_string()))?;
     let compressed_len = payload.len();
-    let mut bytes = Vec::with_capacity(PREAMBLE + cbor.len() + payload.len());
-    bytes.extend_from_slice(&MAGIC);
-    bytes.push(VERSION);
-    bytes.extend_from_slice(&(cbor.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&cbor);
-    bytes.extend_from_slice(&payload);
+    let bytes = assemble(&header, &payload)?;
     let decoded = match sparse {
         Some((_, indices)) => Update::Sparse {
             indices: indices.clone(),
@@ -306,6 +299,20 @@ pub struct Frame {
     pub header: FrameHeader,
     /// The update it carries.
     pub update: Update,
+}
+
+/// Writes a frame as given: the preamble, `header` in CBOR, then `payload`. Nothing checks
+/// that they agree ([`decode`] does), so tests use it to build frames that lie.
+pub fn assemble(header: &FrameHeader, payload: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let mut cbor = Vec::new();
+    ciborium::into_writer(header, &mut cbor).map_err(|e| CodecError::Header(e.to_string()))?;
+    let mut bytes = Vec::with_capacity(PREAMBLE + cbor.len() + payload.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.push(VERSION);
+    bytes.extend_from_slice(&(cbor.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&cbor);
+    bytes.extend_from_slice(payload);
+    Ok(bytes)
 }
 
 /// Checks the preamble shared by frames and data batches (magic, version, CBOR header
@@ -656,13 +663,7 @@ mod tests {
             raw_len: 1600,
             compression: Compression::Zstd,
         };
-        let mut cbor = Vec::new();
-        ciborium::into_writer(&header, &mut cbor).unwrap();
-        let mut frame = MAGIC.to_vec();
-        frame.push(VERSION);
-        frame.extend((cbor.len() as u32).to_le_bytes());
-        frame.extend(&cbor);
-        frame.extend(&bomb);
+        let frame = assemble(&header, &bomb).unwrap();
         let err = decode(&frame, &Limits::default()).unwrap_err();
         assert!(matches!(err, CodecError::Compression(_)), "{err}");
 
@@ -733,13 +734,7 @@ mod tests {
         let (mut h, payload) = decode_header(&enc.bytes, &Limits::default()).unwrap();
         let payload = payload.to_vec();
         h.len = 9;
-        let mut cbor = Vec::new();
-        ciborium::into_writer(&h, &mut cbor).unwrap();
-        let mut frame = MAGIC.to_vec();
-        frame.push(VERSION);
-        frame.extend((cbor.len() as u32).to_le_bytes());
-        frame.extend(&cbor);
-        frame.extend(&payload);
+        let frame = assemble(&h, &payload).unwrap();
         assert!(matches!(
             decode(&frame, &Limits::default()),
             Err(CodecError::Invalid(_))
