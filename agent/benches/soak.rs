@@ -10,8 +10,7 @@
 #[allow(dead_code)]
 mod cluster;
 
-use cluster::{Agent, certs, free_udp, write_config};
-use std::net::SocketAddr;
+use cluster::{Agent, finish_all, loopback};
 use std::time::{Duration, Instant};
 
 const REGIONS: [&str; 5] = ["us-east", "us-west", "eu-west", "eu-north", "ap-southeast"];
@@ -57,32 +56,14 @@ fn main() {
     let total = Duration::from_secs(secs);
     let warmup = total / 5;
     let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    certs(&certs_dir, &REGIONS);
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
-    let mut agents: Vec<Agent> = (0..REGIONS.len())
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..REGIONS.len())
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], listen[j].to_string()))
-                .collect();
-            // Far more epochs than fit in the soak: it ends by SIGTERM, not by finishing.
-            write_config(
-                dir.path(),
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                REGIONS.len(),
-                listen[i],
-                &peers,
-                "peer_deadline_s = 30",
-                "epochs = 100000",
-                "every_rounds = 200",
-            );
-            Agent::new(dir.path(), REGIONS[i])
-        })
-        .collect();
+    // Far more epochs than fit in the soak: it ends by SIGTERM, not by finishing.
+    let mut agents = loopback(
+        dir.path(),
+        &REGIONS,
+        "peer_deadline_s = 30",
+        &|_| "epochs = 100000".into(),
+        "every_rounds = 200",
+    );
     agents.iter_mut().for_each(Agent::start);
     let started = Instant::now();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); agents.len()];
@@ -110,10 +91,7 @@ fn main() {
         }
     }
     agents.iter().for_each(Agent::terminate);
-    let reports: Vec<_> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(120)))
-        .collect();
+    let reports: Vec<_> = finish_all(&mut agents, Duration::from_secs(120));
 
     println!(
         "| region | rounds | RSS after warm-up (MiB) | RSS at the end (MiB) | growth | fds after warm-up | fds max after | fds at the end |"

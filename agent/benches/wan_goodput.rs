@@ -56,13 +56,12 @@ async fn quic_transfer(
     let upstream: SocketAddr = server.local_addr().unwrap();
     let relay = match shaping {
         Some(shaping) => Some(
-            relay::start(RelayConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
+            relay::start(RelayConfig::both_ways(
+                "127.0.0.1:0".parse().unwrap(),
                 upstream,
-                up: shaping,
-                down: shaping,
-                seed: 1,
-            })
+                shaping,
+                1,
+            ))
             .await
             .expect("relay"),
         ),

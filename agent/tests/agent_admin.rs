@@ -236,10 +236,7 @@ fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
     let plain_dir = tempfile::tempdir().unwrap();
     let (mut plain, _) = cluster(plain_dir.path(), epochs);
     plain.iter_mut().for_each(Agent::start);
-    let plain: Vec<Value> = plain
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let plain: Vec<Value> = finish_all(&mut plain, Duration::from_secs(600));
 
     let dir = tempfile::tempdir().unwrap();
     let (mut agents, admin) = cluster(dir.path(), epochs);
@@ -264,10 +261,7 @@ fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mid_run = get(admin[0], "/status").1;
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     assert_eq!(swaps, 50);
     assert!(
         mid_run["round"].as_u64().unwrap() < reports[0]["rounds"].as_u64().unwrap(),

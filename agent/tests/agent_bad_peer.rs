@@ -10,7 +10,6 @@ use bytes::Bytes;
 use common::cluster::*;
 use rand::SeedableRng;
 use s2n_quic::client::Connect;
-use std::net::SocketAddr;
 use std::time::Duration;
 use weightgrad::codec::frame::{
     Compression, EncodeOptions, FrameHeader, FrameMeta, Update, assemble, encode,
@@ -73,29 +72,14 @@ async fn stream(conn: &mut s2n_quic::Connection, bytes: Vec<u8>) -> Vec<u8> {
 fn garbage_from_an_admitted_peer_is_refused_and_the_run_goes_on() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    let regions = ["us-east", "eu-west"];
-    certs(&certs_dir, &regions);
-    let listen: Vec<SocketAddr> = regions.iter().map(|_| free_udp()).collect();
-    let mut agents: Vec<Agent> = (0..2)
-        .map(|i| {
-            let peer = regions[1 - i];
-            write_config(
-                dir.path(),
-                &certs_dir,
-                regions[i],
-                regions[i],
-                i,
-                2,
-                listen[i],
-                &[(peer, listen[1 - i].to_string())],
-                "",
-                "epochs = 12",
-                "",
-            );
-            Agent::new(dir.path(), regions[i])
-        })
-        .collect();
+    // Two regions: us-east, and eu-west, whose certificate the rogue uses too.
+    let mut agents = loopback(
+        dir.path(),
+        &["us-east", "eu-west"],
+        "",
+        &|_| "epochs = 12".into(),
+        "",
+    );
     agents.iter_mut().for_each(Agent::start);
     wait_for("us-east to train", Duration::from_secs(60), || {
         latest_round(&agents[0].log()) >= 20
@@ -103,6 +87,7 @@ fn garbage_from_an_admitted_peer_is_refused_and_the_run_goes_on() {
 
     // The rogue: eu-west's certificate, a correct hello, then bad streams to us-east.
     let cfg = AgentConfig::load(&agents[1].config).unwrap();
+    let us_east = AgentConfig::load(&agents[0].config).unwrap().wan.listen;
     let manifest = weightgrad::train::model::Model::new(
         &cfg.model_spec().unwrap(),
         &[64],
@@ -128,7 +113,7 @@ fn garbage_from_an_admitted_peer_is_refused_and_the_run_goes_on() {
         )
         .unwrap();
         let mut conn = client
-            .connect(Connect::new(listen[0]).with_server_name("us-east"))
+            .connect(Connect::new(us_east).with_server_name("us-east"))
             .await
             .unwrap();
         let hello = Hello {
@@ -169,10 +154,7 @@ fn garbage_from_an_admitted_peer_is_refused_and_the_run_goes_on() {
     assert_eq!(answers[1], REJECT, "malformed framing is refused");
     assert_eq!(answers[2], ACK, "well-framed messages are taken in");
 
-    let reports: Vec<_> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(300)))
-        .collect();
+    let reports: Vec<_> = finish_all(&mut agents, Duration::from_secs(300));
     let total = reports[1]["rounds"].as_u64().unwrap();
     assert_complete_and_conserved(&reports, total);
     let us = &reports[0];

@@ -35,13 +35,12 @@ fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() 
             }
             let shaping = Shaping::new(50.0, one_way_ms(i, j));
             let r = rt
-                .block_on(relay::start(RelayConfig {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    upstream: listen[j],
-                    up: shaping,
-                    down: shaping,
-                    seed: (i * 3 + j) as u64,
-                }))
+                .block_on(relay::start(RelayConfig::both_ways(
+                    "127.0.0.1:0".parse().unwrap(),
+                    listen[j],
+                    shaping,
+                    (i * 3 + j) as u64,
+                )))
                 .unwrap();
             *slot = r.local_addr().to_string();
             relays.push(r);
@@ -56,10 +55,7 @@ fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() 
         "",
     );
     agents.iter_mut().for_each(Agent::start);
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     for r in &reports {
         let acc = r["test_accuracy"].as_f64().unwrap();
         assert!(acc >= 0.95, "{}: top-1 {acc}", r["region"]);
@@ -260,10 +256,7 @@ fn a_stopped_region_is_excluded_and_rejoins_from_a_live_peers_model() {
         Duration::from_secs(60),
         || back(&agents[0], logged[0]) && back(&agents[1], logged[1]),
     );
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     let restarted = &reports[2];
     assert!(
         restarted["snapshots_adopted"].as_u64().unwrap() >= 1,
@@ -316,10 +309,7 @@ fn sigterm_checkpoints_and_a_restart_continues_from_the_same_round() {
     );
     // The others wait for it (well within the deadline) and it comes back.
     agents[2].start();
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     let log = agents[2].log();
     let resumed = log
         .lines()
@@ -354,10 +344,7 @@ fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catch
     let plain_dir = tempfile::tempdir().unwrap();
     let mut plain = loopback_cluster(plain_dir.path(), 20);
     plain.iter_mut().for_each(Agent::start);
-    let plain: Vec<Value> = plain
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let plain: Vec<Value> = finish_all(&mut plain, Duration::from_secs(600));
 
     let dir = tempfile::tempdir().unwrap();
     let mut agents = loopback_cluster(dir.path(), 20);
@@ -372,10 +359,7 @@ fn sigkill_loses_at_most_the_work_since_the_last_checkpoint_and_the_region_catch
         .expect("a periodic checkpoint before the kill");
     assert_eq!(last_checkpoint % 20, 0);
     agents[2].start();
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     let log = agents[2].log();
     let resumed = log
         .lines()
@@ -450,13 +434,9 @@ impl Relayed {
         upstream: SocketAddr,
         shaping: Shaping,
     ) -> Relay {
-        rt.block_on(relay::start(RelayConfig {
-            listen,
-            upstream,
-            up: shaping,
-            down: shaping,
-            seed: 1,
-        }))
+        rt.block_on(relay::start(RelayConfig::both_ways(
+            listen, upstream, shaping, 1,
+        )))
         .unwrap()
     }
 
@@ -495,11 +475,7 @@ fn fault_free() -> &'static [Value] {
         let dir = tempfile::tempdir().unwrap();
         let mut plain = Relayed::new(dir.path());
         plain.agents.iter_mut().for_each(Agent::start);
-        plain
-            .agents
-            .iter_mut()
-            .map(|a| a.finish(Duration::from_secs(600)))
-            .collect()
+        finish_all(&mut plain.agents, Duration::from_secs(600))
     })
 }
 
@@ -542,11 +518,7 @@ fn a_partitioned_region_goes_on_alone_and_merges_back_through_its_residuals() {
                 .any(|l| l.contains("peer is back") && l.contains("ap-southeast"))
         },
     );
-    let reports: Vec<Value> = run
-        .agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut run.agents, Duration::from_secs(600));
     let total = plain[0]["rounds"].as_u64().unwrap();
     assert_complete_and_conserved(&reports, total);
     // Merged through the residuals, not by taking anyone's model.
@@ -601,10 +573,7 @@ fn restarting_every_region_in_turn_loses_nothing() {
     let plain_dir = tempfile::tempdir().unwrap();
     let mut plain = cluster(plain_dir.path());
     plain.iter_mut().for_each(Agent::start);
-    let plain: Vec<Value> = plain
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let plain: Vec<Value> = finish_all(&mut plain, Duration::from_secs(600));
     assert_complete_and_conserved(&plain, plain[0]["rounds"].as_u64().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let mut agents = cluster(dir.path());
@@ -619,10 +588,7 @@ fn restarting_every_region_in_turn_loses_nothing() {
         assert_eq!(stopped["interrupted"], true, "{stopped}");
         agent.start();
     }
-    let reports: Vec<Value> = agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     let total = reports[0]["rounds"].as_u64().unwrap();
     assert_complete_and_conserved(&reports, total);
     assert_nothing_refused(&reports);
@@ -646,11 +612,7 @@ fn a_link_falling_to_a_tenth_mid_run_keeps_every_region_training() {
     });
     // us-east ↔ eu-west falls to a tenth of its bandwidth.
     run.reshape(0, 1, Shaping::new(5.0, 10.0));
-    let reports: Vec<Value> = run
-        .agents
-        .iter_mut()
-        .map(|a| a.finish(Duration::from_secs(600)))
-        .collect();
+    let reports: Vec<Value> = finish_all(&mut run.agents, Duration::from_secs(600));
     let total = plain[0]["rounds"].as_u64().unwrap();
     assert_complete_and_conserved(&reports, total);
     assert_within_a_point(&reports, plain, "after the link fell to a tenth");

@@ -596,13 +596,7 @@ mod tests {
         let shaping = crate::wan::shaper::Shaping::new(1000.0, 1.0);
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(crate::wan::relay::start(
-                crate::wan::relay::RelayConfig {
-                    listen,
-                    upstream,
-                    up: shaping,
-                    down: shaping,
-                    seed: 1,
-                },
+                crate::wan::relay::RelayConfig::both_ways(listen, upstream, shaping, 1),
             ))
         })
         .unwrap()

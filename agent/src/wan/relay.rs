@@ -34,6 +34,19 @@ pub struct RelayConfig {
     pub seed: u64,
 }
 
+impl RelayConfig {
+    /// The same link both ways.
+    pub fn both_ways(listen: SocketAddr, upstream: SocketAddr, link: Shaping, seed: u64) -> Self {
+        Self {
+            listen,
+            upstream,
+            up: link,
+            down: link,
+            seed,
+        }
+    }
+}
+
 /// Counters of one direction.
 #[derive(Debug, Default)]
 pub struct DirectionStats {
@@ -279,13 +292,7 @@ mod tests {
     }
 
     fn config(upstream: SocketAddr, shaping: Shaping) -> RelayConfig {
-        RelayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            upstream,
-            up: shaping,
-            down: shaping,
-            seed: 1,
-        }
+        RelayConfig::both_ways("127.0.0.1:0".parse().unwrap(), upstream, shaping, 1)
     }
 
     /// Receives one datagram or fails the test after 10 s (a lost datagram must not hang it).

@@ -199,10 +199,46 @@ pub fn latest_round(log: &str) -> u64 {
     max_logged(log, "round round=", "round=").unwrap_or(0)
 }
 
-/// Certificates and configs for the three `REGIONS` in `dir`: region `i` listens on
-/// `listen[i]` and dials peer `j` at `address(i, j)`; `wan` and `checkpoint` are extra keys
-/// for those sections, `training(i)` for region `i`'s `[training]` (it may open further
-/// sections, such as `[admin]`). Returns the agents, not started.
+/// Certificates and configs in `dir` for `names`, each region one shard of as many: region
+/// `i` listens on `listen[i]` and dials peer `j` at `address(i, j)`; `wan` and `checkpoint`
+/// are extra keys for those sections, `training(i)` for region `i`'s `[training]` (it may
+/// open further sections, such as `[admin]`). Returns the agents, not started.
+pub fn regions(
+    dir: &Path,
+    names: &[&str],
+    listen: &[SocketAddr],
+    address: impl Fn(usize, usize) -> String,
+    wan: &str,
+    training: &dyn Fn(usize) -> String,
+    checkpoint: &str,
+) -> Vec<Agent> {
+    let certs_dir = dir.join("certs");
+    certs(&certs_dir, names);
+    (0..names.len())
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..names.len())
+                .filter(|&j| j != i)
+                .map(|j| (names[j], address(i, j)))
+                .collect();
+            write_config(
+                dir,
+                &certs_dir,
+                names[i],
+                names[i],
+                i,
+                names.len(),
+                listen[i],
+                &peers,
+                wan,
+                &training(i),
+                checkpoint,
+            );
+            Agent::new(dir, names[i])
+        })
+        .collect()
+}
+
+/// [`regions`] for the three `REGIONS`.
 pub fn three_regions(
     dir: &Path,
     listen: &[SocketAddr],
@@ -211,49 +247,43 @@ pub fn three_regions(
     training: &dyn Fn(usize) -> String,
     checkpoint: &str,
 ) -> Vec<Agent> {
-    let certs_dir = dir.join("certs");
-    certs(&certs_dir, &REGIONS);
-    (0..REGIONS.len())
-        .map(|i| {
-            let peers: Vec<(&str, String)> = (0..REGIONS.len())
-                .filter(|&j| j != i)
-                .map(|j| (REGIONS[j], address(i, j)))
-                .collect();
-            write_config(
-                dir,
-                &certs_dir,
-                REGIONS[i],
-                REGIONS[i],
-                i,
-                REGIONS.len(),
-                listen[i],
-                &peers,
-                wan,
-                &training(i),
-                checkpoint,
-            );
-            Agent::new(dir, REGIONS[i])
-        })
-        .collect()
+    regions(dir, &REGIONS, listen, address, wan, training, checkpoint)
 }
 
-/// Three regions dialling each other directly on loopback.
-pub fn loopback_regions(
+/// [`regions`] for `names`, dialling each other directly on loopback.
+pub fn loopback(
     dir: &Path,
+    names: &[&str],
     wan: &str,
     training: &dyn Fn(usize) -> String,
     checkpoint: &str,
 ) -> Vec<Agent> {
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let listen: Vec<SocketAddr> = names.iter().map(|_| free_udp()).collect();
     let to = listen.clone();
-    three_regions(
+    regions(
         dir,
+        names,
         &listen,
         move |_, j| to[j].to_string(),
         wan,
         training,
         checkpoint,
     )
+}
+
+/// The three `REGIONS` dialling each other directly on loopback.
+pub fn loopback_regions(
+    dir: &Path,
+    wan: &str,
+    training: &dyn Fn(usize) -> String,
+    checkpoint: &str,
+) -> Vec<Agent> {
+    loopback(dir, &REGIONS, wan, training, checkpoint)
+}
+
+/// Waits for every agent to finish its run (each within `within`) and returns the reports.
+pub fn finish_all(agents: &mut [Agent], within: Duration) -> Vec<Value> {
+    agents.iter_mut().map(|a| a.finish(within)).collect()
 }
 
 impl Agent {
