@@ -41,10 +41,10 @@ const BITS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0];
 const RATIO: &[f64] = &[1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0];
 
 macro_rules! metric {
-    ($name:literal, $kind:ident, [$($label:literal),*], $help:literal) => {
+    ($name:expr, $kind:ident, [$($label:literal),*], $help:literal) => {
         MetricDef { name: $name, kind: MetricKind::$kind, labels: &[$($label),*], help: $help, buckets: &[] }
     };
-    ($name:literal, $kind:ident, [$($label:literal),*], $help:literal, $buckets:expr) => {
+    ($name:expr, $kind:ident, [$($label:literal),*], $help:literal, $buckets:expr) => {
         MetricDef { name: $name, kind: MetricKind::$kind, labels: &[$($label),*], help: $help, buckets: $buckets }
     };
 }
@@ -115,192 +115,172 @@ pub const SNAPSHOTS: &str = "weightgrad_snapshots_total";
 /// The catalogue.
 pub const CATALOGUE: &[MetricDef] = &[
     metric!(
-        "weightgrad_wan_bytes_sent_total",
+        WAN_BYTES_SENT,
         Counter,
         ["peer"],
         "WAN bytes sent to the peer, as encoded (update frames, round-end markers, resume notices, snapshots)"
     ),
     metric!(
-        "weightgrad_wan_bytes_received_total",
+        WAN_BYTES_RECEIVED,
         Counter,
         ["peer"],
         "WAN bytes received from the peer, as encoded"
     ),
     metric!(
-        "weightgrad_wan_decoded_bytes_sent_total",
+        WAN_DECODED_BYTES_SENT,
         Counter,
         ["peer"],
         "What the sent values would take at full precision (4 bytes per element sent)"
     ),
     metric!(
-        "weightgrad_wan_decoded_bytes_received_total",
+        WAN_DECODED_BYTES_RECEIVED,
         Counter,
         ["peer"],
         "What the received and applied values would take at full precision (4 bytes per element)"
     ),
     metric!(
-        "weightgrad_lan_bytes_total",
+        LAN_BYTES,
         Counter,
         [],
         "LAN bytes between workers and the aggregator, both ways, as encoded"
     ),
     metric!(
-        "weightgrad_elements_sent_total",
+        ELEMENTS_SENT,
         Counter,
         ["peer"],
         "Update elements sent to the peer"
     ),
     metric!(
-        "weightgrad_elements_held_total",
+        ELEMENTS_HELD,
         Counter,
         ["peer"],
         "Update elements kept in the peer's residual at the end of a round"
     ),
     metric!(
-        "weightgrad_significance_ratio",
+        SIGNIFICANCE_RATIO,
         Gauge,
         ["peer"],
         "Fraction of the model's elements sent to the peer in the last round"
     ),
     metric!(
-        "weightgrad_bits_chosen",
+        BITS_CHOSEN,
         Histogram,
         ["peer", "kind"],
         "Bit-width the policy chose per tensor and round for tensors it sent (kind: weight or bias)",
         BITS
     ),
     metric!(
-        "weightgrad_round_duration_seconds",
+        ROUND_SECONDS,
         Histogram,
         [],
         "Wall time from the start of one round to the start of the next (includes waiting for peers)",
         SECONDS
     ),
     metric!(
-        "weightgrad_step_duration_seconds",
+        STEP_SECONDS,
         Histogram,
         [],
         "Wall time of one training step across the region's workers",
         SECONDS
     ),
+    metric!(ROUND, Gauge, [], "Rounds this region has finished"),
+    metric!(LOSS, Gauge, [], "Training loss of the last step"),
     metric!(
-        "weightgrad_round",
-        Gauge,
-        [],
-        "Rounds this region has finished"
-    ),
-    metric!(
-        "weightgrad_loss",
-        Gauge,
-        [],
-        "Training loss of the last step"
-    ),
-    metric!(
-        "weightgrad_test_accuracy",
+        ACCURACY,
         Gauge,
         [],
         "Test top-1 at the last evaluation (every epoch)"
     ),
     metric!(
-        "weightgrad_staleness_rounds",
+        STALENESS,
         Gauge,
         ["peer"],
         "This region's rounds minus the peer's fully arrived rounds"
     ),
     metric!(
-        "weightgrad_staleness_bound_rounds",
+        STALENESS_BOUND,
         Gauge,
         [],
         "The configured staleness bound, `training.max_staleness` (alerts compare `weightgrad_staleness_rounds` with it)"
     ),
     metric!(
-        "weightgrad_run_rounds",
+        RUN_ROUNDS,
         Gauge,
         [],
         "Rounds the whole run takes; `weightgrad_round` reaching it means this region is finished"
     ),
     metric!(
-        "weightgrad_link_rtt_seconds",
+        LINK_RTT,
         Gauge,
         ["peer"],
         "Smoothed round-trip time of the link (from QUIC recovery)"
     ),
     metric!(
-        "weightgrad_link_goodput_bits_per_second",
+        LINK_GOODPUT,
         Gauge,
         ["peer"],
         "Acknowledged bytes per second while the link had data in flight"
     ),
     metric!(
-        "weightgrad_link_packets_lost_total",
+        LINK_LOST,
         Counter,
         ["peer"],
         "Packets QUIC declared lost on the current connection"
     ),
+    metric!(LINK_CWND, Gauge, ["peer"], "Congestion window of the link"),
     metric!(
-        "weightgrad_link_congestion_window_bytes",
-        Gauge,
-        ["peer"],
-        "Congestion window of the link"
-    ),
-    metric!(
-        "weightgrad_link_bytes_in_flight",
+        LINK_IN_FLIGHT,
         Gauge,
         ["peer"],
         "Bytes sent and not yet acknowledged or lost (QUIC)"
     ),
     metric!(
-        "weightgrad_link_queued_bytes",
+        LINK_QUEUED,
         Gauge,
         ["peer"],
         "Message bytes queued or in flight and not yet acknowledged by the peer"
     ),
     metric!(
-        "weightgrad_peer_up",
+        PEER_UP,
         Gauge,
         ["peer"],
         "1 while the link to the peer is connected"
     ),
     metric!(
-        "weightgrad_zstd_ratio",
+        ZSTD_RATIO,
         Histogram,
         [],
         "Packed payload bytes over zstd-compressed bytes, per update frame",
         RATIO
     ),
     metric!(
-        "weightgrad_policy_call_duration_seconds",
+        POLICY_CALL_SECONDS,
         Histogram,
         [],
         "Wall time of one policy decision (sandbox call and validation)",
         SECONDS
     ),
     metric!(
-        "weightgrad_policy_failures_total",
+        POLICY_FAILURES,
         Counter,
         ["kind"],
         "Policy calls that failed, by kind (timeout, memory, trap, refused, invalid, oversized)"
     ),
+    metric!(POLICY_SWAPS, Counter, [], "Policy swaps and rollbacks"),
     metric!(
-        "weightgrad_policy_swaps_total",
-        Counter,
-        [],
-        "Policy swaps and rollbacks"
-    ),
-    metric!(
-        "weightgrad_messages_rejected_total",
+        MESSAGES_REJECTED,
         Counter,
         ["peer"],
         "WAN messages refused as malformed or not fitting the model"
     ),
     metric!(
-        "weightgrad_connections_refused_total",
+        REFUSALS,
         Counter,
         ["kind"],
         "WAN connections refused (kind: tls or handshake)"
     ),
     metric!(
-        "weightgrad_snapshots_total",
+        SNAPSHOTS,
         Counter,
         ["kind"],
         "Snapshots served to or adopted from peers (kind: served or adopted)"
