@@ -474,8 +474,6 @@ impl Core {
         if self.resume.is_none() {
             metrics::gauge!(m::ROUND).set(round as f64);
         }
-        metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
-        metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
         let peers = (0..self.links.len())
             .map(|l| {
                 let peer = self.sync.peer(l).to_string();
@@ -713,6 +711,9 @@ impl Core {
         if let Some(ck) = self.resume.take() {
             self.resume_from(&mut st, ck)?;
         }
+        // Settings the alerts compare with, once.
+        metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
+        metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
         // Every decision failure kind starts at 0, so the first failure is an increase.
         for kind in crate::policy::PolicyFailure::DECISION_KINDS {
             metrics::counter!(m::POLICY_FAILURES, "kind" => kind).increment(0);
