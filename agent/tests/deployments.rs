@@ -261,7 +261,7 @@ fn every_yaml_and_json_file_parses() {
     }
 }
 
-/// `Key=value` lines of a unit file, in order.
+/// `Key=value` lines of a unit (or environment) file, in order.
 fn unit(path: &Path) -> Vec<(String, String)> {
     read(path)
         .lines()
@@ -279,9 +279,10 @@ fn unit(path: &Path) -> Vec<(String, String)> {
 #[test]
 fn the_systemd_unit_matches_the_cli_and_the_layout() {
     let dir = deployments().join("systemd");
-    let unit = unit(&dir.join("weightgrad.service"));
+    let service = unit(&dir.join("weightgrad.service"));
     let get = |k: &str| -> Vec<&str> {
-        unit.iter()
+        service
+            .iter()
             .filter(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
             .collect()
@@ -331,16 +332,12 @@ fn the_systemd_unit_matches_the_cli_and_the_layout() {
         "the policy sandbox compiles code"
     );
     // The environment file sets only variables the agent reads.
-    for (k, _) in unit_env(&dir.join("weightgrad.env")) {
+    for (k, _) in unit(&dir.join("weightgrad.env")) {
         assert_eq!(k, "WEIGHTGRAD_LOG");
     }
     // Its configuration keeps the admin API on loopback.
     let cfg = AgentConfig::parse(&read(&dir.join("agent.toml"))).unwrap();
     assert!(cfg.admin.listen.ip().is_loopback());
-}
-
-fn unit_env(path: &Path) -> Vec<(String, String)> {
-    unit(path)
 }
 
 /// Dockerfile instructions, as `(INSTRUCTION, arguments)`, per stage.
@@ -851,16 +848,19 @@ fn tool(tool: &str) -> Option<PathBuf> {
     found
 }
 
+/// What a tool printed: its standard output, and both streams together.
+struct Printed {
+    stdout: String,
+    all: String,
+}
+
 /// Runs a tool and fails the test with its output unless it succeeds.
-fn run_ok(cmd: &mut Command) -> String {
+fn run_ok(cmd: &mut Command) -> Printed {
     let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{all}");
+    Printed { stdout, all }
 }
 
 #[test]
@@ -915,17 +915,8 @@ fn every_kustomize_overlay_renders_and_validates() {
         let secrets = overlay.join("secrets");
         certs(&secrets, &[region.as_str()]);
         std::fs::write(secrets.join("admin.token"), "a-token-of-twenty-four-c").unwrap();
-        let out = Command::new(&kubectl)
-            .arg("kustomize")
-            .arg(&overlay)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{region}: kubectl kustomize failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let rendered = String::from_utf8(out.stdout).unwrap();
+        // Only standard output is the rendering (kustomize warns on standard error).
+        let rendered = run_ok(Command::new(&kubectl).arg("kustomize").arg(&overlay)).stdout;
         for kind in [
             "StatefulSet",
             "Service",
@@ -942,7 +933,7 @@ fn every_kustomize_overlay_renders_and_validates() {
         check_rendered(&region, &rendered);
         let file = dir.path().join(format!("{region}.yaml"));
         std::fs::write(&file, &rendered).unwrap();
-        let report = run_ok(Command::new(&validate).arg("--strict").arg(&file));
+        let report = run_ok(Command::new(&validate).arg("--strict").arg(&file)).all;
         // Everything but the PodMonitor (a CRD without a bundled schema) is checked.
         let passed = report.matches(" passed for resource ").count();
         assert_eq!(passed, 6, "{region}:\n{report}");
