@@ -118,13 +118,21 @@ pub fn push(agent_url: &str, token_file: &Path, file: &PathBuf) -> Result<()> {
         .with_context(|| format!("cannot reach {agent_url}"))?;
     let v = json_reply("policy push", reply)?;
     println!(
-        "active: {} {} ({}); previous: {}",
-        v["active"]["name"].as_str().unwrap_or("?"),
-        v["active"]["version"].as_str().unwrap_or("?"),
-        v["active"]["digest"].as_str().unwrap_or("?"),
+        "{}; previous: {}",
+        active(&v),
         v["previous"]["digest"].as_str().unwrap_or("none")
     );
     Ok(())
+}
+
+/// `active: NAME VERSION (DIGEST)` from a `/policies` answer.
+fn active(v: &Value) -> String {
+    format!(
+        "active: {} {} ({})",
+        v["active"]["name"].as_str().unwrap_or("?"),
+        v["active"]["version"].as_str().unwrap_or("?"),
+        v["active"]["digest"].as_str().unwrap_or("?")
+    )
 }
 
 /// `weightgrad policy rollback`.
@@ -135,11 +143,6 @@ pub fn rollback(agent_url: &str, token_file: &Path) -> Result<()> {
         .send_empty()
         .with_context(|| format!("cannot reach {agent_url}"))?;
     let v = json_reply("policy rollback", reply)?;
-    println!(
-        "active: {} {} ({})",
-        v["active"]["name"].as_str().unwrap_or("?"),
-        v["active"]["version"].as_str().unwrap_or("?"),
-        v["active"]["digest"].as_str().unwrap_or("?")
-    );
+    println!("{}", active(&v));
     Ok(())
 }
