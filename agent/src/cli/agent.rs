@@ -34,9 +34,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let report = crate::node::run(cfg, Arc::new(AtomicBool::new(false)))?;
     let json = serde_json::to_string(&report)?;
     if let Some(path) = &args.report {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        crate::atomic_file::write(path, &[json.as_bytes()])
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
         "{}: {} rounds, test top-1 {:.2}%, WAN {} bytes sent, LAN {} bytes{}",

@@ -8,7 +8,6 @@ use crate::lan::TrainerState;
 use crate::sync::region::SyncState;
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// First four bytes of a checkpoint file.
@@ -55,27 +54,13 @@ pub fn path(dir: &Path, region: &str) -> PathBuf {
 }
 
 impl AgentCheckpoint {
-    /// Writes atomically (temporary file, fsync, rename; then the directory is synced).
+    /// Writes atomically (see [`crate::atomic_file`]).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut cbor = Vec::new();
         ciborium::into_writer(self, &mut cbor).context("encoding the checkpoint")?;
         let body = zstd::bulk::compress(&cbor, 1).context("compressing the checkpoint")?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("checkpoint.dir: cannot create {}", dir.display()))?;
-        let tmp = path.with_extension("ckpt.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&MAGIC)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().with_context(|| format!("writing checkpoint {}", path.display()))
+        crate::atomic_file::write(path, &[&MAGIC, &body])
+            .with_context(|| format!("writing checkpoint {}", path.display()))
     }
 
     /// Reads `path`; `None` if there is no checkpoint there. A damaged file is an error

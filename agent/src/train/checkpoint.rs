@@ -4,7 +4,6 @@
 use anyhow::{Context, Result, bail};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 /// One stored tensor.
@@ -107,28 +106,11 @@ impl Checkpoint {
         Ok(out)
     }
 
-    /// Writes atomically: a temporary file beside `path`, fsync, then rename over it.
+    /// Writes atomically (see [`crate::atomic_file`]).
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("checkpoint")
-        ));
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move checkpoint into place at {}", path.display()))?;
+        crate::atomic_file::write(path, &[&bytes])
+            .with_context(|| format!("cannot write checkpoint {}", path.display()))?;
         Ok(())
     }
 
