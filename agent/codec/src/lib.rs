@@ -10,6 +10,7 @@ pub mod batch;
 pub mod error;
 pub mod filter;
 pub mod frame;
+mod header;
 pub mod laq;
 pub mod pack;
 pub mod quant;

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// First four bytes of a checkpoint file.
 const MAGIC: [u8; 4] = *b"WGCK";
-/// Format version.
-const FORMAT: u32 = 1;
+/// Format version. 2: the unacknowledged messages it holds are WAN protocol 2.
+const FORMAT: u32 = 2;
 /// Largest decompressed checkpoint accepted.
 const MAX_BYTES: usize = 16 << 30;
 

@@ -1,5 +1,8 @@
 //! What regions send each other: update frames, and the end-of-round marker that announces
 //! how many frames a round produced (so a receiver knows when the round is complete).
+//!
+//! Markers and notices are their magic followed by a CBOR array of their fields in
+//! declaration order (no field names: a marker crosses every link every round).
 
 use serde::{Deserialize, Serialize};
 use weightgrad_codec::CodecError;
@@ -74,12 +77,14 @@ impl WanMessage {
             Self::Frame(b) => b.clone(),
             Self::RoundEnd(r) => {
                 let mut out = ROUND_END_MAGIC.to_vec();
-                ciborium::into_writer(r, &mut out).expect("writing to a Vec cannot fail");
+                let wire = (&r.sender, r.clock, r.frames);
+                ciborium::into_writer(&wire, &mut out).expect("writing to a Vec cannot fail");
                 out
             }
             Self::Resumed(r) => {
                 let mut out = RESUMED_MAGIC.to_vec();
-                ciborium::into_writer(r, &mut out).expect("writing to a Vec cannot fail");
+                let wire = (&r.sender, r.after, &r.source);
+                ciborium::into_writer(&wire, &mut out).expect("writing to a Vec cannot fail");
                 out
             }
         }
@@ -97,10 +102,22 @@ impl WanMessage {
     /// frame (validated later by the frame decoder).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
         if let Some(body) = bytes.strip_prefix(&ROUND_END_MAGIC[..]) {
-            return small_cbor("round-end marker", bytes, body).map(Self::RoundEnd);
+            return small_cbor("round-end marker", bytes, body).map(|(sender, clock, frames)| {
+                Self::RoundEnd(RoundEnd {
+                    sender,
+                    clock,
+                    frames,
+                })
+            });
         }
         if let Some(body) = bytes.strip_prefix(&RESUMED_MAGIC[..]) {
-            return small_cbor("resume notice", bytes, body).map(Self::Resumed);
+            return small_cbor("resume notice", bytes, body).map(|(sender, after, source)| {
+                Self::Resumed(Resumed {
+                    sender,
+                    after,
+                    source,
+                })
+            });
         }
         Ok(Self::Frame(bytes.to_vec()))
     }
@@ -118,6 +135,8 @@ mod tests {
             frames: 3,
         });
         assert_eq!(WanMessage::from_bytes(&m.to_bytes()).unwrap(), m);
+        // Magic, a 3-array, the 7-byte name with its length, two small integers.
+        assert_eq!(m.wire_len(), 4 + 1 + 8 + 1 + 1);
         assert!(WanMessage::from_bytes(b"WGRE\xff\xff").is_err());
         let mut long = m.to_bytes();
         long.push(0);

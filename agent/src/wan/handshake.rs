@@ -5,8 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The WAN protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The WAN protocol version this build speaks. 2: frame headers, markers and notices are
+/// positional CBOR arrays (frame version 2); regions on 1 are refused at the handshake.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First four bytes of a hello.
 const HELLO_MAGIC: [u8; 4] = *b"WGHI";
 /// First four bytes of a verdict.
