@@ -82,14 +82,21 @@ impl AgentCheckpoint {
         };
         let cbor = crate::sync::snapshot::decompress_within(body, MAX_BYTES)
             .map_err(|e| damaged(e.to_string()))?;
-        let ck: Self = ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
-        if ck.format != FORMAT {
+        // The format first, so that a checkpoint of another format is named as such
+        // rather than reported as damaged because its fields differ.
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: u32,
+        }
+        let FormatOnly { format } =
+            ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
+        if format != FORMAT {
             bail!(
-                "checkpoint {} has format {}, this agent reads {FORMAT}",
-                path.display(),
-                ck.format
+                "checkpoint {} has format {format}, this agent reads {FORMAT}",
+                path.display()
             );
         }
+        let ck: Self = ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
         Ok(Some(ck))
     }
 
@@ -125,5 +132,41 @@ impl AgentCheckpoint {
     /// The format version this build writes.
     pub fn current_format() -> u32 {
         FORMAT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_raw(path: &Path, value: &ciborium::Value) {
+        let mut cbor = Vec::new();
+        ciborium::into_writer(value, &mut cbor).unwrap();
+        let body = zstd::bulk::compress(&cbor, 1).unwrap();
+        std::fs::write(path, [&MAGIC[..], &body].concat()).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_format_is_refused_by_its_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = path(dir.path(), "us-east");
+        // A format 1 checkpoint: its fields need not match this build's.
+        let old = ciborium::Value::Map(vec![
+            ("format".into(), 1.into()),
+            ("region".into(), "us-east".into()),
+        ]);
+        write_raw(&file, &old);
+        let err = AgentCheckpoint::load(&file).unwrap_err().to_string();
+        assert!(err.contains("has format 1, this agent reads 2"), "{err}");
+        // This format with missing fields is damaged, and says so.
+        let broken = ciborium::Value::Map(vec![("format".into(), FORMAT.into())]);
+        write_raw(&file, &broken);
+        let err = AgentCheckpoint::load(&file).unwrap_err().to_string();
+        assert!(err.contains("is damaged"), "{err}");
+        assert!(
+            AgentCheckpoint::load(&dir.path().join("none.ckpt"))
+                .unwrap()
+                .is_none()
+        );
     }
 }
