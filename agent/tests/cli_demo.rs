@@ -50,3 +50,44 @@ fn demo_rejects_unknown_policies_and_too_few_regions() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("at least 2"), "{err}");
 }
+
+/// WAN bytes at the first evaluation where every region has at least `target` top-1.
+fn bytes_to(curve: &serde_json::Value, target: f64) -> Option<f64> {
+    curve
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["min_accuracy"].as_f64().unwrap() >= target - 1e-9)
+        .map(|p| p["wan_bytes"].as_f64().unwrap())
+}
+
+/// The README's main command, with the figures `docs/benchmarks.md` reports for it (seed 0,
+/// virtual time, so exact): a change that loses them has to show up here, not only in the
+/// docs.
+#[test]
+fn the_main_command_keeps_its_documented_targets() {
+    let out = weightgrad_ok(&["demo", "--compare", "full-sync", "--json"]);
+    let v = last_json_line(&out);
+    let lowest = |r: &serde_json::Value| {
+        r["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["test_accuracy"].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (ours, baseline) = (lowest(&v), lowest(&v["baseline"]));
+    assert!(ours >= 0.95, "lowest region {ours}");
+    assert!(
+        ours >= baseline - 0.005,
+        "{ours} against full-sync's {baseline}"
+    );
+    let ratio = v["wan_bytes_ratio"].as_f64();
+    assert!(
+        ratio.is_some_and(|r| r >= 50.0),
+        "bytes to the baseline's accuracy: {ratio:?}"
+    );
+    let to_95 = |c| bytes_to(c, 0.95).expect("95% reached");
+    let saving = to_95(&v["baseline"]["curve"]) / to_95(&v["curve"]);
+    assert!(saving >= 100.0, "bytes to 95%: {saving:.1}x");
+}
