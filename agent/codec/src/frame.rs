@@ -85,7 +85,9 @@ pub struct SparseHeader {
     pub index_bytes: u32,
 }
 
-/// The CBOR header of a frame.
+/// The CBOR header of a frame. On the wire it is a positional array (`header.rs`); its
+/// serde derives give the self-describing map form, for logs and tools, which the
+/// decoder does not read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FrameHeader {
     /// Region (or worker) that encoded the update.

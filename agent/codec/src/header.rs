@@ -8,9 +8,9 @@
 //!
 //! Scheme kinds: 0 fp32, 1 fp16, 2 bf16, 3 uniform (the only kind with non-zero bits and
 //! bucket), 4 ternary, 5 sign. Index encodings: 0 delta varint, 1 bitmap. Compression:
-//! 0 none, 1 zstd. Without field names a header costs about 40 bytes plus 5 per scale, a
-//! fifth of the map form, which matters on the WAN where a round's frames are often only
-//! a few hundred bytes.
+//! 0 none, 1 zstd. Without field names a header costs about 40 bytes plus 5 per scale
+//! against about 165 plus 5 per scale as a map, which matters on the WAN, where a round's
+//! frames are often only a few hundred bytes. Only this exact encoding is read.
 
 use crate::error::CodecError;
 use crate::frame::{Compression, FrameHeader, SparseHeader};
@@ -107,8 +107,23 @@ pub(crate) fn to_cbor(h: &FrameHeader) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-/// Reads a header in its wire form; `cbor` must hold exactly one.
+/// Reads a header in its wire form; `cbor` must hold exactly one, encoded exactly as
+/// [`to_cbor`] writes it. serde reads a fixed number of array items whatever length the
+/// array declares, so without that last check a header with a wrong declared length, an
+/// unterminated indefinite array or widened numbers would be accepted as well.
 pub(crate) fn from_cbor(cbor: &[u8]) -> Result<FrameHeader, CodecError> {
+    let header = parse(cbor)?;
+    if to_cbor(&header)? != cbor {
+        return Err(CodecError::Header(
+            "header is not in canonical form (array lengths, integer and float widths as \
+             the encoder writes them)"
+                .into(),
+        ));
+    }
+    Ok(header)
+}
+
+fn parse(cbor: &[u8]) -> Result<FrameHeader, CodecError> {
     let mut cursor = std::io::Cursor::new(cbor);
     let Incoming(sender, clock, tensor, len, scheme, scales, sparse, raw_len, compression) =
         ciborium::from_reader(&mut cursor).map_err(|e| CodecError::Header(e.to_string()))?;
@@ -308,6 +323,42 @@ mod tests {
         trailing.push(0);
         let err = from_cbor(&trailing).unwrap_err().to_string();
         assert!(err.contains("1 bytes after the CBOR header"), "{err}");
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_is_read() {
+        let good = to_cbor(&from_cbor_ok()).unwrap();
+        assert_eq!(good[0], 0x89, "a definite array of nine");
+        assert!(from_cbor(&good).is_ok());
+        let refused = |bytes: &[u8]| {
+            let err = from_cbor(bytes).unwrap_err().to_string();
+            assert!(
+                err.contains("canonical") || err.contains("after the CBOR header"),
+                "{err}"
+            );
+        };
+        // Declares ten items, holds nine.
+        refused(&[&[0x8a], &good[1..]].concat());
+        // Indefinite length, with and without its break.
+        refused(&[&[0x9f], &good[1..]].concat());
+        refused(&[&[0x9f], &good[1..], &[0xff]].concat());
+        // A scale widened to a double.
+        let mut h = from_cbor_ok();
+        h.scheme = Scheme::Sign;
+        h.scales = vec![0.5];
+        let single = to_cbor(&h).unwrap();
+        let half = [0xf9, 0x38, 0x00]; // 0.5 as the encoder writes it
+        let pos = single.windows(3).position(|w| w == half).unwrap();
+        let double = [
+            &single[..pos],
+            &[0xfb, 0x3f, 0xe0, 0, 0, 0, 0, 0, 0][..],
+            &single[pos + 3..],
+        ]
+        .concat();
+        refused(&double);
+        // An integer in a wider form than needed (clock 7 as a u16).
+        let pos = good.iter().position(|&b| b == 0x07).unwrap();
+        refused(&[&good[..pos], &[0x19, 0x00, 0x07][..], &good[pos + 1..]].concat());
     }
 
     fn from_cbor_ok() -> FrameHeader {

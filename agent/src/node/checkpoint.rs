@@ -82,21 +82,28 @@ impl AgentCheckpoint {
         };
         let cbor = crate::sync::snapshot::decompress_within(body, MAX_BYTES)
             .map_err(|e| damaged(e.to_string()))?;
-        // The format first, so that a checkpoint of another format is named as such
-        // rather than reported as damaged because its fields differ.
+        // A checkpoint of another format is named as such, not reported as damaged because
+        // its fields differ; its format is read on its own only when the whole does not
+        // parse as this format (one pass over a large checkpoint in the usual case).
         #[derive(Deserialize)]
         struct FormatOnly {
             format: u32,
         }
-        let FormatOnly { format } =
-            ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
+        let parsed: Result<Self, _> = ciborium::from_reader(&cbor[..]);
+        let format = match &parsed {
+            Ok(ck) => ck.format,
+            Err(e) => match ciborium::from_reader::<FormatOnly, _>(&cbor[..]) {
+                Ok(FormatOnly { format }) if format != FORMAT => format,
+                _ => return Err(damaged(e.to_string())),
+            },
+        };
         if format != FORMAT {
             bail!(
                 "checkpoint {} has format {format}, this agent reads {FORMAT}",
                 path.display()
             );
         }
-        let ck: Self = ciborium::from_reader(&cbor[..]).map_err(|e| damaged(e.to_string()))?;
+        let ck = parsed.map_err(|e| damaged(e.to_string()))?;
         Ok(Some(ck))
     }
 

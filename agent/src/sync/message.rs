@@ -4,7 +4,6 @@
 //! Markers and notices are their magic followed by a CBOR array of their fields in
 //! declaration order (no field names: a marker crosses every link every round).
 
-use serde::{Deserialize, Serialize};
 use weightgrad_codec::CodecError;
 
 /// First four bytes of an end-of-round marker.
@@ -13,7 +12,7 @@ pub const ROUND_END_MAGIC: [u8; 4] = *b"WGRE";
 const MAX_ROUND_END: usize = 1024;
 
 /// "Round `clock` of `sender` is over; it sent `frames` update frames on this link."
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundEnd {
     /// Sending region.
     pub sender: String,
@@ -28,7 +27,7 @@ pub const RESUMED_MAGIC: [u8; 4] = *b"WGRS";
 
 /// "`sender` restarted from `source`'s snapshot taken after round `after`": its rounds up
 /// to `after` will never be sent, and what it holds is what `source` held.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resumed {
     /// The region that resumed.
     pub sender: String,
@@ -101,6 +100,18 @@ impl WanMessage {
     /// Parses bytes from a link: a marker or notice if it starts with its magic, else a
     /// frame (validated later by the frame decoder).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
+        let message = Self::parse(bytes)?;
+        // serde reads three items whatever length the array declares: only the encoding
+        // `to_bytes` writes is accepted, so one marker has one form.
+        if !matches!(message, Self::Frame(_)) && message.to_bytes() != bytes {
+            return Err(CodecError::Header(
+                "marker or notice not in canonical form".into(),
+            ));
+        }
+        Ok(message)
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Self, CodecError> {
         if let Some(body) = bytes.strip_prefix(&ROUND_END_MAGIC[..]) {
             return small_cbor("round-end marker", bytes, body).map(|(sender, clock, frames)| {
                 Self::RoundEnd(RoundEnd {
@@ -150,5 +161,16 @@ mod tests {
         });
         assert_eq!(WanMessage::from_bytes(&r.to_bytes()).unwrap(), r);
         assert!(WanMessage::from_bytes(b"WGRS\x01").is_err());
+        // One form each: a wrong declared length or an indefinite array is refused.
+        let good = m.to_bytes();
+        assert_eq!(good[4], 0x83);
+        for bad in [
+            [&good[..4], &[0x84], &good[5..]].concat(),
+            [&good[..4], &[0x9f], &good[5..]].concat(),
+            [&good[..4], &[0x9f], &good[5..], &[0xff]].concat(),
+        ] {
+            let err = WanMessage::from_bytes(&bad).unwrap_err().to_string();
+            assert!(err.contains("canonical") || err.contains("after"), "{err}");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! `weightgrad`: the WeightGrad scheme. Between regions, every `sync_every` rounds, Gaia's
-//! significance filter (`τ = τ0 · lr / base_lr`), at most the largest `weight_budget` of
-//! each weight tensor's survivors, quantized to a few bits (weights at `weight_bits`,
-//! biases at `bias_bits`; error feedback keeps what the budget holds back and what
-//! quantization loses). Inside a region, workers train on loss-aware quantized weights and
+//! significance filter (`τ = τ0 · lr / base_lr`); of a weight tensor's survivors, at most
+//! the largest `weight_budget` × its element count go out, quantized to a few bits
+//! (weights at `weight_bits`, biases at `bias_bits`; error feedback keeps what the budget
+//! holds back and what quantization loses). Inside a region, workers train on loss-aware quantized weights and
 //! send quantized gradients for weight tensors.
 //!
 //! On the final round it flushes every residual element at 8 bits, so nothing is left
@@ -62,7 +62,7 @@ impl Policy for WeightGrad {
     fn info(&self) -> PolicyInfo {
         PolicyInfo {
             name: "weightgrad".into(),
-            version: "1.0.0".into(),
+            version: "1.1.0".into(),
             description: "significance filter every 3 rounds, largest 4% of each weight tensor at 2 bits, 8-bit LAN gradients and weights"
                 .into(),
         }
