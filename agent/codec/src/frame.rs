@@ -696,20 +696,107 @@ mod tests {
         ));
     }
 
+    /// The frames the fuzzer starts from (`fuzz/seeds/frame_decode`), one per kind the fuzz
+    /// README lists. The test fails when a seed is no longer what the encoder writes, so a
+    /// format change must bring them along; `WEIGHTGRAD_WRITE_SEEDS=1` rewrites them.
     #[test]
-    fn the_fuzz_seeds_are_valid_frames() {
-        // The fuzzer starts from these; a format change must bring them along.
+    fn the_fuzz_seeds_are_what_the_encoder_writes() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame_decode");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let bytes = std::fs::read(&path).unwrap();
-            if let Err(e) = decode(&bytes, &Limits::default()) {
-                panic!("{}: {e}", path.display());
+        let meta = |sender: &str, clock, tensor| FrameMeta {
+            sender: sender.into(),
+            clock,
+            tensor,
+        };
+        let ramp: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0)
+            .collect();
+        let sparse = |indices: Vec<u32>, values: Vec<f32>| Update::Sparse { indices, values };
+        let cases = [
+            (
+                "dense_fp32",
+                meta("us-east", 5, 0),
+                4,
+                Update::Dense(vec![1.0, -2.0, 0.5, 3.0]),
+                Quantizer::Fp32,
+                None,
+            ),
+            (
+                "dense_fp16",
+                meta("us-east", 5, 1),
+                2,
+                Update::Dense(vec![1.0, -0.5]),
+                Quantizer::Fp16,
+                None,
+            ),
+            (
+                "dense_u2",
+                meta("eu-west", 9, 2),
+                16,
+                Update::Dense(ramp[..16].to_vec()),
+                Quantizer::Uniform {
+                    bits: 2,
+                    bucket: 8,
+                    clip_sigma: None,
+                },
+                None,
+            ),
+            (
+                "sparse_varint_u8",
+                meta("ap-southeast", 1234, 0),
+                100,
+                sparse(vec![1, 5, 9], vec![0.1, -0.05, 0.02]),
+                Quantizer::uniform(8),
+                None,
+            ),
+            (
+                "sparse_bitmap_tern",
+                meta("us-east", 2, 3),
+                16,
+                sparse(vec![0, 1, 4, 15], vec![0.3, -0.2, 0.1, 0.7]),
+                Quantizer::TernGrad { clip_sigma: None },
+                None,
+            ),
+            (
+                "sign_zstd",
+                meta("us-east", 3, 1),
+                512,
+                Update::Dense(ramp.clone()),
+                Quantizer::Sign,
+                Some(1),
+            ),
+            (
+                "u4_zstd",
+                meta("eu-west", 7, 0),
+                400,
+                Update::Dense(vec![0.01; 400]),
+                Quantizer::uniform(4),
+                Some(1),
+            ),
+        ];
+        let write = std::env::var_os("WEIGHTGRAD_WRITE_SEEDS").is_some();
+        let mut rng = DitherRng::new(7);
+        for (name, meta, len, update, quantizer, zstd_level) in cases {
+            let opts = EncodeOptions {
+                quantizer,
+                zstd_level,
+            };
+            let enc = encode(&meta, len, &update, &opts, &mut rng).unwrap();
+            assert!(decode(&enc.bytes, &Limits::default()).is_ok(), "{name}");
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, &enc.bytes).unwrap();
             }
-            seen += 1;
+            let seed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                seed == enc.bytes,
+                "{name}: rerun with WEIGHTGRAD_WRITE_SEEDS=1"
+            );
         }
-        assert_eq!(seen, 7);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            7,
+            "a seed without a case"
+        );
     }
 
     #[test]
