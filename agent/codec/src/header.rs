@@ -300,26 +300,12 @@ mod tests {
         });
         assert!(h.is_err());
         let mut map = Vec::new();
-        ciborium::into_writer(
-            &FrameHeader {
-                sender: "x".into(),
-                clock: 0,
-                tensor: 0,
-                len: 1,
-                scheme: Scheme::Fp32,
-                scales: vec![],
-                sparse: None,
-                raw_len: 4,
-                compression: Compression::None,
-            },
-            &mut map,
-        )
-        .unwrap();
+        ciborium::into_writer(&sample(), &mut map).unwrap();
         assert!(
             from_cbor(&map).is_err(),
             "the version 1 map form is not read"
         );
-        let mut trailing = to_cbor(&from_cbor_ok()).unwrap();
+        let mut trailing = to_cbor(&sample()).unwrap();
         trailing.push(0);
         let err = from_cbor(&trailing).unwrap_err().to_string();
         assert!(err.contains("1 bytes after the CBOR header"), "{err}");
@@ -327,7 +313,7 @@ mod tests {
 
     #[test]
     fn only_the_canonical_encoding_is_read() {
-        let good = to_cbor(&from_cbor_ok()).unwrap();
+        let good = to_cbor(&sample()).unwrap();
         assert_eq!(good[0], 0x89, "a definite array of nine");
         assert!(from_cbor(&good).is_ok());
         let refused = |bytes: &[u8]| {
@@ -343,7 +329,7 @@ mod tests {
         refused(&[&[0x9f], &good[1..]].concat());
         refused(&[&[0x9f], &good[1..], &[0xff]].concat());
         // A scale widened to a double.
-        let mut h = from_cbor_ok();
+        let mut h = sample();
         h.scheme = Scheme::Sign;
         h.scales = vec![0.5];
         let single = to_cbor(&h).unwrap();
@@ -361,7 +347,8 @@ mod tests {
         refused(&[&good[..pos], &[0x19, 0x00, 0x07][..], &good[pos + 1..]].concat());
     }
 
-    fn from_cbor_ok() -> FrameHeader {
+    /// A small valid header.
+    fn sample() -> FrameHeader {
         FrameHeader {
             sender: "eu-west".into(),
             clock: 7,
