@@ -53,6 +53,20 @@ impl ModelSpec {
     }
 }
 
+impl std::fmt::Display for ModelSpec {
+    /// The spelling [`ModelSpec::parse`] reads back: `mlp:256`, `cnn`, `logreg`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mlp { hidden } => {
+                let widths: Vec<String> = hidden.iter().map(ToString::to_string).collect();
+                write!(f, "mlp:{}", widths.join(","))
+            }
+            Self::Cnn => f.write_str("cnn"),
+            Self::Logreg => f.write_str("logreg"),
+        }
+    }
+}
+
 enum Layer {
     /// `y = x Wᵀ + b`, optionally followed by ReLU.
     Linear { w: usize, b: usize, relu: bool },
@@ -377,6 +391,13 @@ mod tests {
                 .to_string()
                 .contains("unknown model")
         );
+    }
+
+    #[test]
+    fn a_spec_prints_as_it_parses() {
+        for s in ["mlp:256", "mlp:1024,1024", "cnn", "logreg"] {
+            assert_eq!(ModelSpec::parse(s).unwrap().to_string(), s);
+        }
     }
 
     #[test]
