@@ -66,3 +66,154 @@ fn bad_bench_options_are_named() {
     let out = weightgrad(&["bench", "--target-accuracy", "95"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a fraction"));
 }
+
+/// Two well-separated classes in four features, `rows` rows with a header.
+fn blobs_csv(path: &std::path::Path, rows: usize) {
+    let mut text = String::from("a,b,c,d,class\n");
+    for i in 0..rows {
+        let label = i % 2;
+        let centre = if label == 0 { -1.5 } else { 1.5 };
+        let j = |k: usize| ((i * 37 + k * 11) % 100) as f64 / 100.0 - 0.5;
+        text.push_str(&format!(
+            "{},{},{},{},{label}\n",
+            centre + j(0),
+            centre - j(1),
+            -centre + j(2),
+            j(3)
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("blobs.csv");
+    blobs_csv(&csv, 600);
+    let out = weightgrad_ok(&[
+        "bench",
+        "--dataset",
+        "csv",
+        "--data",
+        csv.to_str().unwrap(),
+        "--label-column",
+        "class",
+        "--policies",
+        "full-sync,weightgrad",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.03",
+        "--target-accuracy",
+        "0.9",
+        "--real",
+        "full-sync",
+        "--json",
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    let v = last_json_line(&out);
+    let w = &v["setup"];
+    assert_eq!(w["model"], "logreg", "{w}");
+    assert_eq!(w["architecture"], "logreg[4-2]", "{w}");
+    assert_eq!(w["params"], 10, "{w}");
+    for r in v["results"].as_array().unwrap() {
+        assert_eq!(r["reached_target"], true, "{r}");
+    }
+    // The agents read their shards of the same CSV: full-sync sends every update, so their
+    // bytes match the simulator's closely, and they learn the same problem.
+    let real = &v["real"][0];
+    let (a, s) = (
+        real["real_wan_bytes"].as_f64().unwrap(),
+        real["sim_wan_bytes"].as_f64().unwrap(),
+    );
+    assert!((a / s - 1.0).abs() < 0.1, "agents {a}, simulator {s}");
+    assert!(real["real_accuracy"].as_f64().unwrap() > 0.9, "{real}");
+    let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
+    assert!(
+        md.contains("model `logreg` (logreg[4-2], 10 parameters"),
+        "{md}"
+    );
+}
+
+/// A CIFAR-10 binary directory whose classes differ by brightness: `train` records in
+/// `data_batch_1.bin`, `test` in `test_batch.bin`.
+fn tiny_cifar(dir: &std::path::Path, train: usize, test: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let batch = |n: usize, salt: usize| {
+        let mut b = Vec::with_capacity(n * 3073);
+        for i in 0..n {
+            let label = (i % 2) as u8;
+            b.push(label);
+            b.extend(
+                (0..3072).map(|p| (label as usize * 160 + (p * 7 + i * 13 + salt) % 64) as u8),
+            );
+        }
+        b
+    };
+    std::fs::write(dir.join("data_batch_1.bin"), batch(train, 0)).unwrap();
+    std::fs::write(dir.join("test_batch.bin"), batch(test, 5)).unwrap();
+}
+
+#[test]
+fn bench_trains_the_cnn_on_a_cifar_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cifar = dir.path().join("cifar");
+    tiny_cifar(&cifar, 96, 20);
+    let out = weightgrad_ok(&[
+        "bench",
+        "--dataset",
+        "cifar10",
+        "--data",
+        cifar.to_str().unwrap(),
+        "--policies",
+        "full-sync",
+        "--epochs",
+        "1",
+        "--target-accuracy",
+        "0.1",
+        "--json",
+    ]);
+    let v = last_json_line(&out);
+    let w = &v["setup"];
+    assert_eq!(w["model"], "cnn", "{w}");
+    assert_eq!(w["architecture"], "cnn[3x32x32-10]", "{w}");
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["full-sync", "lan-only"]);
+    assert!(v["results"][0]["wan_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_workload_options_are_named() {
+    for (args, want) in [
+        (vec!["bench", "--dataset", "csv"], "needs --data"),
+        (vec!["bench", "--model", "rnn"], "unknown model"),
+        (vec!["bench", "--compute-ms=-1"], "--compute-ms"),
+        (vec!["bench", "--lr", "0"], "--lr"),
+        (vec!["bench", "--jobs", "0"], "--jobs"),
+        (
+            vec!["bench", "--max-staleness", "1,4", "--real", "weightgrad"],
+            "one --max-staleness",
+        ),
+        (
+            vec![
+                "bench",
+                "--dataset",
+                "cifar10",
+                "--data",
+                "/nonexistent/cifar",
+            ],
+            "/nonexistent/cifar",
+        ),
+    ] {
+        let out = weightgrad(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
+    }
+}

@@ -8,11 +8,13 @@ pub mod real;
 use crate::lan::RegionTrainer;
 use crate::policies::{builtin, merge_mode_for};
 use crate::sim::{EvalPoint, LinkDrop, SimConfig, SimReport, run, topology::Topology};
-use crate::train::DataSplit;
-use crate::train::dataset::ShardStrategy;
+use crate::train::dataset::{DataSource, ShardStrategy};
 use crate::train::schedule::LrSchedule;
-use anyhow::{Result, bail};
+use crate::train::{DataSplit, Model, ModelSpec};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use weightgrad_sdk::LanPlan;
 
 /// The scenarios `--scenario` knows.
@@ -57,11 +59,72 @@ pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
     Ok(())
 }
 
+/// The model a data set is benchmarked with unless another is named: the CIFAR CNN on
+/// CIFAR-10, logistic regression on a CSV, the MLP on digits and other IDX image sets.
+pub fn default_model(source: &DataSource) -> ModelSpec {
+    match source {
+        DataSource::Cifar10 { .. } => ModelSpec::Cnn,
+        DataSource::Csv { .. } => ModelSpec::Logreg,
+        DataSource::Digits | DataSource::Idx { .. } => ModelSpec::default_mlp(),
+    }
+}
+
+/// What every run of a bench shares: data set, model, compute cost and staleness bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchSetup {
+    /// The data set (`digits`, or the kind and path given).
+    pub dataset: String,
+    /// The model as `--model` spells it.
+    pub model: String,
+    /// The model's layer widths, as its manifest names it (e.g. `mlp[64-256-10]`).
+    pub architecture: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Bytes of one full fp32 copy of the parameters.
+    pub fp32_bytes: usize,
+    /// Virtual seconds one training step costs.
+    pub compute_seconds_per_step: f64,
+    /// The staleness bounds every policy runs at.
+    pub staleness_bounds: Vec<u64>,
+}
+
+impl BenchSetup {
+    /// Describes `cfg.model` on `data` (builds the model once to count its parameters),
+    /// run at each of `staleness_bounds`.
+    pub fn describe(
+        cfg: &SimConfig,
+        dataset: &str,
+        data: &DataSplit,
+        staleness_bounds: &[u64],
+    ) -> Result<Self> {
+        let model = Model::new(
+            &cfg.model,
+            &data.train.sample_shape,
+            data.train.classes,
+            cfg.seed,
+            &candle_core::Device::Cpu,
+        )?;
+        let params = model.manifest().params();
+        Ok(Self {
+            dataset: dataset.to_string(),
+            model: cfg.model.to_string(),
+            architecture: model.manifest().model.clone(),
+            params,
+            fp32_bytes: params * 4,
+            compute_seconds_per_step: cfg.compute_s,
+            staleness_bounds: staleness_bounds.to_vec(),
+        })
+    }
+}
+
 /// What one policy spent.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyResult {
-    /// Policy name (`lan-only` for the reference).
+    /// Policy name (`lan-only` for the reference), followed by its bound when the bench
+    /// runs several, e.g. `weightgrad (bound 4)`.
     pub policy: String,
+    /// The staleness bound this run used (none for LAN-only, which has no WAN).
+    pub max_staleness: Option<u64>,
     /// Final top-1, lowest region.
     pub final_accuracy: f64,
     /// Whether every region reached the target at some evaluation.
@@ -74,10 +137,13 @@ pub struct PolicyResult {
     pub lan_bytes_to_target: Option<u64>,
     /// Rounds to that evaluation.
     pub rounds_to_target: Option<u64>,
-    /// full-sync's WAN bytes to target over this policy's.
+    /// full-sync's WAN bytes to target (at the same bound) over this policy's.
     pub wan_bytes_vs_full_sync: Option<f64>,
-    /// full-sync's time to target over this policy's (speedup).
+    /// full-sync's time to target (at the same bound) over this policy's (speedup).
     pub speedup_vs_full_sync: Option<f64>,
+    /// The time to target of the full-sync run that got there first, over any bound,
+    /// over this policy's: the speedup against full-sync at its best bound.
+    pub speedup_vs_fastest_full_sync: Option<f64>,
     /// This policy's time to target over LAN-only's (1.0: as fast as one region).
     pub time_vs_lan_only: Option<f64>,
     /// Whole-run WAN bytes.
@@ -93,13 +159,15 @@ pub struct PolicyResult {
 pub struct BenchReport {
     /// Scenario name.
     pub scenario: String,
+    /// Data set, model and compute cost.
+    pub setup: BenchSetup,
     /// Target top-1.
     pub target_accuracy: f64,
     /// Seed.
     pub seed: u64,
     /// Rounds per run.
     pub rounds: u64,
-    /// Per policy, in the order asked, then `lan-only`.
+    /// Per policy in the order asked, each at every bound in order, then `lan-only`.
     pub results: Vec<PolicyResult>,
 }
 
@@ -107,6 +175,7 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
     let at = report.first_reaching(target);
     PolicyResult {
         policy: policy.to_string(),
+        max_staleness: None,
         final_accuracy: report
             .regions
             .iter()
@@ -119,6 +188,7 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
         rounds_to_target: at.map(|p| p.round),
         wan_bytes_vs_full_sync: None,
         speedup_vs_full_sync: None,
+        speedup_vs_fastest_full_sync: None,
         time_vs_lan_only: None,
         wan_bytes: report.wan_bytes,
         virtual_seconds: report.virtual_seconds,
@@ -179,57 +249,194 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
     })
 }
 
-/// Runs `policies` (and the LAN-only reference) under `cfg`; `progress(policy)` is told
-/// which run starts.
+/// What a bench compares: which policies, at which staleness bounds, to which target.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    /// Scenario name (for the report; `cfg` already holds its regions and links).
+    pub scenario: String,
+    /// Policies to run, in report order; `full-sync` gives the ratios.
+    pub policies: Vec<String>,
+    /// Every policy runs once at each of these bounds (rounds a region may run ahead of
+    /// the slowest peer).
+    pub staleness_bounds: Vec<u64>,
+    /// Top-1 every region must reach.
+    pub target: f64,
+    /// Runs at a time. Each run is deterministic and independent of the others, so the
+    /// figures do not depend on this.
+    pub jobs: usize,
+}
+
+/// One simulation of a bench: a policy at a bound, or the LAN-only reference.
+#[derive(Debug, Clone)]
+struct Job {
+    policy: String,
+    bound: Option<u64>,
+}
+
+impl Job {
+    fn label(&self, several_bounds: bool) -> String {
+        match self.bound {
+            Some(b) if several_bounds => format!("{} (bound {b})", self.policy),
+            _ => self.policy.clone(),
+        }
+    }
+}
+
+/// Runs every policy of `plan` at every bound, and the LAN-only reference, under `cfg`;
+/// `progress(run, done, total)` sees each run's rounds as they finish (from several
+/// threads when `plan.jobs > 1`).
 pub fn run_all(
     cfg: &SimConfig,
-    scenario: &str,
-    policies: &[String],
-    target: f64,
+    plan: &BenchPlan,
+    setup: BenchSetup,
     data: &DataSplit,
-    progress: &mut dyn FnMut(&str, u64, u64),
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<BenchReport> {
-    for p in policies {
+    for p in &plan.policies {
         builtin(p).map_err(anyhow::Error::msg)?;
     }
-    let mut results = Vec::new();
-    let mut rounds = 0;
-    for name in policies {
-        let policy = builtin(name).map_err(anyhow::Error::msg)?;
-        let mut c = cfg.clone();
-        c.sync.merge = merge_mode_for(name);
-        let report = run(&c, policy.as_ref(), data, &mut |done, total| {
-            progress(name, done, total)
-        })?;
-        rounds = report.rounds;
-        results.push(result_from(name, &report, target));
+    if plan.staleness_bounds.is_empty() {
+        bail!("a bench needs at least one staleness bound");
     }
-    progress("lan-only", 0, 1);
-    let reference = lan_only(cfg, data)?;
-    results.push(result_from("lan-only", &reference, target));
-    let full = results
+    let several = plan.staleness_bounds.len() > 1;
+    let mut jobs: Vec<Job> = plan
+        .policies
         .iter()
-        .find(|r| r.policy == "full-sync")
-        .map(|r| (r.wan_bytes_to_target, r.virtual_seconds_to_target));
-    let lan_time = results.last().and_then(|r| r.virtual_seconds_to_target);
-    for r in &mut results {
-        if let (Some((Some(fw), Some(ft))), Some(w), Some(t)) =
-            (full, r.wan_bytes_to_target, r.virtual_seconds_to_target)
-        {
-            r.wan_bytes_vs_full_sync = (w > 0).then(|| fw as f64 / w as f64);
-            r.speedup_vs_full_sync = (t > 0.0).then(|| ft / t);
-        }
-        if let (Some(l), Some(t)) = (lan_time, r.virtual_seconds_to_target) {
-            r.time_vs_lan_only = (l > 0.0).then(|| t / l);
-        }
-    }
+        .flat_map(|p| {
+            plan.staleness_bounds.iter().map(|&b| Job {
+                policy: p.clone(),
+                bound: Some(b),
+            })
+        })
+        .collect();
+    jobs.push(Job {
+        policy: "lan-only".into(),
+        bound: None,
+    });
+    let run_job = |job: &Job| -> Result<SimReport> {
+        let label = job.label(several);
+        let Some(bound) = job.bound else {
+            progress(&label, 0, 1);
+            return lan_only(cfg, data);
+        };
+        let policy = builtin(&job.policy).map_err(anyhow::Error::msg)?;
+        let mut c = cfg.clone();
+        c.sync.merge = merge_mode_for(&job.policy);
+        c.sync.max_staleness = bound;
+        run(&c, policy.as_ref(), data, &mut |done, total| {
+            progress(&label, done, total)
+        })
+        .with_context(|| label.clone())
+    };
+    let reports = run_parallel(&jobs, plan.jobs, &run_job)?;
+    let rounds = reports.first().map_or(0, |r| r.rounds);
+    let mut results: Vec<PolicyResult> = jobs
+        .iter()
+        .zip(&reports)
+        .map(|(job, report)| {
+            let mut r = result_from(&job.label(several), report, plan.target);
+            r.max_staleness = job.bound;
+            r
+        })
+        .collect();
+    fill_ratios(&mut results, &jobs);
     Ok(BenchReport {
-        scenario: scenario.to_string(),
-        target_accuracy: target,
+        scenario: plan.scenario.clone(),
+        setup,
+        target_accuracy: plan.target,
         seed: cfg.seed,
         rounds,
         results,
     })
+}
+
+/// Runs `work` on every job, `threads` at a time, and returns the reports in job order;
+/// after a failure no further job starts, and the first failure is returned.
+fn run_parallel(
+    jobs: &[Job],
+    threads: usize,
+    work: &(dyn Fn(&Job) -> Result<SimReport> + Sync),
+) -> Result<Vec<SimReport>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<SimReport>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, jobs.len().max(1)) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let outcome = work(job);
+                    if outcome.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    *slots[i]
+                        .lock()
+                        .expect("no job panics while holding its slot") = Some(outcome);
+                }
+            });
+        }
+    });
+    let mut reports = Vec::with_capacity(jobs.len());
+    for slot in slots {
+        match slot
+            .into_inner()
+            .expect("no job panics while holding its slot")
+        {
+            Some(Ok(r)) => reports.push(r),
+            Some(Err(e)) => return Err(e),
+            // Not started because another job failed; that failure comes first or later.
+            None => {}
+        }
+    }
+    if reports.len() < jobs.len() {
+        bail!("a bench run failed before every run had started");
+    }
+    Ok(reports)
+}
+
+/// Fills each result's ratios: against full-sync at the same bound, against the
+/// full-sync run that reached the target first (over every bound), and against LAN-only.
+fn fill_ratios(results: &mut [PolicyResult], jobs: &[Job]) {
+    let to_target = |r: &PolicyResult| r.wan_bytes_to_target.zip(r.virtual_seconds_to_target);
+    let full_at = |bound: Option<u64>| {
+        jobs.iter()
+            .zip(results.iter())
+            .find(|(j, _)| j.policy == "full-sync" && j.bound == bound)
+            .and_then(|(_, r)| to_target(r))
+    };
+    let fastest_full = jobs
+        .iter()
+        .zip(results.iter())
+        .filter(|(j, _)| j.policy == "full-sync")
+        .filter_map(|(_, r)| to_target(r))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let same_bound: Vec<Option<(u64, f64)>> = jobs
+        .iter()
+        .map(|j| match j.bound {
+            Some(b) => full_at(Some(b)),
+            None => fastest_full,
+        })
+        .collect();
+    let lan_time = jobs
+        .iter()
+        .zip(results.iter())
+        .find(|(j, _)| j.bound.is_none())
+        .and_then(|(_, r)| r.virtual_seconds_to_target);
+    for (r, full) in results.iter_mut().zip(same_bound) {
+        let Some((w, t)) = to_target(r) else { continue };
+        if let Some((fw, ft)) = full {
+            r.wan_bytes_vs_full_sync = (w > 0).then(|| fw as f64 / w as f64);
+            r.speedup_vs_full_sync = (t > 0.0).then(|| ft / t);
+        }
+        if let Some((_, ft)) = fastest_full {
+            r.speedup_vs_fastest_full_sync = (t > 0.0).then(|| ft / t);
+        }
+        if let Some(l) = lan_time {
+            r.time_vs_lan_only = (l > 0.0).then(|| t / l);
+        }
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -238,28 +445,58 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 
 /// The results as a Markdown table.
 pub fn markdown(report: &BenchReport) -> String {
+    let w = &report.setup;
+    let several = w.staleness_bounds.len() > 1;
+    let bounds: Vec<String> = w.staleness_bounds.iter().map(ToString::to_string).collect();
     let mut out = format!(
-        "Scenario `{}`, target top-1 {:.1}% (lowest region), seed {}, {} rounds per run.\n\n\
-         | policy | final top-1 | reached | WAN bytes to target | virtual s to target | LAN bytes to target | WAN bytes: full-sync / this | speedup vs full-sync | time vs LAN-only |\n\
-         | --- | ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Scenario `{}` on {}, model `{}` ({}, {} parameters, {} bytes in fp32), {:.1} ms of \
+         virtual compute per step, staleness {} {}; target top-1 {:.1}% (lowest region), seed {}, \
+         {} rounds per run.\n\n\
+         | policy | final top-1 | reached | rounds to target | WAN bytes to target | virtual s to target | LAN bytes to target | WAN bytes: full-sync / this | speedup vs full-sync |{} time vs LAN-only |\n\
+         | --- | ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: |{} ---: |\n",
         report.scenario,
+        w.dataset,
+        w.model,
+        w.architecture,
+        w.params,
+        w.fp32_bytes,
+        w.compute_seconds_per_step * 1e3,
+        if several { "bounds" } else { "bound" },
+        bounds.join(", "),
         report.target_accuracy * 100.0,
         report.seed,
-        report.rounds
+        report.rounds,
+        if several {
+            " speedup vs fastest full-sync |"
+        } else {
+            ""
+        },
+        if several { " ---: |" } else { "" },
     );
+    let ratio = |v: Option<f64>, digits: usize| opt(v.map(|v| format!("{v:.digits$}×")));
     for r in &report.results {
+        let fastest = if several {
+            format!(" {} |", ratio(r.speedup_vs_fastest_full_sync, 2))
+        } else {
+            String::new()
+        };
         out += &format!(
-            "| {} | {:.2}% | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.2}% | {} | {} | {} | {} | {} | {} | {} |{fastest} {} |\n",
             r.policy,
             r.final_accuracy * 100.0,
             if r.reached_target { "yes" } else { "no" },
+            opt(r.rounds_to_target),
             opt(r.wan_bytes_to_target),
             opt(r.virtual_seconds_to_target.map(|v| format!("{v:.2}"))),
             opt(r.lan_bytes_to_target),
-            opt(r.wan_bytes_vs_full_sync.map(|v| format!("{v:.1}×"))),
-            opt(r.speedup_vs_full_sync.map(|v| format!("{v:.2}×"))),
-            opt(r.time_vs_lan_only.map(|v| format!("{v:.2}×"))),
+            ratio(r.wan_bytes_vs_full_sync, 1),
+            ratio(r.speedup_vs_full_sync, 2),
+            ratio(r.time_vs_lan_only, 2),
         );
+    }
+    if several {
+        out += "\nRatios against full-sync are at the same bound; \"fastest full-sync\" is the \
+                full-sync run that reached the target first, over every bound.\n";
     }
     out
 }
@@ -303,24 +540,124 @@ mod tests {
         );
     }
 
+    fn plan(policies: &[&str], bounds: &[u64], jobs: usize) -> BenchPlan {
+        BenchPlan {
+            scenario: "test".into(),
+            policies: policies.iter().map(|p| p.to_string()).collect(),
+            staleness_bounds: bounds.to_vec(),
+            target: 0.5,
+            jobs,
+        }
+    }
+
     #[test]
     fn a_short_bench_ranks_bytes_and_fills_the_ratios() {
         let data = embedded_digits().unwrap();
         let mut cfg = SimConfig::demo(2, 3);
         cfg.epochs = 2;
-        let policies = vec!["full-sync".to_string(), "weightgrad".to_string()];
-        let r = run_all(&cfg, "test", &policies, 0.5, &data, &mut |_, _, _| {}).unwrap();
+        let setup = BenchSetup::describe(&cfg, "digits", &data, &[1]).unwrap();
+        assert_eq!(
+            (setup.params, setup.architecture.as_str()),
+            (64 * 256 + 256 + 256 * 10 + 10, "mlp[64-256-10]")
+        );
+        let p = plan(&["full-sync", "weightgrad"], &[1], 1);
+        let r = run_all(&cfg, &p, setup, &data, &|_, _, _| {}).unwrap();
         assert_eq!(r.results.len(), 3);
         assert_eq!(r.results[2].policy, "lan-only");
         assert_eq!(r.results[2].wan_bytes, 0);
+        assert_eq!(r.results[2].max_staleness, None);
         let full = &r.results[0];
         let wg = &r.results[1];
+        assert_eq!(wg.max_staleness, Some(1));
         assert!(full.reached_target && wg.reached_target);
         assert_eq!(full.wan_bytes_vs_full_sync, Some(1.0));
         assert!(wg.wan_bytes_vs_full_sync.unwrap() > 3.0, "{wg:?}");
+        assert_eq!(wg.speedup_vs_full_sync, wg.speedup_vs_fastest_full_sync);
         // Nothing beats one region with no WAN on time.
         assert!(full.time_vs_lan_only.unwrap() >= 1.0);
         let md = markdown(&r);
         assert!(md.contains("| weightgrad |") && md.contains("| lan-only |"));
+        assert!(
+            md.contains("model `mlp:256` (mlp[64-256-10], 19210 parameters"),
+            "{md}"
+        );
+        assert!(md.contains("staleness bound 1;"), "{md}");
+        assert!(!md.contains("fastest full-sync"), "{md}");
+    }
+
+    #[test]
+    fn several_bounds_run_every_policy_at_each_and_jobs_do_not_change_the_figures() {
+        let data = embedded_digits().unwrap();
+        let mut cfg = SimConfig::demo(2, 5);
+        cfg.epochs = 2;
+        let setup = BenchSetup::describe(&cfg, "digits", &data, &[0, 3]).unwrap();
+        let p = plan(&["full-sync", "gaia"], &[0, 3], 2);
+        let r = run_all(&cfg, &p, setup.clone(), &data, &|_, _, _| {}).unwrap();
+        let labels: Vec<(&str, Option<u64>)> = r
+            .results
+            .iter()
+            .map(|x| (x.policy.as_str(), x.max_staleness))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("full-sync (bound 0)", Some(0)),
+                ("full-sync (bound 3)", Some(3)),
+                ("gaia (bound 0)", Some(0)),
+                ("gaia (bound 3)", Some(3)),
+                ("lan-only", None),
+            ]
+        );
+        // A looser bound lets regions wait less.
+        assert!(r.results[1].virtual_seconds < r.results[0].virtual_seconds);
+        // Each ratio is against full-sync at the same bound; the fastest full-sync is the
+        // one that reached the target first.
+        let t = |i: usize| r.results[i].virtual_seconds_to_target.unwrap();
+        assert_eq!(r.results[0].speedup_vs_full_sync, Some(1.0));
+        assert_eq!(r.results[3].speedup_vs_full_sync, Some(t(1) / t(3)));
+        assert_eq!(
+            r.results[2].speedup_vs_fastest_full_sync,
+            Some(t(0).min(t(1)) / t(2))
+        );
+        let md = markdown(&r);
+        assert!(md.contains("staleness bounds 0, 3;"), "{md}");
+        assert!(md.contains("speedup vs fastest full-sync"), "{md}");
+        // One run at a time gives the same figures, byte for byte.
+        let serial = run_all(
+            &cfg,
+            &plan(&["full-sync", "gaia"], &[0, 3], 1),
+            setup,
+            &data,
+            &|_, _, _| {},
+        )
+        .unwrap();
+        for (a, b) in r.results.iter().zip(&serial.results) {
+            assert_eq!(
+                (a.wan_bytes, a.virtual_seconds, a.final_accuracy),
+                (b.wan_bytes, b.virtual_seconds, b.final_accuracy),
+                "{}",
+                a.policy
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_run_fails_the_bench_and_names_itself() {
+        let data = embedded_digits().unwrap();
+        let mut cfg = SimConfig::demo(2, 5);
+        cfg.epochs = 1;
+        cfg.batch_size = 0;
+        let setup = BenchSetup::describe(&cfg, "digits", &data, &[1]).unwrap();
+        let err = run_all(
+            &cfg,
+            &plan(&["gaia"], &[1], 2),
+            setup.clone(),
+            &data,
+            &|_, _, _| {},
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("gaia"), "{err:#}");
+        let err = run_all(&cfg, &plan(&["gaia"], &[], 1), setup, &data, &|_, _, _| {}).unwrap_err();
+        assert!(err.to_string().contains("staleness bound"), "{err}");
     }
 }

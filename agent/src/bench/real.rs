@@ -4,7 +4,8 @@
 //! per-round work, so the two can be compared on WAN bytes and on time.
 
 use crate::sim::{SimConfig, SimReport, run};
-use crate::train::ModelSpec;
+use crate::train::DataSplit;
+use crate::train::dataset::DataSource;
 use crate::wan::relay::{self, Relay, RelayConfig};
 use crate::wan::shaper::Shaping;
 use anyhow::{Context, Result, bail};
@@ -13,6 +14,7 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A policy run for real and in the simulator.
@@ -35,6 +37,11 @@ pub struct RealCheck {
     pub real_accuracy: f64,
     /// Lowest final top-1 in the simulator.
     pub sim_accuracy: f64,
+    /// Datagrams the WAN emulator delivered, every direction.
+    pub emulator_datagrams: u64,
+    /// Datagrams it dropped on a full queue (a queue of one bandwidth-delay product),
+    /// every direction: each is a loss the senders' congestion control reacts to.
+    pub emulator_queue_drops: u64,
 }
 
 impl RealCheck {
@@ -64,12 +71,116 @@ fn free_udp() -> Result<SocketAddr> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// Runs `policy` under `cfg` as real agents (this binary, `exe`) in `dir`, then the
-/// calibrated simulation; `policy` must be a built-in name.
-pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<RealCheck> {
-    if cfg.model != ModelSpec::default_mlp() {
-        bail!("--real runs the default digits MLP only");
+/// A TOML string literal holding `s`.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The agent config's `[data]` keys that name `source` (the shard is written apart).
+fn data_keys(source: &DataSource) -> String {
+    let path = |p: &Path| toml_string(&p.display().to_string());
+    match source {
+        DataSource::Digits => "kind = \"digits\"\n".to_string(),
+        DataSource::Idx { dir } => format!("kind = \"idx\"\npath = {}\n", path(dir)),
+        DataSource::Cifar10 { dir } => format!("kind = \"cifar10\"\npath = {}\n", path(dir)),
+        DataSource::Csv {
+            train,
+            test,
+            label_column,
+        } => {
+            let mut t = format!("kind = \"csv\"\npath = {}\n", path(train));
+            if let Some(test) = test {
+                t += &format!("test = {}\n", path(test));
+            }
+            if let Some(c) = label_column {
+                t += &format!("label_column = {}\n", toml_string(c));
+            }
+            t
+        }
     }
+}
+
+/// One agent of a `--real` run: what its config file says.
+struct AgentSlot<'a> {
+    cfg: &'a SimConfig,
+    source: &'a DataSource,
+    policy: &'a str,
+    /// Region index in `cfg.topology`.
+    region: usize,
+    listen: SocketAddr,
+    /// Per region index, the address this agent dials it at (its own slot unused).
+    peers_via: &'a [String],
+    certs: &'a Path,
+    state: &'a Path,
+}
+
+/// The agent config file for `slot`: the scenario's region, link, data, model and
+/// training settings, as the simulator runs them.
+fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
+    let cfg = slot.cfg;
+    let regions = &cfg.topology.regions;
+    let (i, n) = (slot.region, regions.len());
+    let region = &regions[i];
+    let link = cfg.topology.link(i, (i + 1) % n);
+    let shard = match cfg.sharding {
+        crate::train::dataset::ShardStrategy::Iid => "iid",
+        crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
+    };
+    let path = |p: &Path| toml_string(&p.display().to_string());
+    let mut t = format!(
+        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\n",
+        toml_string(region),
+        slot.listen,
+        link.bandwidth_bps / 1e6,
+        link.rtt_s * 1e3
+    );
+    for (j, peer) in regions.iter().enumerate().filter(|(j, _)| *j != i) {
+        writeln!(
+            t,
+            "[[peers]]\nname = {}\naddress = {}",
+            toml_string(peer),
+            toml_string(&slot.peers_via[j])
+        )?;
+    }
+    writeln!(
+        t,
+        "[tls]\nca = {}\ncert = {}\nkey = {}",
+        path(&slot.certs.join("ca.pem")),
+        path(&slot.certs.join(format!("{region}.pem"))),
+        path(&slot.certs.join(format!("{region}.key")))
+    )?;
+    writeln!(
+        t,
+        "[data]\n{}[data.shard]\nindex = {i}\ncount = {n}\nstrategy = \"{shard}\"\n[training]\nmodel = {}\nworkers = {}\nbatch_size = {}\nepochs = {}\nlr = {}\nseed = {}\nmax_staleness = {}",
+        data_keys(slot.source),
+        toml_string(&cfg.model.to_string()),
+        cfg.workers,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.lr,
+        cfg.seed,
+        cfg.sync.max_staleness
+    )?;
+    writeln!(
+        t,
+        "[policy]\nsource = {}\n[admin]\nlisten = \"127.0.0.1:0\"\n[checkpoint]\ndir = {}\nevery_rounds = 1000000000",
+        toml_string(slot.policy),
+        path(slot.state)
+    )?;
+    Ok(t)
+}
+
+/// Runs `policy` under `cfg` as real agents (this binary, `exe`) in `dir`, each reading
+/// its shard of `source` (loaded here as `data`), then the calibrated simulation on the
+/// same data; `policy` must be a built-in name.
+pub fn check(
+    cfg: &SimConfig,
+    source: &DataSource,
+    data: &DataSplit,
+    policy: &str,
+    exe: &Path,
+    dir: &Path,
+) -> Result<RealCheck> {
     if cfg.link_drop.is_some() {
         bail!("--real does not emulate a link that changes mid-run; pick another scenario");
     }
@@ -107,43 +218,20 @@ pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<Re
             relays.push(r);
         }
     }
-    let shard = match cfg.sharding {
-        crate::train::dataset::ShardStrategy::Iid => "iid",
-        crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
-    };
     let mut children = Children(Vec::new());
     let run_dir = dir.join(policy);
     std::fs::create_dir_all(&run_dir)?;
     for (i, region) in regions.iter().enumerate() {
-        let link = cfg.topology.link(i, (i + 1) % n);
-        let mut t = format!(
-            "region = \"{region}\"\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\n",
-            listen[i],
-            link.bandwidth_bps / 1e6,
-            link.rtt_s * 1e3
-        );
-        for (j, peer) in regions.iter().enumerate().filter(|(j, _)| *j != i) {
-            writeln!(
-                t,
-                "[[peers]]\nname = \"{peer}\"\naddress = \"{}\"",
-                via[i][j]
-            )?;
-        }
-        writeln!(
-            t,
-            "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{region}.pem\"\nkey = \"{c}/{region}.key\"",
-            c = certs.display()
-        )?;
-        writeln!(
-            t,
-            "[data.shard]\nindex = {i}\ncount = {n}\nstrategy = \"{shard}\"\n[training]\nworkers = {}\nbatch_size = {}\nepochs = {}\nlr = {}\nseed = {}\nmax_staleness = {}",
-            cfg.workers, cfg.batch_size, cfg.epochs, cfg.lr, cfg.seed, cfg.sync.max_staleness
-        )?;
-        writeln!(
-            t,
-            "[policy]\nsource = \"{policy}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[checkpoint]\ndir = \"{}\"\nevery_rounds = 1000000000",
-            run_dir.join(format!("state-{region}")).display()
-        )?;
+        let t = agent_config(&AgentSlot {
+            cfg,
+            source,
+            policy,
+            region: i,
+            listen: listen[i],
+            peers_via: &via[i],
+            certs: &certs,
+            state: &run_dir.join(format!("state-{region}")),
+        })?;
         let config = run_dir.join(format!("{region}.toml"));
         std::fs::write(&config, t)?;
         // A leftover checkpoint would resume an old run.
@@ -184,6 +272,13 @@ pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<Re
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    let (mut datagrams, mut queue_drops) = (0, 0);
+    for r in &relays {
+        for d in [&r.stats().up, &r.stats().down] {
+            datagrams += d.delivered.load(Ordering::Relaxed);
+            queue_drops += d.queue_drops.load(Ordering::Relaxed);
+        }
+    }
     drop(relays);
     let reports: Vec<serde_json::Value> = regions
         .iter()
@@ -212,7 +307,7 @@ pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<Re
         .iter()
         .map(|r| f(r, "test_accuracy"))
         .fold(1.0, f64::min);
-    let sim = simulate(cfg, policy, busy)?;
+    let sim = simulate(cfg, data, policy, busy)?;
     Ok(RealCheck {
         policy: policy.to_string(),
         real_wan_bytes,
@@ -221,6 +316,8 @@ pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<Re
         sim_seconds: sim.virtual_seconds,
         busy_seconds_per_round: busy,
         real_accuracy,
+        emulator_datagrams: datagrams,
+        emulator_queue_drops: queue_drops,
         sim_accuracy: sim
             .regions
             .iter()
@@ -229,24 +326,23 @@ pub fn check(cfg: &SimConfig, policy: &str, exe: &Path, dir: &Path) -> Result<Re
     })
 }
 
-fn simulate(cfg: &SimConfig, policy: &str, compute_s: f64) -> Result<SimReport> {
+fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str, compute_s: f64) -> Result<SimReport> {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
     c.sync.merge = crate::policies::merge_mode_for(policy);
     let p = crate::policies::builtin(policy).map_err(anyhow::Error::msg)?;
-    let data = crate::train::dataset::embedded_digits()?;
-    run(&c, p.as_ref(), &data, &mut |_, _| {})
+    run(&c, p.as_ref(), data, &mut |_, _| {})
 }
 
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | top-1 agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | top-1 agents / simulator | emulator queue drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.2}% / {:.2}% |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.2}% / {:.2}% | {} of {} |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -256,8 +352,84 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.time_ratio(),
             c.busy_seconds_per_round * 1e3,
             c.real_accuracy * 100.0,
-            c.sim_accuracy * 100.0
+            c.sim_accuracy * 100.0,
+            c.emulator_queue_drops,
+            c.emulator_datagrams
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use crate::train::ModelSpec;
+    use std::path::PathBuf;
+
+    fn config_for(source: &DataSource, model: ModelSpec) -> AgentConfig {
+        let mut cfg = SimConfig::demo(3, 7);
+        cfg.model = model;
+        let via: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", 5000 + j)).collect();
+        let text = agent_config(&AgentSlot {
+            cfg: &cfg,
+            source,
+            policy: "weightgrad",
+            region: 1,
+            listen: "127.0.0.1:4433".parse().unwrap(),
+            peers_via: &via,
+            certs: Path::new("/tmp/certs with space"),
+            state: Path::new("/tmp/state \"quoted\""),
+        })
+        .unwrap();
+        AgentConfig::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn each_agent_trains_the_benchs_model_on_its_shard_of_the_same_data() {
+        let csv = DataSource::Csv {
+            train: PathBuf::from("/data/train rows.csv"),
+            test: Some(PathBuf::from("/data/test.csv")),
+            label_column: Some("class".into()),
+        };
+        let sources = [
+            DataSource::Digits,
+            DataSource::Idx {
+                dir: PathBuf::from("/data/mnist"),
+            },
+            DataSource::Cifar10 {
+                dir: PathBuf::from("/data/cifar-10"),
+            },
+            csv,
+        ];
+        for source in &sources {
+            let model = crate::bench::default_model(source);
+            let a = config_for(source, model.clone());
+            assert_eq!(a.data_source().unwrap(), *source);
+            assert_eq!(a.model_spec().unwrap(), model);
+            assert_eq!((a.data.shard.index, a.data.shard.count), (1, 3));
+            assert_eq!(a.region, "eu-west");
+            assert_eq!(a.training.seed, 7);
+            let peers: Vec<_> = a
+                .peers
+                .iter()
+                .map(|p| (p.name.as_str(), p.address.as_str()))
+                .collect();
+            assert_eq!(
+                peers,
+                [
+                    ("us-east", "127.0.0.1:5000"),
+                    ("ap-southeast", "127.0.0.1:5002")
+                ]
+            );
+            assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
+        }
+        let wide = ModelSpec::parse("mlp:1024,1024").unwrap();
+        assert_eq!(
+            config_for(&DataSource::Digits, wide.clone())
+                .model_spec()
+                .unwrap(),
+            wide
+        );
+    }
 }

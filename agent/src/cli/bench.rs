@@ -2,11 +2,14 @@
 
 use crate::bench::{self, plot};
 use crate::sim::SimConfig;
-use crate::train::dataset::embedded_digits;
+use crate::train::ModelSpec;
+use crate::train::dataset::DataSource;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// Options of `weightgrad bench`.
 #[derive(Debug, Args)]
@@ -30,6 +33,37 @@ pub struct BenchArgs {
     /// Passes over each region's data.
     #[arg(long, default_value_t = 30)]
     epochs: usize,
+    /// Data set: digits (embedded), idx, mnist, fashion-mnist, cifar10 or csv.
+    #[arg(long, default_value = "digits")]
+    dataset: String,
+    /// Directory (idx, cifar10) or file (csv) holding the data.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Test CSV; without it a seeded 20% of --data is held out.
+    #[arg(long)]
+    test_data: Option<PathBuf>,
+    /// CSV label column, by header name or zero-based index (default: last).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Model: mlp, mlp:W1,W2,..., cnn or logreg (default: cnn on cifar10, logreg on csv,
+    /// mlp otherwise).
+    #[arg(long)]
+    model: Option<String>,
+    /// Base learning rate of every region's Adam (cosine schedule over the run).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Virtual milliseconds one training step costs (the same for every policy).
+    #[arg(long, default_value_t = 5.0)]
+    compute_ms: f64,
+    /// Rounds a region may run ahead of the slowest peer; with several (comma-separated),
+    /// every policy runs at each, and ratios are given against full-sync at the same bound
+    /// and against the fastest full-sync.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    max_staleness: Vec<u64>,
+    /// Simulations run at a time (default: one per CPU). Each is deterministic, so the
+    /// figures are the same for any value.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -50,29 +84,76 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.target_accuracy
         );
     }
+    if !(args.compute_ms.is_finite() && args.compute_ms >= 0.0) {
+        bail!(
+            "--compute-ms {} is not a non-negative number of milliseconds",
+            args.compute_ms
+        );
+    }
+    let source = DataSource::from_parts(
+        &args.dataset,
+        args.data.clone(),
+        args.test_data.clone(),
+        args.label_column.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr {} is not a positive learning rate", args.lr);
+    }
     let mut cfg = SimConfig::demo(3, args.seed);
     cfg.epochs = args.epochs;
+    cfg.lr = args.lr;
+    cfg.compute_s = args.compute_ms / 1e3;
+    match args.max_staleness.as_slice() {
+        [] => bail!("--max-staleness needs at least one bound"),
+        // The bound --real agents run at.
+        [b] => cfg.sync.max_staleness = *b,
+        _ if !args.real.is_empty() => bail!(
+            "--real compares agents with the simulator at one staleness bound; give one --max-staleness, not {}",
+            args.max_staleness.len()
+        ),
+        _ => {}
+    }
+    if args.jobs == Some(0) {
+        bail!("--jobs must be at least 1");
+    }
+    cfg.model = match &args.model {
+        Some(m) => ModelSpec::parse(m).context("--model")?,
+        None => bench::default_model(&source),
+    };
     bench::apply_scenario(&args.scenario, &mut cfg)?;
-    let data = embedded_digits()?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+    let data = source.load(args.seed)?;
+    let setup = bench::BenchSetup::describe(&cfg, &source.label(), &data, &args.max_staleness)
+        .with_context(|| format!("model {} on {}", cfg.model, source.label()))?;
+    let plan = bench::BenchPlan {
+        scenario: args.scenario.clone(),
+        policies: args.policies.clone(),
+        staleness_bounds: args.max_staleness.clone(),
+        target: args.target_accuracy,
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    let bars = MultiProgress::new();
+    let running: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
+    let style =
+        ProgressStyle::with_template("{spinner} {msg:>22} [{bar:30}] {pos}/{len} {elapsed}")
             .expect("static template")
-            .progress_chars("=> "),
-    );
-    let report = bench::run_all(
-        &cfg,
-        &args.scenario,
-        &args.policies,
-        args.target_accuracy,
-        &data,
-        &mut |name, done, total| {
+            .progress_chars("=> ");
+    let report = bench::run_all(&cfg, &plan, setup, &data, &|name, done, total| {
+        let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = running.entry(name.to_string()).or_insert_with(|| {
+            let bar = bars.add(ProgressBar::new(total).with_style(style.clone()));
             bar.set_message(name.to_string());
-            bar.set_length(total);
-            bar.set_position(done);
-        },
-    )?;
-    bar.finish_and_clear();
+            bar
+        });
+        bar.set_length(total);
+        bar.set_position(done);
+        if done == total {
+            bar.finish_and_clear();
+        }
+    })?;
+    bars.clear().ok();
     let mut md = bench::markdown(&report);
     let mut checks = Vec::new();
     if !args.real.is_empty() {
@@ -85,7 +166,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         for policy in &args.real {
             eprintln!("running {policy} as real agents in {} ...", work.display());
-            checks.push(bench::real::check(&cfg, policy, &exe, &work)?);
+            checks.push(bench::real::check(
+                &cfg, &source, &data, policy, &exe, &work,
+            )?);
         }
         md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work:\n\n";
         md += &bench::real::markdown(&checks);
