@@ -294,6 +294,10 @@ fn ternary_alternating(w: &[f32], d: &[f32], idx: &[usize], iters: u32, levels: 
     alpha
 }
 
+/// Alternating minimisation from several starting scales. Each pass reads the subset's
+/// weights and curvature from contiguous copies, and rounds without a libm call, so the
+/// passes vectorise; the sums run in the same order as the plain formulation, so the result
+/// is the same to the bit (`tests::linear_alternating_matches_the_plain_formulation`).
 fn linear_alternating(
     w: &[f32],
     d: &[f32],
@@ -302,37 +306,34 @@ fn linear_alternating(
     iters: u32,
     levels: &mut [i8],
 ) -> f32 {
-    let max = idx.iter().fold(0f32, |m, &i| m.max(w[i].abs()));
+    let ws: Vec<f32> = idx.iter().map(|&i| w[i]).collect();
+    let max = ws.iter().fold(0f32, |m, &v| m.max(v.abs()));
     if max == 0.0 {
         levels_clear(idx, levels);
         return 0.0;
     }
+    let ds: Vec<f32> = idx.iter().map(|&i| d[i]).collect();
+    // `d·w` in f64, the first product of every numerator term.
+    let dw: Vec<f64> = ws
+        .iter()
+        .zip(&ds)
+        .map(|(&w, &d)| f64::from(d) * f64::from(w))
+        .collect();
     let kf = k as f32;
-    let assign = |alpha: f32, out: &mut Vec<i8>| {
-        out.clear();
-        out.extend(
-            idx.iter()
-                .map(|&i| (w[i] * kf / alpha).round().clamp(-kf, kf) as i8),
-        );
-    };
-    let error = |alpha: f32, ls: &[i8]| -> f64 {
-        idx.iter()
-            .zip(ls)
-            .map(|(&i, &l)| f64::from(d[i]) * f64::from(w[i] - alpha * f32::from(l) / kf).powi(2))
-            .sum()
-    };
+    // `b = level / k` in f64, by level + k.
+    let ratio: Vec<f64> = (-k..=k).map(|l| f64::from(l) / f64::from(k)).collect();
     let mut best = (f64::INFINITY, 0f32, Vec::new());
-    let mut ls = Vec::with_capacity(idx.len());
+    let mut ls = vec![0i8; ws.len()];
     for start in [1.0f32, 0.85, 0.7, 0.55, 0.4, 0.25] {
         let mut alpha = max * start;
         for _ in 0..iters.max(1) {
-            assign(alpha, &mut ls);
+            assign_levels(&ws, kf, alpha, &mut ls);
             // α = Σ d w (b/k) / Σ d (b/k)²
             let (mut num, mut den) = (0f64, 0f64);
-            for (&i, &l) in idx.iter().zip(&ls) {
-                let b = f64::from(l) / f64::from(k);
-                num += f64::from(d[i]) * f64::from(w[i]) * b;
-                den += f64::from(d[i]) * b * b;
+            for ((&dw, &d), &l) in dw.iter().zip(&ds).zip(&ls) {
+                let b = ratio[(i32::from(l) + k) as usize];
+                num += dw * b;
+                den += f64::from(d) * b * b;
             }
             let next = if den > 0.0 { (num / den) as f32 } else { alpha };
             if (next - alpha).abs() <= alpha * 1e-6 {
@@ -341,8 +342,17 @@ fn linear_alternating(
             }
             alpha = next;
         }
-        assign(alpha, &mut ls);
-        let e = error(alpha, &ls);
+        assign_levels(&ws, kf, alpha, &mut ls);
+        // `α·level/k` in f32, by level + k.
+        let value: Vec<f32> = (-k..=k).map(|l| alpha * l as f32 / kf).collect();
+        let e: f64 = ws
+            .iter()
+            .zip(&ds)
+            .zip(&ls)
+            .map(|((&w, &d), &l)| {
+                f64::from(d) * f64::from(w - value[(i32::from(l) + k) as usize]).powi(2)
+            })
+            .sum();
         if e < best.0 {
             best = (e, alpha, ls.clone());
         }
@@ -351,6 +361,27 @@ fn linear_alternating(
         levels[i] = l;
     }
     best.1
+}
+
+/// Each weight's nearest level at scale `alpha`: `(w·k/α).round().clamp(-k, k)`.
+fn assign_levels(ws: &[f32], kf: f32, alpha: f32, out: &mut [i8]) {
+    for (l, &w) in out.iter_mut().zip(ws) {
+        *l = nearest_level(w * kf / alpha, kf);
+    }
+}
+
+/// `v.round().clamp(-k, k) as i8` (ties away from zero; NaN gives 0) in float arithmetic
+/// that vectorises, where `round` is a libm call. Clamping first changes nothing, as `k` is
+/// an integer. For `0 ≤ a < 2^23`, `(a + 2^23) − 2^23` is `a` rounded to the nearest integer,
+/// ties to even (the sum's unit in the last place is 1); a remainder of exactly one half
+/// then moves the result up, away from zero.
+fn nearest_level(v: f32, kf: f32) -> i8 {
+    const SHIFT: f32 = 8_388_608.0; // 2^23
+    let c = v.clamp(-kf, kf);
+    let a = c.abs();
+    let even = (a + SHIFT) - SHIFT;
+    let away = even + if a - even == 0.5 { 1.0 } else { 0.0 };
+    away.copysign(c) as i8
 }
 
 #[cfg(test)]
@@ -501,6 +532,143 @@ mod tests {
             alt_sum <= opt_sum * 1.25,
             "alternating {alt_sum} vs optimum {opt_sum}"
         );
+    }
+
+    /// The alternating solver as first written: gathers through `idx` and calls `round`
+    /// on every pass. The solver must give the same bits, so every recorded training figure
+    /// stays what it was.
+    fn linear_alternating_plain(
+        w: &[f32],
+        d: &[f32],
+        idx: &[usize],
+        k: i32,
+        iters: u32,
+        levels: &mut [i8],
+    ) -> f32 {
+        let max = idx.iter().fold(0f32, |m, &i| m.max(w[i].abs()));
+        if max == 0.0 {
+            levels_clear(idx, levels);
+            return 0.0;
+        }
+        let kf = k as f32;
+        let assign = |alpha: f32, out: &mut Vec<i8>| {
+            out.clear();
+            out.extend(
+                idx.iter()
+                    .map(|&i| (w[i] * kf / alpha).round().clamp(-kf, kf) as i8),
+            );
+        };
+        let error = |alpha: f32, ls: &[i8]| -> f64 {
+            idx.iter()
+                .zip(ls)
+                .map(|(&i, &l)| {
+                    f64::from(d[i]) * f64::from(w[i] - alpha * f32::from(l) / kf).powi(2)
+                })
+                .sum()
+        };
+        let mut best = (f64::INFINITY, 0f32, Vec::new());
+        let mut ls = Vec::with_capacity(idx.len());
+        for start in [1.0f32, 0.85, 0.7, 0.55, 0.4, 0.25] {
+            let mut alpha = max * start;
+            for _ in 0..iters.max(1) {
+                assign(alpha, &mut ls);
+                let (mut num, mut den) = (0f64, 0f64);
+                for (&i, &l) in idx.iter().zip(&ls) {
+                    let b = f64::from(l) / f64::from(k);
+                    num += f64::from(d[i]) * f64::from(w[i]) * b;
+                    den += f64::from(d[i]) * b * b;
+                }
+                let next = if den > 0.0 { (num / den) as f32 } else { alpha };
+                if (next - alpha).abs() <= alpha * 1e-6 {
+                    alpha = next;
+                    break;
+                }
+                alpha = next;
+            }
+            assign(alpha, &mut ls);
+            let e = error(alpha, &ls);
+            if e < best.0 {
+                best = (e, alpha, ls.clone());
+            }
+        }
+        for (&i, &l) in idx.iter().zip(&best.2) {
+            levels[i] = l;
+        }
+        best.1
+    }
+
+    /// Weights of a trained layer's spread, with exact zeros, ties at half-levels and
+    /// outliers, over a random subset of positions.
+    fn layer_like() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<usize>)> {
+        (1usize..400).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(
+                    prop_oneof![
+                        6 => -0.1f32..0.1,
+                        1 => Just(0.0f32),
+                        1 => (-8i32..=8).prop_map(|h| h as f32 * 0.0125),
+                        1 => -5.0f32..5.0,
+                    ],
+                    n,
+                ),
+                proptest::collection::vec(1e-8f32..2.0, n),
+                proptest::collection::vec(any::<bool>(), n),
+            )
+                .prop_map(|(w, d, keep)| {
+                    let idx = (0..w.len()).filter(|&i| keep[i]).collect();
+                    (w, d, idx)
+                })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn linear_alternating_matches_the_plain_formulation(
+            (w, d, idx) in layer_like(),
+            bits in 2u8..=8,
+            iters in 1u32..12,
+        ) {
+            let k = (1i32 << (bits - 1)) - 1;
+            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
+            let a = linear_alternating(&w, &d, &idx, k, iters, &mut fast);
+            let b = linear_alternating_plain(&w, &d, &idx, k, iters, &mut plain);
+            prop_assert_eq!(a.to_bits(), b.to_bits());
+            prop_assert_eq!(fast, plain);
+        }
+
+        #[test]
+        fn nearest_level_rounds_as_round_and_clamp(v in any::<f32>(), bits in 2u8..=8) {
+            let kf = ((1i32 << (bits - 1)) - 1) as f32;
+            prop_assert_eq!(nearest_level(v, kf), v.round().clamp(-kf, kf) as i8);
+        }
+    }
+
+    #[test]
+    fn nearest_level_rounds_halves_away_from_zero_and_saturates() {
+        let k = 127.0;
+        for (v, want) in [
+            (0.5f32, 1i8),
+            (-0.5, -1),
+            (0.499_999_97, 0),
+            (-0.499_999_97, 0),
+            (2.5, 3),
+            (-2.5, -3),
+            (126.5, 127),
+            (1e30, 127),
+            (f32::NEG_INFINITY, -127),
+            (f32::NAN, 0),
+            (-0.0, 0),
+        ] {
+            assert_eq!(nearest_level(v, k), want, "{v}");
+            assert_eq!(nearest_level(v, k), v.round().clamp(-k, k) as i8, "{v}");
+        }
+        // Every quarter-step over the whole level range.
+        for q in -600..=600 {
+            let v = q as f32 / 4.0;
+            assert_eq!(nearest_level(v, k), v.round().clamp(-k, k) as i8, "{v}");
+        }
     }
 
     #[test]
