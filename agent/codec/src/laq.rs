@@ -294,10 +294,18 @@ fn ternary_alternating(w: &[f32], d: &[f32], idx: &[usize], iters: u32, levels: 
     alpha
 }
 
-/// Alternating minimisation from several starting scales. Each pass reads the subset's
-/// weights and curvature from contiguous copies, and rounds without a libm call, so the
-/// passes vectorise; the sums run in the same order as the plain formulation, so the result
-/// is the same to the bit (`tests::linear_alternating_matches_the_plain_formulation`).
+/// Starting scales of the alternating solver, as fractions of the largest `|w|`.
+const STARTS: [f32; 6] = [1.0, 0.85, 0.7, 0.55, 0.4, 0.25];
+
+/// Alternating minimisation from each of [`STARTS`]; the start with the least error wins
+/// (the first on a tie).
+///
+/// The starts are independent, so they advance in lockstep: one pass over the weights
+/// updates all six sums at once, six independent chains of additions where one start alone
+/// would wait on each addition. Each start's own arithmetic is unchanged and in the same
+/// order, so the result is the same to the bit as running the starts one after another
+/// (`tests::linear_alternating_matches_the_plain_formulation`). The subset is read from
+/// contiguous copies and rounded without a libm call, so the level passes vectorise.
 fn linear_alternating(
     w: &[f32],
     d: &[f32],
@@ -320,47 +328,101 @@ fn linear_alternating(
         .map(|(&w, &d)| f64::from(d) * f64::from(w))
         .collect();
     let kf = k as f32;
-    // `b = level / k` in f64, by level + k.
-    let ratio: Vec<f64> = (-k..=k).map(|l| f64::from(l) / f64::from(k)).collect();
-    let mut best = (f64::INFINITY, 0f32, Vec::new());
-    let mut ls = vec![0i8; ws.len()];
-    for start in [1.0f32, 0.85, 0.7, 0.55, 0.4, 0.25] {
-        let mut alpha = max * start;
-        for _ in 0..iters.max(1) {
-            assign_levels(&ws, kf, alpha, &mut ls);
-            // α = Σ d w (b/k) / Σ d (b/k)²
-            let (mut num, mut den) = (0f64, 0f64);
-            for ((&dw, &d), &l) in dw.iter().zip(&ds).zip(&ls) {
-                let b = ratio[(i32::from(l) + k) as usize];
-                num += dw * b;
-                den += f64::from(d) * b * b;
-            }
-            let next = if den > 0.0 { (num / den) as f32 } else { alpha };
-            if (next - alpha).abs() <= alpha * 1e-6 {
-                alpha = next;
-                break;
-            }
-            alpha = next;
+    let mut alpha = STARTS.map(|s| max * s);
+    let mut active = [true; STARTS.len()];
+    let mut ls: [Vec<i8>; STARTS.len()] = std::array::from_fn(|_| vec![0i8; ws.len()]);
+    for _ in 0..iters.max(1) {
+        if !active.contains(&true) {
+            break;
         }
-        assign_levels(&ws, kf, alpha, &mut ls);
-        // `α·level/k` in f32, by level + k.
-        let value: Vec<f32> = (-k..=k).map(|l| alpha * l as f32 / kf).collect();
-        let e: f64 = ws
-            .iter()
-            .zip(&ds)
-            .zip(&ls)
-            .map(|((&w, &d), &l)| {
-                f64::from(d) * f64::from(w - value[(i32::from(l) + k) as usize]).powi(2)
-            })
-            .sum();
-        if e < best.0 {
-            best = (e, alpha, ls.clone());
+        for s in 0..STARTS.len() {
+            if active[s] {
+                assign_levels(&ws, kf, alpha[s], &mut ls[s]);
+            }
+        }
+        // α = Σ d w (b/k) / Σ d (b/k)², per start (finished starts' sums go unused).
+        let (num, den) = moments(&dw, &ds, &ls, k);
+        for s in 0..STARTS.len() {
+            if !active[s] {
+                continue;
+            }
+            let next = if den[s] > 0.0 {
+                (num[s] / den[s]) as f32
+            } else {
+                alpha[s]
+            };
+            let converged = (next - alpha[s]).abs() <= alpha[s] * 1e-6;
+            active[s] = !converged;
+            alpha[s] = next;
         }
     }
-    for (&i, &l) in idx.iter().zip(&best.2) {
+    for (l, &a) in ls.iter_mut().zip(&alpha) {
+        assign_levels(&ws, kf, a, l);
+    }
+    let errors = level_errors(&ws, &ds, &ls, &alpha, k);
+    let mut best: Option<usize> = None;
+    for s in 0..STARTS.len() {
+        if errors[s] < best.map_or(f64::INFINITY, |b| errors[b]) {
+            best = Some(s);
+        }
+    }
+    let Some(best) = best else {
+        // No start has a finite error (non-finite input): levels stay as they were.
+        return 0.0;
+    };
+    for (&i, &l) in idx.iter().zip(&ls[best]) {
         levels[i] = l;
     }
-    best.1
+    alpha[best]
+}
+
+/// `(Σ d w b, Σ d b²)` with `b = level / k`, for every start's levels, in one pass.
+fn moments(
+    dw: &[f64],
+    ds: &[f32],
+    ls: &[Vec<i8>; STARTS.len()],
+    k: i32,
+) -> ([f64; STARTS.len()], [f64; STARTS.len()]) {
+    // `b = level / k` in f64, by level + k.
+    let ratio: Vec<f64> = (-k..=k).map(|l| f64::from(l) / f64::from(k)).collect();
+    let n = dw.len();
+    let ls: [&[i8]; STARTS.len()] = std::array::from_fn(|s| &ls[s][..n]);
+    let (mut num, mut den) = ([0f64; STARTS.len()], [0f64; STARTS.len()]);
+    for (i, (&dw, &d)) in dw.iter().zip(&ds[..n]).enumerate() {
+        let d = f64::from(d);
+        for s in 0..STARTS.len() {
+            let b = ratio[(i32::from(ls[s][i]) + k) as usize];
+            num[s] += dw * b;
+            den[s] += d * b * b;
+        }
+    }
+    (num, den)
+}
+
+/// `Σ d (w − α·level/k)²` for every start's levels and scale, in one pass.
+fn level_errors(
+    ws: &[f32],
+    ds: &[f32],
+    ls: &[Vec<i8>; STARTS.len()],
+    alpha: &[f32; STARTS.len()],
+    k: i32,
+) -> [f64; STARTS.len()] {
+    let kf = k as f32;
+    // `α·level/k` in f32, by start, by level + k.
+    let value: Vec<Vec<f32>> = alpha
+        .iter()
+        .map(|&a| (-k..=k).map(|l| a * l as f32 / kf).collect())
+        .collect();
+    let n = ws.len();
+    let ls: [&[i8]; STARTS.len()] = std::array::from_fn(|s| &ls[s][..n]);
+    let mut err = [0f64; STARTS.len()];
+    for (i, (&w, &d)) in ws.iter().zip(&ds[..n]).enumerate() {
+        let d = f64::from(d);
+        for s in 0..STARTS.len() {
+            err[s] += d * f64::from(w - value[s][(i32::from(ls[s][i]) + k) as usize]).powi(2);
+        }
+    }
+    err
 }
 
 /// Each weight's nearest level at scale `alpha`: `(w·k/α).round().clamp(-k, k)`.
@@ -370,18 +432,21 @@ fn assign_levels(ws: &[f32], kf: f32, alpha: f32, out: &mut [i8]) {
     }
 }
 
-/// `v.round().clamp(-k, k) as i8` (ties away from zero; NaN gives 0) in float arithmetic
-/// that vectorises, where `round` is a libm call. Clamping first changes nothing, as `k` is
-/// an integer. For `0 ≤ a < 2^23`, `(a + 2^23) − 2^23` is `a` rounded to the nearest integer,
-/// ties to even (the sum's unit in the last place is 1); a remainder of exactly one half
-/// then moves the result up, away from zero.
+/// `v.round().clamp(-k, k) as i8` (ties away from zero; NaN gives 0) in float and integer
+/// arithmetic that vectorises, where `round` is a libm call and a saturating float-to-`i8`
+/// cast is not vectorised. Clamping first changes nothing, as `k` is an integer. For
+/// `0 ≤ a < 2^22`, `(a + 2^23) − 2^23` is `a` rounded to the nearest integer, ties to even
+/// (the sum's unit in the last place is 1); a remainder of exactly one half then moves it
+/// away from zero. An integer `r` with `|r| < 2^22` is the low bits of `r + 1.5·2^23`.
 fn nearest_level(v: f32, kf: f32) -> i8 {
     const SHIFT: f32 = 8_388_608.0; // 2^23
+    const BIAS: f32 = 12_582_912.0; // 1.5·2^23
     let c = v.clamp(-kf, kf);
-    let a = c.abs();
+    let a = if c.is_nan() { 0.0 } else { c.abs() };
     let even = (a + SHIFT) - SHIFT;
-    let away = even + if a - even == 0.5 { 1.0 } else { 0.0 };
-    away.copysign(c) as i8
+    let away = if a - even == 0.5 { even + 1.0 } else { even };
+    let r = away.copysign(c) + BIAS;
+    (r.to_bits().wrapping_sub(BIAS.to_bits())) as i8
 }
 
 #[cfg(test)]
