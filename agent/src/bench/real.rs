@@ -121,7 +121,13 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     let regions = &cfg.topology.regions;
     let (i, n) = (slot.region, regions.len());
     let region = &regions[i];
-    let link = cfg.topology.link(i, (i + 1) % n);
+    // Flow-control windows are sized from `[wan]`: give the region's link with the largest
+    // bandwidth-delay product, so that no link of it is held back by its window.
+    let link = (0..n)
+        .filter(|&j| j != i)
+        .map(|j| cfg.topology.link(i, j))
+        .max_by(|a, b| (a.bandwidth_bps * a.rtt_s).total_cmp(&(b.bandwidth_bps * b.rtt_s)))
+        .context("a scenario region with no peer")?;
     let shard = match cfg.sharding {
         crate::train::dataset::ShardStrategy::Iid => "iid",
         crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
@@ -368,6 +374,10 @@ mod tests {
     use std::path::PathBuf;
 
     fn config_for(source: &DataSource, model: ModelSpec) -> AgentConfig {
+        config_of_region(source, model, 1)
+    }
+
+    fn config_of_region(source: &DataSource, model: ModelSpec, region: usize) -> AgentConfig {
         let mut cfg = SimConfig::demo(3, 7);
         cfg.model = model;
         let via: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", 5000 + j)).collect();
@@ -375,7 +385,7 @@ mod tests {
             cfg: &cfg,
             source,
             policy: "weightgrad",
-            region: 1,
+            region,
             listen: "127.0.0.1:4433".parse().unwrap(),
             peers_via: &via,
             certs: Path::new("/tmp/certs with space"),
@@ -424,6 +434,24 @@ mod tests {
             );
             assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
         }
+        // Windows cover each region's longest link: us-east reaches ap-southeast over
+        // 230 ms, eu-west reaches it over 160 ms.
+        let rtts: Vec<f64> = (0..3)
+            .map(|r| {
+                config_of_region(&DataSource::Digits, ModelSpec::default_mlp(), r)
+                    .wan
+                    .rtt_ms
+            })
+            .collect();
+        let demo = SimConfig::demo(3, 7).topology;
+        let longest = |i: usize| {
+            (0..3)
+                .filter(|&j| j != i)
+                .map(|j| demo.link(i, j).rtt_s * 1e3)
+                .fold(0f64, f64::max)
+        };
+        assert_eq!(rtts, [longest(0), longest(1), longest(2)]);
+        assert!(rtts[0] > demo.link(0, 1).rtt_s * 1e3, "{rtts:?}");
         let wide = ModelSpec::parse("mlp:1024,1024").unwrap();
         assert_eq!(
             config_for(&DataSource::Digits, wide.clone())
