@@ -197,6 +197,11 @@ fn bad_workload_options_are_named() {
         (vec!["bench", "--lr", "0"], "--lr"),
         (vec!["bench", "--jobs", "0"], "--jobs"),
         (
+            vec!["bench", "--max-staleness", "18446744073709551615"],
+            "is more than 1000000 rounds",
+        ),
+        (vec!["bench", "--max-staleness", "1,4,1"], "bound 1 twice"),
+        (
             vec!["bench", "--max-staleness", "1,4", "--real", "weightgrad"],
             "one --max-staleness",
         ),

@@ -662,7 +662,7 @@ mod tests {
         best.1
     }
 
-    /// Weights of a trained layer's spread, with exact zeros, ties at half-levels and
+    /// Weights of a trained layer's spread, with exact zeros, multiples of 1/80 and
     /// outliers, over a random subset of positions.
     fn layer_like() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<usize>)> {
         (1usize..400).prop_flat_map(|n| {
@@ -686,6 +686,42 @@ mod tests {
         })
     }
 
+    /// Weights whose largest magnitude is `k` and whose others sit on half-levels
+    /// `±(j + 0.5)`: the first start (α = max) meets exact ties on its first pass, where
+    /// `w·k/α` is exactly `j + 0.5`.
+    fn exact_ties() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, i32)> {
+        (2u8..=8).prop_flat_map(|bits| {
+            let k = (1i32 << (bits - 1)) - 1;
+            (
+                proptest::collection::vec((0..k, any::<bool>()), 1..60),
+                proptest::collection::vec(0.01f32..2.0, 61),
+            )
+                .prop_map(move |(halves, d)| {
+                    let mut w = vec![k as f32];
+                    w.extend(halves.iter().map(|&(j, negative)| {
+                        let v = j as f32 + 0.5;
+                        if negative { -v } else { v }
+                    }));
+                    let d = d[..w.len()].to_vec();
+                    (w, d, k)
+                })
+        })
+    }
+
+    /// Values a broken upstream could hand the solver: non-finite, zero, negative, tiny.
+    fn special_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            3 => -1.0f32..1.0,
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY),
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(0.0f32),
+            1 => Just(-0.0f32),
+            1 => Just(f32::MIN_POSITIVE),
+            1 => Just(f32::MAX),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -700,6 +736,36 @@ mod tests {
             let a = linear_alternating(&w, &d, &idx, k, iters, &mut fast);
             let b = linear_alternating_plain(&w, &d, &idx, k, iters, &mut plain);
             prop_assert_eq!(a.to_bits(), b.to_bits());
+            prop_assert_eq!(fast, plain);
+        }
+
+        #[test]
+        fn linear_alternating_matches_the_plain_formulation_on_exact_ties(
+            (w, d, k) in exact_ties(),
+            iters in 1u32..12,
+        ) {
+            let idx: Vec<usize> = (0..w.len()).collect();
+            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
+            let a = linear_alternating(&w, &d, &idx, k, iters, &mut fast);
+            let b = linear_alternating_plain(&w, &d, &idx, k, iters, &mut plain);
+            prop_assert_eq!(a.to_bits(), b.to_bits());
+            prop_assert_eq!(fast, plain);
+        }
+
+        #[test]
+        fn linear_alternating_matches_the_plain_formulation_on_non_finite_input(
+            w in proptest::collection::vec(special_f32(), 1..40),
+            d in proptest::collection::vec(special_f32(), 40),
+            bits in 2u8..=8,
+            iters in 1u32..6,
+        ) {
+            let k = (1i32 << (bits - 1)) - 1;
+            let d = &d[..w.len()];
+            let idx: Vec<usize> = (0..w.len()).collect();
+            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
+            let a = linear_alternating(&w, d, &idx, k, iters, &mut fast);
+            let b = linear_alternating_plain(&w, d, &idx, k, iters, &mut plain);
+            prop_assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{a} vs {b}");
             prop_assert_eq!(fast, plain);
         }
 
@@ -729,10 +795,17 @@ mod tests {
             assert_eq!(nearest_level(v, k), want, "{v}");
             assert_eq!(nearest_level(v, k), v.round().clamp(-k, k) as i8, "{v}");
         }
-        // Every quarter-step over the whole level range.
-        for q in -600..=600 {
-            let v = q as f32 / 4.0;
-            assert_eq!(nearest_level(v, k), v.round().clamp(-k, k) as i8, "{v}");
+        // Every quarter-step over and beyond the level range, for every level count.
+        for bits in 2..=8 {
+            let k = ((1i32 << (bits - 1)) - 1) as f32;
+            for q in -600..=600 {
+                let v = q as f32 / 4.0;
+                assert_eq!(
+                    nearest_level(v, k),
+                    v.round().clamp(-k, k) as i8,
+                    "{v}, k {k}"
+                );
+            }
         }
     }
 

@@ -199,6 +199,9 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
 /// The speed limit: every region's workers in one region, no WAN, full-precision LAN,
 /// the same shards, seeds, schedule and per-step compute cost as the simulated runs.
 pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
+    if cfg.workers == 0 || cfg.batch_size == 0 {
+        bail!("workers and batch size must be positive");
+    }
     let layout = cfg.layout();
     let shards = (0..layout.regions)
         .flat_map(|r| layout.worker_shards(&data.train.labels, r))

@@ -374,15 +374,15 @@ mod tests {
     use std::path::PathBuf;
 
     fn config_for(source: &DataSource, model: ModelSpec) -> AgentConfig {
-        config_of_region(source, model, 1)
-    }
-
-    fn config_of_region(source: &DataSource, model: ModelSpec, region: usize) -> AgentConfig {
         let mut cfg = SimConfig::demo(3, 7);
         cfg.model = model;
+        config_of_region(&cfg, source, 1)
+    }
+
+    fn config_of_region(cfg: &SimConfig, source: &DataSource, region: usize) -> AgentConfig {
         let via: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", 5000 + j)).collect();
         let text = agent_config(&AgentSlot {
-            cfg: &cfg,
+            cfg,
             source,
             policy: "weightgrad",
             region,
@@ -434,24 +434,6 @@ mod tests {
             );
             assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
         }
-        // Windows cover each region's longest link: us-east reaches ap-southeast over
-        // 230 ms, eu-west reaches it over 160 ms.
-        let rtts: Vec<f64> = (0..3)
-            .map(|r| {
-                config_of_region(&DataSource::Digits, ModelSpec::default_mlp(), r)
-                    .wan
-                    .rtt_ms
-            })
-            .collect();
-        let demo = SimConfig::demo(3, 7).topology;
-        let longest = |i: usize| {
-            (0..3)
-                .filter(|&j| j != i)
-                .map(|j| demo.link(i, j).rtt_s * 1e3)
-                .fold(0f64, f64::max)
-        };
-        assert_eq!(rtts, [longest(0), longest(1), longest(2)]);
-        assert!(rtts[0] > demo.link(0, 1).rtt_s * 1e3, "{rtts:?}");
         let wide = ModelSpec::parse("mlp:1024,1024").unwrap();
         assert_eq!(
             config_for(&DataSource::Digits, wide.clone())
@@ -459,5 +441,24 @@ mod tests {
                 .unwrap(),
             wide
         );
+    }
+
+    #[test]
+    fn each_agents_windows_cover_its_link_with_the_largest_bandwidth_delay_product() {
+        let wan_of = |scenario: &str, region: usize| {
+            let mut cfg = SimConfig::demo(3, 7);
+            crate::bench::apply_scenario(scenario, &mut cfg).unwrap();
+            let wan = config_of_region(&cfg, &DataSource::Digits, region).wan;
+            (wan.bandwidth_mbps, wan.rtt_ms)
+        };
+        // paper-3dc: every link 100 Mbit/s, so the longest round trip wins; us-east's link
+        // to the next region (eu-west, 80 ms) is not its longest (ap-southeast, 230 ms).
+        let paper: Vec<(f64, f64)> = (0..3).map(|r| wan_of("paper-3dc", r)).collect();
+        assert_eq!(paper, [(100.0, 230.0), (100.0, 160.0), (100.0, 230.0)]);
+        // asymmetric: us-east <-> ap-southeast is thin (10 Mbit/s over 230 ms, 0.29 MB in
+        // flight), so ap-southeast's windows follow its 100 Mbit/s link to eu-west
+        // (160 ms, 2 MB) and us-east's its link to eu-west (80 ms, 1 MB).
+        let asym: Vec<(f64, f64)> = (0..3).map(|r| wan_of("asymmetric", r)).collect();
+        assert_eq!(asym, [(100.0, 80.0), (100.0, 160.0), (100.0, 160.0)]);
     }
 }

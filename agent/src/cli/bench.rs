@@ -11,6 +11,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// Largest `--max-staleness`, the agent config's cap on `training.max_staleness`: it keeps
+/// the staleness window's arithmetic far from overflow.
+const MAX_STALENESS_BOUND: u64 = 1_000_000;
+
 /// Options of `weightgrad bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -104,6 +108,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     cfg.epochs = args.epochs;
     cfg.lr = args.lr;
     cfg.compute_s = args.compute_ms / 1e3;
+    if let Some(b) = args
+        .max_staleness
+        .iter()
+        .find(|&&b| b > MAX_STALENESS_BOUND)
+    {
+        bail!("--max-staleness {b} is more than {MAX_STALENESS_BOUND} rounds");
+    }
+    if let Some(b) = args
+        .max_staleness
+        .iter()
+        .enumerate()
+        .find_map(|(i, b)| args.max_staleness[..i].contains(b).then_some(b))
+    {
+        bail!("--max-staleness names bound {b} twice");
+    }
     match args.max_staleness.as_slice() {
         [] => bail!("--max-staleness needs at least one bound"),
         // The bound --real agents run at.

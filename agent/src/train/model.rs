@@ -54,7 +54,9 @@ impl ModelSpec {
 }
 
 impl std::fmt::Display for ModelSpec {
-    /// The spelling [`ModelSpec::parse`] reads back: `mlp:256`, `cnn`, `logreg`.
+    /// The spelling [`ModelSpec::parse`] reads back: `mlp:256`, `cnn`, `logreg`. (An MLP
+    /// without hidden layers, which `parse` never makes, prints as `mlp:` and would read
+    /// back as the default MLP: that model is `logreg`.)
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Mlp { hidden } => {
