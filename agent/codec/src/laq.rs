@@ -686,6 +686,21 @@ mod tests {
         })
     }
 
+    /// `(α, levels)` from the solver and from the plain formulation, each writing over the
+    /// same marker levels (7), so that levels left untouched compare too.
+    fn solve_both(
+        w: &[f32],
+        d: &[f32],
+        idx: &[usize],
+        k: i32,
+        iters: u32,
+    ) -> ((f32, Vec<i8>), (f32, Vec<i8>)) {
+        let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
+        let a = linear_alternating(w, d, idx, k, iters, &mut fast);
+        let b = linear_alternating_plain(w, d, idx, k, iters, &mut plain);
+        ((a, fast), (b, plain))
+    }
+
     /// Weights whose largest magnitude is `k` and whose others sit on half-levels
     /// `±(j + 0.5)`: the first start (α = max) meets exact ties on its first pass, where
     /// `w·k/α` is exactly `j + 0.5`.
@@ -732,9 +747,7 @@ mod tests {
             iters in 1u32..12,
         ) {
             let k = (1i32 << (bits - 1)) - 1;
-            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
-            let a = linear_alternating(&w, &d, &idx, k, iters, &mut fast);
-            let b = linear_alternating_plain(&w, &d, &idx, k, iters, &mut plain);
+            let ((a, fast), (b, plain)) = solve_both(&w, &d, &idx, k, iters);
             prop_assert_eq!(a.to_bits(), b.to_bits());
             prop_assert_eq!(fast, plain);
         }
@@ -745,9 +758,7 @@ mod tests {
             iters in 1u32..12,
         ) {
             let idx: Vec<usize> = (0..w.len()).collect();
-            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
-            let a = linear_alternating(&w, &d, &idx, k, iters, &mut fast);
-            let b = linear_alternating_plain(&w, &d, &idx, k, iters, &mut plain);
+            let ((a, fast), (b, plain)) = solve_both(&w, &d, &idx, k, iters);
             prop_assert_eq!(a.to_bits(), b.to_bits());
             prop_assert_eq!(fast, plain);
         }
@@ -762,9 +773,7 @@ mod tests {
             let k = (1i32 << (bits - 1)) - 1;
             let d = &d[..w.len()];
             let idx: Vec<usize> = (0..w.len()).collect();
-            let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
-            let a = linear_alternating(&w, d, &idx, k, iters, &mut fast);
-            let b = linear_alternating_plain(&w, d, &idx, k, iters, &mut plain);
+            let ((a, fast), (b, plain)) = solve_both(&w, d, &idx, k, iters);
             prop_assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{a} vs {b}");
             prop_assert_eq!(fast, plain);
         }

@@ -76,21 +76,25 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// `p` as a TOML string.
+fn toml_path(p: &Path) -> String {
+    toml_string(&p.display().to_string())
+}
+
 /// The agent config's `[data]` keys that name `source` (the shard is written apart).
 fn data_keys(source: &DataSource) -> String {
-    let path = |p: &Path| toml_string(&p.display().to_string());
     match source {
         DataSource::Digits => "kind = \"digits\"\n".to_string(),
-        DataSource::Idx { dir } => format!("kind = \"idx\"\npath = {}\n", path(dir)),
-        DataSource::Cifar10 { dir } => format!("kind = \"cifar10\"\npath = {}\n", path(dir)),
+        DataSource::Idx { dir } => format!("kind = \"idx\"\npath = {}\n", toml_path(dir)),
+        DataSource::Cifar10 { dir } => format!("kind = \"cifar10\"\npath = {}\n", toml_path(dir)),
         DataSource::Csv {
             train,
             test,
             label_column,
         } => {
-            let mut t = format!("kind = \"csv\"\npath = {}\n", path(train));
+            let mut t = format!("kind = \"csv\"\npath = {}\n", toml_path(train));
             if let Some(test) = test {
-                t += &format!("test = {}\n", path(test));
+                t += &format!("test = {}\n", toml_path(test));
             }
             if let Some(c) = label_column {
                 t += &format!("label_column = {}\n", toml_string(c));
@@ -132,7 +136,6 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         crate::train::dataset::ShardStrategy::Iid => "iid",
         crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
     };
-    let path = |p: &Path| toml_string(&p.display().to_string());
     let mut t = format!(
         "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\n",
         toml_string(region),
@@ -151,9 +154,9 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     writeln!(
         t,
         "[tls]\nca = {}\ncert = {}\nkey = {}",
-        path(&slot.certs.join("ca.pem")),
-        path(&slot.certs.join(format!("{region}.pem"))),
-        path(&slot.certs.join(format!("{region}.key")))
+        toml_path(&slot.certs.join("ca.pem")),
+        toml_path(&slot.certs.join(format!("{region}.pem"))),
+        toml_path(&slot.certs.join(format!("{region}.key")))
     )?;
     writeln!(
         t,
@@ -171,7 +174,7 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         t,
         "[policy]\nsource = {}\n[admin]\nlisten = \"127.0.0.1:0\"\n[checkpoint]\ndir = {}\nevery_rounds = 1000000000",
         toml_string(slot.policy),
-        path(slot.state)
+        toml_path(slot.state)
     )?;
     Ok(t)
 }

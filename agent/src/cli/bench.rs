@@ -1,9 +1,9 @@
 //! `weightgrad bench`: policies side by side on one scenario of the virtual-time WAN.
 
+use super::data_args::DataArgs;
 use crate::bench::{self, plot};
 use crate::sim::SimConfig;
 use crate::train::ModelSpec;
-use crate::train::dataset::DataSource;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -37,18 +37,8 @@ pub struct BenchArgs {
     /// Passes over each region's data.
     #[arg(long, default_value_t = 30)]
     epochs: usize,
-    /// Data set: digits (embedded), idx, mnist, fashion-mnist, cifar10 or csv.
-    #[arg(long, default_value = "digits")]
-    dataset: String,
-    /// Directory (idx, cifar10) or file (csv) holding the data.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Test CSV; without it a seeded 20% of --data is held out.
-    #[arg(long)]
-    test_data: Option<PathBuf>,
-    /// CSV label column, by header name or zero-based index (default: last).
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
     /// Model: mlp, mlp:W1,W2,..., cnn or logreg (default: cnn on cifar10, logreg on csv,
     /// mlp otherwise).
     #[arg(long)]
@@ -94,13 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.compute_ms
         );
     }
-    let source = DataSource::from_parts(
-        &args.dataset,
-        args.data.clone(),
-        args.test_data.clone(),
-        args.label_column.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let source = args.data.source()?;
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr {} is not a positive learning rate", args.lr);
     }

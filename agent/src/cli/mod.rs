@@ -5,6 +5,7 @@ mod agent;
 mod bench;
 mod certs;
 mod config;
+mod data_args;
 mod demo;
 mod policy;
 mod train;

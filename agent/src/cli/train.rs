@@ -1,8 +1,8 @@
 //! `weightgrad train`: one replica, one process, with a progress bar and a JSON summary.
 
+use super::data_args::DataArgs;
 use crate::train::{
     Checkpoint, DeviceSpec, LrSchedule, ModelSpec, OptimizerSpec, TrainConfig, Trainer,
-    dataset::DataSource,
 };
 use anyhow::{Context, Result};
 use clap::Args;
@@ -14,18 +14,8 @@ use std::time::Instant;
 /// Options of `weightgrad train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Data set: digits (embedded), idx, mnist, fashion-mnist, cifar10 or csv.
-    #[arg(long, default_value = "digits")]
-    dataset: String,
-    /// Directory (idx, cifar10) or file (csv) holding the data.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Test CSV; without it 20% of --data is held out.
-    #[arg(long)]
-    test_data: Option<PathBuf>,
-    /// CSV label column, by header name or zero-based index (default: last).
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
     /// Model: mlp, mlp:W1,W2,..., cnn or logreg.
     #[arg(long, default_value = "mlp")]
     model: String,
@@ -92,13 +82,7 @@ fn optimizer(args: &TrainArgs) -> Result<(OptimizerSpec, f64)> {
 /// Runs `weightgrad train`.
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = args.device.open()?;
-    let source = DataSource::from_parts(
-        &args.dataset,
-        args.data.clone(),
-        args.test_data.clone(),
-        args.label_column.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let source = args.data.source()?;
     let data = source.load(args.seed)?;
     let (optimizer, lr) = optimizer(&args)?;
     let steps_per_epoch = data.train.len().div_ceil(args.batch_size.max(1)) as u64;
