@@ -43,6 +43,9 @@ pub struct LinkReport {
     pub peer_rounds_complete: u64,
     /// Connections made to it.
     pub connects: u64,
+    /// Connections replaced by a fresh dial right after their handshake, because a packet
+    /// lost during it had ended their slow start at the initial window (not in `connects`).
+    pub fresh_redials: u64,
     /// Measured goodput to it while busy, bit/s.
     pub goodput_bps: f64,
     /// Per-link conservation gap relative to the largest Σ local update (float rounding:
@@ -79,6 +82,10 @@ pub struct AgentReport {
     /// Mean wall time of this region's own work per round (step, policy, encoding,
     /// evaluations), seconds: what the simulator's per-step compute cost stands for.
     pub busy_seconds_per_round: f64,
+    /// Wall time spent decoding and merging peers' updates, per round of its own, seconds:
+    /// work on the same thread, between its rounds, that the simulator's merges do in no
+    /// time.
+    pub receive_seconds_per_round: f64,
     /// Whether the run was stopped before its last round.
     pub interrupted: bool,
     /// Connections refused at the TLS handshake (wrong CA, unknown or mismatched name).
@@ -168,6 +175,8 @@ struct LoopState {
     first_round_start: Option<Instant>,
     busy: Duration,
     busy_rounds: u64,
+    /// Time in decoding and merging peers' updates.
+    receiving: Duration,
     /// Resumed from a periodic (not clean) checkpoint: take any peer's model that is ahead.
     catch_up: bool,
     /// Started without state and not trained yet: take a peer's model if the run is well
@@ -211,7 +220,10 @@ impl Core {
                 let peer = self.sync.peer(link).to_string();
                 metrics::counter!(m::WAN_BYTES_RECEIVED, "peer" => peer.clone())
                     .increment(bytes.len() as u64);
-                match self.sync.receive(link, &bytes, &mut self.trainer.weights) {
+                let began = Instant::now();
+                let received = self.sync.receive(link, &bytes, &mut self.trainer.weights);
+                st.receiving += began.elapsed();
+                match received {
                     Ok(()) => {
                         metrics::counter!(m::WAN_DECODED_BYTES_RECEIVED, "peer" => peer.clone())
                             .absolute(self.sync.counters(link).elements_received * 4);
@@ -684,6 +696,7 @@ impl Core {
             first_round_start: None,
             busy: Duration::ZERO,
             busy_rounds: 0,
+            receiving: Duration::ZERO,
             catch_up: false,
             fresh: self.resume.is_none(),
         };
@@ -810,6 +823,7 @@ impl Core {
                     duplicates: c.duplicates,
                     peer_rounds_complete: self.sync.clock().complete(l),
                     connects: shared.connects.load(Ordering::Relaxed),
+                    fresh_redials: shared.fresh_redials.load(Ordering::Relaxed),
                     goodput_bps: shared.goodput_bps(),
                     conservation_error: self.sync.conservation_error(l),
                 }
@@ -828,6 +842,7 @@ impl Core {
             wall_seconds: start.elapsed().as_secs_f64(),
             training_seconds,
             busy_seconds_per_round: st.busy.as_secs_f64() / st.busy_rounds.max(1) as f64,
+            receive_seconds_per_round: st.receiving.as_secs_f64() / st.busy_rounds.max(1) as f64,
             interrupted,
             tls_refusals: self.wan_counters.tls_refusals.load(Ordering::Relaxed),
             handshake_refusals: self.wan_counters.handshake_refusals.load(Ordering::Relaxed),

@@ -1,18 +1,25 @@
 //! Building the QUIC endpoints: mutual TLS, flow-control windows and send buffers sized
 //! from the configured bandwidth × RTT (s2n-quic's defaults suit only about 150 Mbit/s at
-//! 100 ms), keep-alive, the congestion controller, and the telemetry subscriber.
+//! 100 ms), UDP socket buffers that ride out a busy host, keep-alive, the congestion
+//! controller, and the telemetry subscriber.
 
 use super::{telemetry::LinkTelemetry, tls};
 use crate::config::{Congestion, WanConfig};
 use anyhow::{Context, Result};
 use s2n_quic::provider::congestion_controller::{Bbr, Cubic};
+use s2n_quic::provider::io::tokio::{Builder as IoBuilder, Provider as Io};
 use s2n_quic::provider::limits::Limits;
 use s2n_quic::{Client, Server};
 use std::net::SocketAddr;
+use std::sync::Once;
 use std::time::Duration;
 
 /// Smallest window used whatever the configuration says.
 const MIN_WINDOW: u64 = 1 << 20;
+/// Smallest UDP socket buffer asked for (the kernel's usual default is 208 KiB).
+const MIN_SOCKET_BUFFER: usize = 4 << 20;
+/// Largest UDP socket buffer asked for.
+const MAX_SOCKET_BUFFER: usize = 32 << 20;
 /// How long a silent connection lives: half the peer deadline (so a dead peer is noticed
 /// well within it), between 1 and 30 seconds.
 pub fn idle_timeout(wan: &WanConfig) -> Duration {
@@ -23,6 +30,58 @@ pub fn idle_timeout(wan: &WanConfig) -> Duration {
 /// bandwidth-delay product, so a full window is in flight while the next is granted.
 pub fn window_bytes(wan: &WanConfig) -> u64 {
     (2 * wan.bandwidth_delay_bytes()).clamp(MIN_WINDOW, u64::from(u32::MAX))
+}
+
+/// UDP socket buffer (receive and send) to ask the kernel for, in bytes: one
+/// bandwidth-delay product, at least 4 MiB and at most 32 MiB. The receive buffer holds what
+/// arrives while the endpoint's task waits for a core; with the kernel's 208 KiB default a
+/// 100 Mbit/s link overflows it in about 15 ms, and every datagram it drops is a loss that
+/// halves a congestion window which takes seconds to regrow at WAN round-trip times.
+pub fn socket_buffer_bytes(wan: &WanConfig) -> usize {
+    usize::try_from(wan.bandwidth_delay_bytes())
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER)
+}
+
+/// The receive buffer the kernel grants a UDP socket that asks for `bytes`, as
+/// `SO_RCVBUF` reads back (Linux doubles the request for its bookkeeping and caps it at
+/// `net.core.rmem_max`); `None` where it cannot be read.
+pub fn granted_recv_buffer(bytes: usize) -> Option<usize> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    let socket = socket2::SockRef::from(&socket);
+    socket.set_recv_buffer_size(bytes).ok()?;
+    socket.recv_buffer_size().ok()
+}
+
+/// Warns once per process when the kernel grants less receive buffer than asked for.
+fn warn_if_buffer_capped(asked: usize) {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        if let Some(granted) = granted_recv_buffer(asked) {
+            // Linux books (and reports) twice the request, for its own overhead, so a
+            // granted figure below the request itself means the cap cut it.
+            if granted < asked {
+                tracing::warn!(
+                    asked,
+                    granted,
+                    "the kernel caps UDP receive buffers below the link's bandwidth-delay \
+                     product; bursts may be dropped under load (raise net.core.rmem_max and \
+                     net.core.wmem_max to at least {asked})"
+                );
+            }
+        }
+    });
+}
+
+/// The UDP IO for an endpoint bound to `addr`, with socket buffers for `wan`.
+fn io(wan: &WanConfig, addr: SocketAddr) -> Result<Io> {
+    let buffer = socket_buffer_bytes(wan);
+    warn_if_buffer_capped(buffer);
+    Ok(IoBuilder::default()
+        .with_receive_address(addr)?
+        .with_recv_buffer_size(buffer)?
+        .with_send_buffer_size(buffer)?
+        .build()?)
 }
 
 /// The connection limits for `wan`.
@@ -70,7 +129,7 @@ pub fn server(
     let build = || -> Result<Server> {
         let builder = Server::builder()
             .with_tls(tls::server(id, peers)?)?
-            .with_io(listen)?
+            .with_io(io(wan, listen)?)?
             .with_limits(limits(wan)?)?
             .with_event(telemetry.clone())?;
         Ok(start_with_congestion!(builder, wan.congestion))
@@ -88,7 +147,7 @@ pub fn client(
     let build = || -> Result<Client> {
         let builder = Client::builder()
             .with_tls(tls::client(id)?)?
-            .with_io(bind)?
+            .with_io(io(wan, bind)?)?
             .with_limits(limits(wan)?)?
             .with_event(telemetry.clone())?;
         Ok(start_with_congestion!(builder, wan.congestion))
@@ -125,5 +184,17 @@ mod tests {
         assert_eq!(idle_timeout(&w), Duration::from_secs(1));
         w.peer_deadline_s = 3600.0;
         assert_eq!(idle_timeout(&w), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn socket_buffers_cover_the_bandwidth_delay_product_within_bounds() {
+        // 100 Mbit/s at 230 ms: 2.9 MB in flight, below the 4 MiB floor.
+        assert_eq!(socket_buffer_bytes(&wan(100.0, 230.0)), MIN_SOCKET_BUFFER);
+        // 1 Gbit/s at 200 ms: 25 MB.
+        assert_eq!(socket_buffer_bytes(&wan(1000.0, 200.0)), 25_000_000);
+        // Absurd settings stop at the ceiling.
+        assert_eq!(socket_buffer_bytes(&wan(1e9, 1e6)), MAX_SOCKET_BUFFER);
+        // The kernel grants something, however it caps it.
+        assert!(granted_recv_buffer(MIN_SOCKET_BUFFER).is_some_and(|b| b > 0));
     }
 }

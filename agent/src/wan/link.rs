@@ -88,6 +88,9 @@ pub struct LinkShared {
     pub busy_micros: AtomicU64,
     /// Connections made.
     pub connects: AtomicU64,
+    /// Connections replaced by a fresh one right after their handshake, because a packet
+    /// lost during it had ended their slow start at the initial window.
+    pub fresh_redials: AtomicU64,
     /// The current connection's transport statistics.
     pub transport: Mutex<Option<SharedStats>>,
     /// The last refusal or error, for the status page.
@@ -264,7 +267,7 @@ async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), d.seed);
     let mut failures_in_a_row = 0u32;
     loop {
-        match dial(&d).await {
+        match dial_fresh(&d, &shared).await {
             Ok((conn, round)) => {
                 failures_in_a_row = 0;
                 backoff.reset();
@@ -320,6 +323,38 @@ async fn run(
                     });
                 }
             }
+        }
+    }
+}
+
+/// Whether `conn`'s slow start ended on a packet lost during its handshake.
+fn crippled_in_handshake(conn: &Connection) -> bool {
+    stats_of(&conn.handle()).is_some_and(|s| s.lock().expect("stats").left_slow_start_in_handshake)
+}
+
+/// [`dial`], once more if the connection lost a packet during its handshake (its first
+/// flight reached a peer that was not listening yet, say) and so left slow start at the
+/// initial window: the fresh connection starts with a whole slow start ahead of it, the
+/// old one is closed once the fresh one is up (kept if the redial fails).
+async fn dial_fresh(d: &Dialer, shared: &LinkShared) -> Result<(Connection, u64)> {
+    let (conn, round) = dial(d).await?;
+    if !crippled_in_handshake(&conn) {
+        return Ok((conn, round));
+    }
+    match dial(d).await {
+        Ok(fresh) => {
+            shared.fresh_redials.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                peer = %d.peer,
+                "a packet lost during the handshake ended slow start at the initial window; \
+                 replaced the connection with a fresh one"
+            );
+            conn.close(0u32.into());
+            Ok(fresh)
+        }
+        Err(e) => {
+            tracing::debug!(peer = %d.peer, "keeping the first connection: {e:#}");
+            Ok((conn, round))
         }
     }
 }
@@ -602,17 +637,14 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_broken_link_redials_and_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
-        let (_server, upstream, rx) = accepting(dir.path(), "127.0.0.1:0".parse().unwrap());
-        // The link runs through a relay, which the test cuts and restores.
-        let relay = relay_to("127.0.0.1:0".parse().unwrap(), upstream);
-        let addr = relay.local_addr();
+    /// Starts `eu-west`'s link to `us-east` at `addr`; returns its sender and its events.
+    fn dialling(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+    ) -> (LinkSender, std::sync::mpsc::Receiver<WanEvent>) {
         let client = endpoint::client(
             &wan(),
-            &identity(dir.path(), "eu-west"),
+            &identity(dir, "eu-west"),
             "127.0.0.1:0".parse().unwrap(),
             LinkTelemetry::default(),
         )
@@ -633,6 +665,59 @@ mod tests {
             seed: 1,
             max_snapshot: 1 << 20,
         });
+        (sender, link_events)
+    }
+
+    /// Waits up to 10 s for the link to be up.
+    async fn until_connected(shared: &LinkShared) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !shared.connected.load(Ordering::Relaxed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(shared.connected.load(Ordering::Relaxed), "link up");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_whose_handshake_lost_its_first_flight_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
+        // A peer that is up before the dial: one connection, kept.
+        let (_server, addr, _rx) = accepting(dir.path(), "127.0.0.1:0".parse().unwrap());
+        let (sender, _events) = dialling(dir.path(), addr);
+        let shared = sender.shared().clone();
+        until_connected(&shared).await;
+        assert_eq!(shared.fresh_redials.load(Ordering::Relaxed), 0);
+        assert!(!shared.transport().unwrap().left_slow_start_in_handshake);
+        // A peer that starts listening after the first flight was sent: that flight is
+        // lost, the handshake completes on a retransmission with slow start over, and the
+        // link replaces the connection before using it.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (sender, _events) = dialling(dir.path(), port);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_late, _, rx) = accepting(dir.path(), port);
+        let shared = sender.shared().clone();
+        until_connected(&shared).await;
+        assert_eq!(shared.fresh_redials.load(Ordering::Relaxed), 1);
+        assert!(!shared.transport().unwrap().left_slow_start_in_handshake);
+        // And the replacement carries messages.
+        assert!(sender.send(b"after the replacement".to_vec()));
+        let mut got = BTreeSet::new();
+        tokio::task::block_in_place(|| collect(&rx, &mut got, 1));
+        assert!(got.contains(&b"after the replacement"[..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_link_redials_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
+        let (_server, upstream, rx) = accepting(dir.path(), "127.0.0.1:0".parse().unwrap());
+        // The link runs through a relay, which the test cuts and restores.
+        let relay = relay_to("127.0.0.1:0".parse().unwrap(), upstream);
+        let addr = relay.local_addr();
+        let (sender, link_events) = dialling(dir.path(), addr);
         // A first batch arrives: small messages and one large enough for its own stream.
         let message = |i: u32| {
             let len = if i % 40 == 7 { 600_000 } else { 100 };

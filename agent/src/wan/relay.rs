@@ -19,6 +19,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// UDP buffer (each way) the relay asks for on each of its sockets: it holds what arrives
+/// while the relay's task waits for a core, so that only the emulated queue drops datagrams;
+/// the kernel caps it at `net.core.rmem_max` / `wmem_max`.
+pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;
+
+/// Asks for [`SOCKET_BUFFER_BYTES`] on `socket`, both ways (a refusal leaves the default).
+fn enlarge_buffers(socket: &UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+}
+
 /// What to relay and how.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RelayConfig {
@@ -177,6 +189,7 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
             .await
             .with_context(|| format!("binding the relay to {}", cfg.listen))?,
     );
+    enlarge_buffers(&listen);
     let local = listen.local_addr()?;
     let epoch = Instant::now();
     let stats = Arc::new(RelayStats::default());
@@ -219,6 +232,7 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                     let Ok(s) = UdpSocket::bind(bind_for_upstream).await else {
                         continue;
                     };
+                    enlarge_buffers(&s);
                     let s = Arc::new(s);
                     // Replies from upstream go back to this client through the down link.
                     let (s2, listen2, down2, tx2, stats2) = (

@@ -1,6 +1,7 @@
 //! What s2n-quic's event subscriber tells us about each connection: the names on the
 //! peer's verified certificate (for the handshake's identity check), RTT, congestion
-//! window, bytes in flight and losses (for the policy and the metrics).
+//! window, bytes in flight and losses (for the policy and the metrics), and why and where
+//! slow start ended (logged, and a loss during the handshake flagged for `wan::link`).
 
 use s2n_quic::provider::event::{ConnectionInfo, ConnectionMeta, Subscriber, events};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,13 @@ pub struct ConnectionStats {
     pub packets_lost: u64,
     /// Packets sent.
     pub packets_sent: u64,
+    /// The TLS handshake has completed (the peer's certificate is known).
+    pub handshake_complete: bool,
+    /// The congestion controller left slow start because a packet was lost before the
+    /// handshake completed: typically the first flight went to a peer not listening yet.
+    /// The connection then grows its window from the initial one (12 KB) in congestion
+    /// avoidance, which under CUBIC takes tens of seconds to fill a long, fast link.
+    pub left_slow_start_in_handshake: bool,
 }
 
 impl ConnectionStats {
@@ -88,10 +96,12 @@ impl Subscriber for LinkTelemetry {
         event: &events::TlsExporterReady,
     ) {
         // The verified chain's leaf is the peer's own certificate.
+        let mut s = context.lock().expect("stats");
+        s.handshake_complete = true;
         if let Ok(chain) = event.session.peer_cert_chain_der()
             && let Some(leaf) = chain.first()
         {
-            context.lock().expect("stats").peer_names = certificate_names(leaf);
+            s.peer_names = certificate_names(leaf);
         }
     }
 
@@ -141,8 +151,50 @@ impl Subscriber for LinkTelemetry {
         &mut self,
         context: &mut Self::ConnectionContext,
         _meta: &ConnectionMeta,
-        _event: &events::PacketLost,
+        event: &events::PacketLost,
     ) {
-        context.lock().expect("stats").packets_lost += 1;
+        let mut s = context.lock().expect("stats");
+        s.packets_lost += 1;
+        tracing::debug!(
+            peer = s.peer_names.first().map(String::as_str),
+            bytes = event.bytes_lost,
+            mtu_probe = event.is_mtu_probe,
+            congestion_window = s.congestion_window,
+            "packet lost"
+        );
+    }
+
+    fn on_slow_start_exited(
+        &mut self,
+        context: &mut Self::ConnectionContext,
+        _meta: &ConnectionMeta,
+        event: &events::SlowStartExited,
+    ) {
+        let mut s = context.lock().expect("stats");
+        if matches!(event.cause, events::SlowStartExitCause::PacketLoss { .. })
+            && !s.handshake_complete
+        {
+            s.left_slow_start_in_handshake = true;
+        }
+        let peer = s.peer_names.first().map(String::as_str);
+        let congestion_window = event.congestion_window;
+        // The first exit sets the window the connection grows from; later ones (CUBIC
+        // crossing its threshold again) are routine.
+        let cause = match event.cause {
+            events::SlowStartExitCause::PacketLoss { .. } => "packet loss",
+            events::SlowStartExitCause::Ecn { .. } => "ECN mark",
+            events::SlowStartExitCause::Rtt { .. } => "RTT rise",
+            _ => {
+                tracing::debug!(peer, congestion_window, "left slow start again");
+                return;
+            }
+        };
+        tracing::info!(
+            peer,
+            cause,
+            congestion_window,
+            smoothed_rtt_ms = s.smoothed_rtt.as_secs_f64() * 1e3,
+            "WAN connection left slow start"
+        );
     }
 }
