@@ -108,6 +108,8 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
         "0.9",
         "--real",
         "full-sync",
+        "--congestion",
+        "bbr",
         "--json",
         "--out",
         dir.path().join("out").to_str().unwrap(),
@@ -129,6 +131,16 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     assert!((a / s - 1.0).abs() < 0.1, "agents {a}, simulator {s}");
     assert!(real["real_accuracy"].as_f64().unwrap() > 0.9, "{real}");
+    // Decoding and merging peers' updates is part of the measured work, not all of it.
+    let (work, receiving) = (
+        real["busy_seconds_per_round"].as_f64().unwrap(),
+        real["receive_seconds_per_round"].as_f64().unwrap(),
+    );
+    assert!(receiving > 0.0 && receiving < work, "{real}");
+    assert!(real.get("host_receive_buffer_drops").is_some(), "{real}");
+    let agent =
+        std::fs::read_to_string(dir.path().join("out/real/full-sync/us-east.toml")).unwrap();
+    assert!(agent.contains("congestion = \"bbr\""), "{agent}");
     let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
     assert!(
         md.contains("model `logreg` (logreg[4-2], 10 parameters"),
@@ -196,6 +208,10 @@ fn bad_workload_options_are_named() {
         (vec!["bench", "--compute-ms=-1"], "--compute-ms"),
         (vec!["bench", "--lr", "0"], "--lr"),
         (vec!["bench", "--jobs", "0"], "--jobs"),
+        (
+            vec!["bench", "--congestion", "reno"],
+            "invalid value 'reno'",
+        ),
         (
             vec!["bench", "--max-staleness", "18446744073709551615"],
             "is more than 1000000 rounds",

@@ -3,6 +3,7 @@
 //! links), then runs the simulator with its per-step cost set to the agents' measured
 //! per-round work, so the two can be compared on WAN bytes and on time.
 
+use crate::config::Congestion;
 use crate::sim::{SimConfig, SimReport, run};
 use crate::train::DataSplit;
 use crate::train::dataset::DataSource;
@@ -31,8 +32,11 @@ pub struct RealCheck {
     pub real_seconds: f64,
     /// Virtual seconds of the simulator with the measured per-round cost.
     pub sim_seconds: f64,
-    /// The measured per-round cost (mean over regions), seconds.
+    /// The measured per-round cost (mean over regions), seconds: the region's own work
+    /// (step, policy, encoding, evaluations) plus decoding and merging its peers' updates.
     pub busy_seconds_per_round: f64,
+    /// Of it, decoding and merging peers' updates (mean over regions), seconds.
+    pub receive_seconds_per_round: f64,
     /// Lowest final top-1 of the agents.
     pub real_accuracy: f64,
     /// Lowest final top-1 in the simulator.
@@ -42,6 +46,11 @@ pub struct RealCheck {
     /// Datagrams it dropped on a full queue (a queue of one bandwidth-delay product),
     /// every direction: each is a loss the senders' congestion control reacts to.
     pub emulator_queue_drops: u64,
+    /// UDP datagrams the host's kernel dropped on full socket receive buffers while the
+    /// agents ran (`RcvbufErrors` in `/proc/net/snmp`, every socket on the host): losses
+    /// outside the emulator, from an agent or the relay not reading in time. `None` where
+    /// the counter cannot be read.
+    pub host_receive_buffer_drops: Option<u64>,
 }
 
 impl RealCheck {
@@ -65,6 +74,19 @@ impl Drop for Children {
             let _ = c.wait();
         }
     }
+}
+
+/// The `RcvbufErrors` counter of the `Udp:` lines of a `/proc/net/snmp` text.
+fn udp_receive_buffer_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let column = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
+}
+
+/// This host's UDP receive-buffer drops so far (Linux only).
+fn host_receive_buffer_errors() -> Option<u64> {
+    udp_receive_buffer_errors(&std::fs::read_to_string("/proc/net/snmp").ok()?)
 }
 
 fn free_udp() -> Result<SocketAddr> {
@@ -104,9 +126,20 @@ fn data_keys(source: &DataSource) -> String {
     }
 }
 
+/// How the real agents of a check run.
+pub struct Agents<'a> {
+    /// The `weightgrad` binary they run.
+    pub exe: &'a Path,
+    /// Their working directory: certificates, configs, logs, reports, state.
+    pub dir: &'a Path,
+    /// Their WAN connections' congestion controller.
+    pub congestion: Congestion,
+}
+
 /// One agent of a `--real` run: what its config file says.
 struct AgentSlot<'a> {
     cfg: &'a SimConfig,
+    congestion: Congestion,
     source: &'a DataSource,
     policy: &'a str,
     /// Region index in `cfg.topology`.
@@ -136,8 +169,12 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         crate::train::dataset::ShardStrategy::Iid => "iid",
         crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
     };
+    let congestion = match slot.congestion {
+        Congestion::Cubic => "cubic",
+        Congestion::Bbr => "bbr",
+    };
     let mut t = format!(
-        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\n",
+        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\ncongestion = \"{congestion}\"\n",
         toml_string(region),
         slot.listen,
         link.bandwidth_bps / 1e6,
@@ -179,17 +216,17 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     Ok(t)
 }
 
-/// Runs `policy` under `cfg` as real agents (this binary, `exe`) in `dir`, each reading
-/// its shard of `source` (loaded here as `data`), then the calibrated simulation on the
-/// same data; `policy` must be a built-in name.
+/// Runs `policy` under `cfg` as real `agents`, each reading its shard of `source` (loaded
+/// here as `data`), then the calibrated simulation on the same data; `policy` must be a
+/// built-in name.
 pub fn check(
     cfg: &SimConfig,
     source: &DataSource,
     data: &DataSplit,
     policy: &str,
-    exe: &Path,
-    dir: &Path,
+    agents: &Agents<'_>,
 ) -> Result<RealCheck> {
+    let (exe, dir) = (agents.exe, agents.dir);
     if cfg.link_drop.is_some() {
         bail!("--real does not emulate a link that changes mid-run; pick another scenario");
     }
@@ -228,11 +265,13 @@ pub fn check(
         }
     }
     let mut children = Children(Vec::new());
+    let host_drops_before = host_receive_buffer_errors();
     let run_dir = dir.join(policy);
     std::fs::create_dir_all(&run_dir)?;
     for (i, region) in regions.iter().enumerate() {
         let t = agent_config(&AgentSlot {
             cfg,
+            congestion: agents.congestion,
             source,
             policy,
             region: i,
@@ -281,6 +320,9 @@ pub fn check(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    let host_receive_buffer_drops = host_drops_before
+        .zip(host_receive_buffer_errors())
+        .map(|(before, after)| after.saturating_sub(before));
     let (mut datagrams, mut queue_drops) = (0, 0);
     for r in &relays {
         for d in [&r.stats().up, &r.stats().down] {
@@ -307,11 +349,9 @@ pub fn check(
         .iter()
         .map(|r| f(r, "training_seconds"))
         .fold(0.0, f64::max);
-    let busy = reports
-        .iter()
-        .map(|r| f(r, "busy_seconds_per_round"))
-        .sum::<f64>()
-        / n as f64;
+    let mean = |k: &str| reports.iter().map(|r| f(r, k)).sum::<f64>() / n as f64;
+    let receive = mean("receive_seconds_per_round");
+    let busy = mean("busy_seconds_per_round") + receive;
     let real_accuracy = reports
         .iter()
         .map(|r| f(r, "test_accuracy"))
@@ -324,9 +364,11 @@ pub fn check(
         real_seconds,
         sim_seconds: sim.virtual_seconds,
         busy_seconds_per_round: busy,
+        receive_seconds_per_round: receive,
         real_accuracy,
         emulator_datagrams: datagrams,
         emulator_queue_drops: queue_drops,
+        host_receive_buffer_drops,
         sim_accuracy: sim
             .regions
             .iter()
@@ -346,12 +388,12 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str, compute_s: f64) -> 
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | top-1 agents / simulator | emulator queue drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.2}% / {:.2}% | {} of {} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -360,10 +402,13 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.sim_seconds,
             c.time_ratio(),
             c.busy_seconds_per_round * 1e3,
+            c.receive_seconds_per_round * 1e3,
             c.real_accuracy * 100.0,
             c.sim_accuracy * 100.0,
             c.emulator_queue_drops,
-            c.emulator_datagrams
+            c.emulator_datagrams,
+            c.host_receive_buffer_drops
+                .map_or_else(|| "—".to_string(), |d| d.to_string())
         );
     }
     out
@@ -386,6 +431,7 @@ mod tests {
         let via: Vec<String> = (0..3).map(|j| format!("127.0.0.1:{}", 5000 + j)).collect();
         let text = agent_config(&AgentSlot {
             cfg,
+            congestion: Congestion::Bbr,
             source,
             policy: "weightgrad",
             region,
@@ -436,6 +482,7 @@ mod tests {
                 ]
             );
             assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
+            assert_eq!(a.wan.congestion, Congestion::Bbr);
         }
         let wide = ModelSpec::parse("mlp:1024,1024").unwrap();
         assert_eq!(
@@ -443,6 +490,22 @@ mod tests {
                 .model_spec()
                 .unwrap(),
             wide
+        );
+    }
+
+    #[test]
+    fn receive_buffer_errors_are_read_from_the_udp_lines() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 13720613 1310 5771 8464219 6254 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(udp_receive_buffer_errors(snmp), Some(6254));
+        assert_eq!(udp_receive_buffer_errors("Ip: a\nIp: 1\n"), None);
+        assert_eq!(
+            udp_receive_buffer_errors("Udp: InErrors\nUdp: 3\n"),
+            None,
+            "no RcvbufErrors column"
         );
     }
 

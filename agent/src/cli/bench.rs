@@ -2,6 +2,7 @@
 
 use super::data_args::DataArgs;
 use crate::bench::{self, plot};
+use crate::config::Congestion;
 use crate::sim::SimConfig;
 use crate::train::ModelSpec;
 use anyhow::{Context, Result, bail};
@@ -68,6 +69,10 @@ pub struct BenchArgs {
     /// emulator and compare with the simulator on bytes and time.
     #[arg(long, value_delimiter = ',')]
     real: Vec<String>,
+    /// Congestion controller of the `--real` agents' WAN connections (the simulator's
+    /// links carry their full bandwidth from the first byte).
+    #[arg(long, value_enum, default_value_t = Congestion::Cubic)]
+    congestion: Congestion,
 }
 
 /// Runs `weightgrad bench`.
@@ -170,7 +175,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for policy in &args.real {
             eprintln!("running {policy} as real agents in {} ...", work.display());
             checks.push(bench::real::check(
-                &cfg, &source, &data, policy, &exe, &work,
+                &cfg,
+                &source,
+                &data,
+                policy,
+                &bench::real::Agents {
+                    exe: &exe,
+                    dir: &work,
+                    congestion: args.congestion,
+                },
             )?);
         }
         md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work:\n\n";

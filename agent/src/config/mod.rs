@@ -58,7 +58,7 @@ pub struct AgentConfig {
 }
 
 /// Congestion controller for WAN connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Congestion {
     /// CUBIC (the default).
