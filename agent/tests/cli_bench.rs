@@ -209,9 +209,10 @@ fn bad_workload_options_are_named() {
         (vec!["bench", "--lr", "0"], "--lr"),
         (vec!["bench", "--jobs", "0"], "--jobs"),
         (
-            vec!["bench", "--congestion", "reno"],
+            vec!["bench", "--real", "weightgrad", "--congestion", "reno"],
             "invalid value 'reno'",
         ),
+        (vec!["bench", "--congestion", "bbr"], "--real"),
         (
             vec!["bench", "--max-staleness", "18446744073709551615"],
             "is more than 1000000 rounds",

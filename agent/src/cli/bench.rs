@@ -69,10 +69,10 @@ pub struct BenchArgs {
     /// emulator and compare with the simulator on bytes and time.
     #[arg(long, value_delimiter = ',')]
     real: Vec<String>,
-    /// Congestion controller of the `--real` agents' WAN connections (the simulator's
-    /// links carry their full bandwidth from the first byte).
-    #[arg(long, value_enum, default_value_t = Congestion::Cubic)]
-    congestion: Congestion,
+    /// Congestion controller of the `--real` agents' WAN connections (default: the agent's,
+    /// cubic; the simulator's links carry their full bandwidth from the first byte).
+    #[arg(long, value_enum, requires = "real")]
+    congestion: Option<Congestion>,
 }
 
 /// Runs `weightgrad bench`.
@@ -182,7 +182,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &bench::real::Agents {
                     exe: &exe,
                     dir: &work,
-                    congestion: args.congestion,
+                    congestion: args.congestion.unwrap_or_default(),
                 },
             )?);
         }
