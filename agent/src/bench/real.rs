@@ -169,12 +169,10 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         crate::train::dataset::ShardStrategy::Iid => "iid",
         crate::train::dataset::ShardStrategy::LabelSkew => "label-skew",
     };
-    let congestion = match slot.congestion {
-        Congestion::Cubic => "cubic",
-        Congestion::Bbr => "bbr",
-    };
+    // The config's own spelling of the controller (its serde names).
+    let congestion = toml::Value::try_from(slot.congestion)?;
     let mut t = format!(
-        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\ncongestion = \"{congestion}\"\n",
+        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\ncongestion = {congestion}\n",
         toml_string(region),
         slot.listen,
         link.bandwidth_bps / 1e6,
