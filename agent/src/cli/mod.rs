@@ -13,9 +13,16 @@ mod wan_emu;
 
 use clap::{Parser, Subcommand};
 
+/// The version `--version` prints, with the optional features this binary was built with.
+pub const VERSION: &str = if cfg!(feature = "cuda") {
+    concat!(env!("CARGO_PKG_VERSION"), " (features: cuda)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// WeightGrad: train one model across regions over slow WAN links.
 #[derive(Debug, Parser)]
-#[command(name = "weightgrad", version, about, propagate_version = true)]
+#[command(name = "weightgrad", version = VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

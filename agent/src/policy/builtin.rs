@@ -44,13 +44,3 @@ pub fn builtin_wasm(name: &str) -> Option<&'static [u8]> {
         .find(|(n, _)| *n == name)
         .map(|(_, b)| *b)
 }
-
-/// A test fixture that misbehaves on request (see `agent/tests/guests/unruly`).
-#[doc(hidden)]
-pub const UNRULY_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/unruly.wasm"));
-
-/// A test fixture exporting the policy interface of the previous contract version, 1.0.0
-/// (built by `agent/build.rs`); the host must refuse it.
-#[doc(hidden)]
-pub const WRONG_VERSION_WASM: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/wrong-version.wasm"));

@@ -48,7 +48,8 @@ impl DeviceSpec {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    Ok(Device::new_cuda(ordinal)?)
+    Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: cannot open the GPU: {e}"))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,6 +1,7 @@
 //! Running `weightgrad agent` processes in tests: configs, certificates, processes and
 //! their logs and reports.
 
+use crate::binary;
 use serde_json::Value;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
@@ -48,7 +49,7 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+            Command::new(binary())
                 .args(["agent", "--config"])
                 .arg(&self.config)
                 .arg("--report")
@@ -163,7 +164,7 @@ pub fn write_config(
 
 pub fn certs(dir: &Path, regions: &[&str]) {
     let list = regions.join(",");
-    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    let out = Command::new(binary())
         .args(["certs", "init", "--regions", &list, "--out"])
         .arg(dir)
         .output()

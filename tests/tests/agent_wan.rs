@@ -3,15 +3,14 @@
 //! name or another model are refused with the reason logged on both sides; a region that
 //! is stopped and restarted rejoins from a live peer's model while the others go on.
 
-mod common;
-
-use common::cluster::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 use weightgrad::wan::relay::{self, Relay, RelayConfig};
 use weightgrad::wan::shaper::Shaping;
+use weightgrad_tests::binary;
+use weightgrad_tests::cluster::*;
 
 #[test]
 fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() {
@@ -537,7 +536,7 @@ fn a_damaged_checkpoint_stops_the_agent_with_the_file_named() {
     let ckpt = state.join("us-east.ckpt");
     for damage in [&b"WGCK\x28\xb5\x2f\xfdjunk"[..], b"not a checkpoint", b""] {
         std::fs::write(&ckpt, damage).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+        let out = Command::new(binary())
             .args(["agent", "--config"])
             .arg(&agents[0].config)
             .output()

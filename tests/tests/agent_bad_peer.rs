@@ -4,10 +4,7 @@
 //! is refused with a reason in the log and counted; the agent keeps training, nothing of the
 //! honest peer's updates is lost, and every round of the run completes.
 
-mod common;
-
 use bytes::Bytes;
-use common::cluster::*;
 use rand::SeedableRng;
 use s2n_quic::client::Connect;
 use std::time::Duration;
@@ -21,6 +18,7 @@ use weightgrad::wan::handshake::{Hello, PROTOCOL_VERSION, Verdict, decode_verdic
 use weightgrad::wan::link::{ACK, REJECT, STREAM_MESSAGES};
 use weightgrad::wan::telemetry::LinkTelemetry;
 use weightgrad::wan::{endpoint, tls};
+use weightgrad_tests::cluster::*;
 
 /// A frame whose zstd payload expands to 10 MiB while its header declares 1,600 bytes.
 fn zstd_bomb(sender: &str) -> Vec<u8> {

@@ -1,8 +1,6 @@
 //! `weightgrad policy` through the real binary.
 
-mod common;
-
-use common::{weightgrad, weightgrad_ok};
+use weightgrad_tests::{weightgrad, weightgrad_ok};
 
 #[test]
 fn list_export_and_check_round_trip() {

@@ -1,15 +1,21 @@
-//! Helpers shared by the tests that drive the real `weightgrad` binary.
+//! The end-to-end suite's harness: the `weightgrad` binary under test, agent processes
+//! and their configurations ([`cluster`]), and the policy guests the tests push
+//! ([`guests`]).
+//!
+//! The suite reaches the agent only as a user does: through the binary and the
+//! `weightgrad` library's public API.
 
-#![allow(dead_code)] // each test binary uses its own subset
-
+pub mod binary;
 pub mod cluster;
+pub mod guests;
 
+pub use binary::binary;
 use serde_json::Value;
 use std::process::{Command, Output};
 
 /// Runs the binary under test with `args`.
 pub fn weightgrad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    Command::new(binary())
         .args(args)
         .output()
         .expect("run weightgrad")

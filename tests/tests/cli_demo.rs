@@ -1,8 +1,6 @@
 //! `weightgrad demo` through the real binary: the JSON contract and clear errors.
 
-mod common;
-
-use common::{last_json_line, weightgrad, weightgrad_ok};
+use weightgrad_tests::{last_json_line, weightgrad, weightgrad_ok};
 
 #[test]
 fn demo_json_has_the_documented_fields() {

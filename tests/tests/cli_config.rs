@@ -1,9 +1,7 @@
 //! `weightgrad certs init` and `weightgrad config check` through the real binary.
 
-mod common;
-
-use common::{weightgrad, weightgrad_ok};
 use std::path::Path;
+use weightgrad_tests::{weightgrad, weightgrad_ok};
 
 fn config(dir: &Path, region: &str, extra: &str) -> String {
     format!(

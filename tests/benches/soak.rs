@@ -4,14 +4,10 @@
 //! grow by less than 10% and descriptors not at all; the run fails otherwise, and also when
 //! an agent exits early, a link is not conserved or a message was refused.
 //!
-//! `cargo bench -p weightgrad --bench soak` (set `WEIGHTGRAD_SOAK_SECS` for another length).
+//! `cargo bench -p weightgrad-tests --bench soak` (set `WEIGHTGRAD_SOAK_SECS` for another length).
 
-#[path = "../tests/common/cluster.rs"]
-#[allow(dead_code)]
-mod cluster;
-
-use cluster::{Agent, finish_all, loopback};
 use std::time::{Duration, Instant};
+use weightgrad_tests::cluster::{Agent, finish_all, loopback};
 
 const REGIONS: [&str; 5] = ["us-east", "us-west", "eu-west", "eu-north", "ap-southeast"];
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -46,7 +42,7 @@ fn main() {
     // `cargo bench` passes `--bench`; a plain `cargo test --benches` run passes nothing and
     // must not soak for ten minutes.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("soak: run with `cargo bench -p weightgrad --bench soak`");
+        println!("soak: run with `cargo bench -p weightgrad-tests --bench soak`");
         return;
     }
     let secs: u64 = std::env::var("WEIGHTGRAD_SOAK_SECS")
@@ -82,7 +78,7 @@ fn main() {
                 panic!(
                     "{} exited during the soak ({status}):\n{}",
                     a.name,
-                    cluster::tail(&a.log())
+                    weightgrad_tests::cluster::tail(&a.log())
                 );
             }
             if let Some(sample) = read_sample(child.id(), at) {

@@ -7,7 +7,6 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weightgrad::policies::builtin;
-use weightgrad::policy::builtin::UNRULY_WASM;
 use weightgrad::policy::{
     DecisionSource, FailStrategy, PolicyFailure, PolicyRuntime, Sandbox, SandboxLimits,
     builtin_wasm, golden_input,
@@ -15,6 +14,7 @@ use weightgrad::policy::{
 use weightgrad_sdk::{
     LanInput, LinkInput, LinkStats, PolicyInput, RoundContext, TensorRole, TensorStats,
 };
+use weightgrad_tests::guests::UNRULY as UNRULY_WASM;
 
 fn random_input(rng: &mut ChaCha8Rng) -> PolicyInput {
     let links = rng.random_range(0..4);
@@ -207,7 +207,7 @@ fn bad_components_are_refused_and_nothing_changes() {
     assert!(err.contains("weightgrad:policy@2.0.0"), "{err}");
     // A component of the previous contract version, 1.0.0: refused by version, before any call.
     let err = rt
-        .swap(weightgrad::policy::builtin::WRONG_VERSION_WASM)
+        .swap(weightgrad_tests::guests::WRONG_VERSION)
         .unwrap_err()
         .to_string();
     assert!(

@@ -1,12 +1,11 @@
 //! `weightgrad wan-emu` as a process: relays through the emulated link, reports on SIGTERM,
 //! refuses bad settings by name.
 
-mod common;
-
-use common::weightgrad;
 use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use weightgrad_tests::binary;
+use weightgrad_tests::weightgrad;
 
 #[test]
 fn relays_datagrams_and_reports_on_sigterm() {
@@ -24,7 +23,7 @@ fn relays_datagrams_and_reports_on_sigterm() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let relay = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    let relay = Command::new(binary())
         .args([
             "wan-emu",
             "--listen",

@@ -7,11 +7,7 @@
 //! skip when a tool is missing, unless `WEIGHTGRAD_REQUIRE_TOOLS=1` (set by `.ci/run`, which
 //! installs them) makes a missing tool a failure.
 
-mod common;
-
 use clap::Parser;
-use common::cluster::*;
-use common::weightgrad;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
@@ -20,6 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use weightgrad::cli::Cli;
 use weightgrad::config::AgentConfig;
+use weightgrad_tests::binary;
+use weightgrad_tests::cluster::*;
+use weightgrad_tests::weightgrad;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Where every deployment puts things; the configurations' relative paths resolve against
@@ -1049,7 +1048,7 @@ fn systemd_analyze_verifies_the_unit() {
     let dir = tempfile::tempdir().unwrap();
     let unit = read(&deployments().join("systemd/weightgrad.service")).replace(
         "/usr/local/bin/weightgrad",
-        env!("CARGO_BIN_EXE_weightgrad"),
+        binary().to_str().expect("a UTF-8 path"),
     );
     let path = dir.path().join("weightgrad.service");
     std::fs::write(&path, unit).unwrap();

@@ -2,14 +2,13 @@
 //! metrics and status; and fifty swaps while three regions train, which must not skip or
 //! repeat a round, break per-link conservation, or cost accuracy.
 
-mod common;
-
-use common::cluster::*;
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use weightgrad_tests::binary;
+use weightgrad_tests::cluster::*;
 
 const TOKEN: &str = "an-admin-token-for-tests-0123456789";
 
@@ -93,7 +92,7 @@ fn wait_ready(admin: SocketAddr) {
 
 fn builtin(name: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!("{name}.wasm"));
-    let st = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    let st = Command::new(binary())
         .args(["policy", "export", name, "-o"])
         .arg(&out)
         .output()
@@ -194,7 +193,7 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
         || get(a, "/status").1["policy"]["name"] == "gaia",
     );
     // Rollback: weightgrad again; the CLI says so.
-    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    let out = Command::new(binary())
         .args([
             "policy",
             "rollback",
@@ -211,7 +210,7 @@ fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("active: weightgrad"));
-    let out = Command::new(env!("CARGO_BIN_EXE_weightgrad"))
+    let out = Command::new(binary())
         .args(["status", "--agent", &format!("http://{a}"), "--json"])
         .output()
         .unwrap();

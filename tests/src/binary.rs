@@ -1,0 +1,148 @@
+//! The `weightgrad` binary the suite runs: the one `WEIGHTGRAD_BIN` names (a release or
+//! CUDA build, say), or else the agent's binary as cargo builds it in the profile and
+//! target directory of the running test.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The binary under test, found or built once per test process.
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| locate().unwrap_or_else(|e| panic!("the weightgrad binary: {e}")))
+}
+
+fn locate() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("WEIGHTGRAD_BIN") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("WEIGHTGRAD_BIN={} is not a file", path.display()))
+        };
+    }
+    build()
+}
+
+/// Where the running test executable says its build put things: the target directory,
+/// the target triple when one was given, and the profile.
+#[derive(Debug, PartialEq, Eq)]
+struct BuildPlace {
+    target_dir: PathBuf,
+    triple: Option<String>,
+    profile: String,
+}
+
+/// Reads a [`BuildPlace`] off a test executable's path:
+/// `TARGET_DIR/[TRIPLE/]PROFILE_DIR/deps/NAME`, where the target directory is the one
+/// holding cargo's `CACHEDIR.TAG` and `debug` is the `dev` profile's directory.
+fn build_place(exe: &Path, is_target_dir: impl Fn(&Path) -> bool) -> Option<BuildPlace> {
+    let deps = exe
+        .parent()
+        .filter(|d| d.file_name() == Some("deps".as_ref()))?;
+    let profile_dir = deps.parent()?;
+    let name = profile_dir.file_name()?.to_str()?;
+    let profile = if name == "debug" { "dev" } else { name }.to_string();
+    let above = profile_dir.parent()?;
+    if is_target_dir(above) {
+        return Some(BuildPlace {
+            target_dir: above.to_path_buf(),
+            triple: None,
+            profile,
+        });
+    }
+    let root = above.parent().filter(|r| is_target_dir(r))?;
+    Some(BuildPlace {
+        target_dir: root.to_path_buf(),
+        triple: Some(above.file_name()?.to_str()?.to_string()),
+        profile,
+    })
+}
+
+fn build() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this test: {e}"))?;
+    let place = build_place(&exe, |d| d.join("CACHEDIR.TAG").is_file()).ok_or_else(|| {
+        format!(
+            "{} is not in a cargo target directory; set WEIGHTGRAD_BIN",
+            exe.display()
+        )
+    })?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the suite lives inside the workspace");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "weightgrad",
+            "--bin",
+            "weightgrad",
+        ])
+        .args(["--message-format", "json-render-diagnostics", "--profile"])
+        .arg(&place.profile)
+        .arg("--target-dir")
+        .arg(&place.target_dir)
+        .stderr(Stdio::inherit());
+    if let Some(triple) = &place.triple {
+        cmd.args(["--target", triple]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`cargo build -p weightgrad` failed ({})",
+            out.status
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "weightgrad")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| "cargo built no weightgrad executable".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_place_is_read_off_the_test_executables_path() {
+        let roots = [Path::new("/t"), Path::new("/w/target")];
+        let is_root = |d: &Path| roots.contains(&d);
+        assert_eq!(
+            build_place(Path::new("/t/debug/deps/agent_wan-1"), is_root),
+            Some(BuildPlace {
+                target_dir: "/t".into(),
+                triple: None,
+                profile: "dev".into()
+            })
+        );
+        assert_eq!(
+            build_place(Path::new("/w/target/release/deps/x"), is_root),
+            Some(BuildPlace {
+                target_dir: "/w/target".into(),
+                triple: None,
+                profile: "release".into()
+            })
+        );
+        assert_eq!(
+            build_place(Path::new("/t/x86_64-unknown-linux-gnu/ci/deps/x"), is_root),
+            Some(BuildPlace {
+                target_dir: "/t".into(),
+                triple: Some("x86_64-unknown-linux-gnu".into()),
+                profile: "ci".into()
+            })
+        );
+        assert_eq!(build_place(Path::new("/t/debug/x"), is_root), None);
+        assert_eq!(
+            build_place(Path::new("/elsewhere/debug/deps/x"), is_root),
+            None
+        );
+    }
+}
