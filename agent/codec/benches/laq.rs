@@ -1,6 +1,7 @@
 //! Loss-aware weight quantization of one 1024×1024 weight tensor, as the LAN quantizes ŵ
-//! every step (`LinearApprox`, 8 bits, split sign; `TernaryExact` at 2 bits), beside a
-//! memcpy of the same weights (the baseline measured in the same run).
+//! every step (`LaqSolver::for_lan`: the scale search at 8 bits, the exact ternary search
+//! at 2 bits, split sign), beside a memcpy of the same weights (the baseline measured in
+//! the same run). One thread.
 //!
 //! Run: `cargo bench -p weightgrad-codec --bench laq`
 
@@ -8,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::hint::black_box;
-use weightgrad_codec::laq::{LaqSolver, curvature_from_adam, laq_quantize};
+use weightgrad_codec::laq::{LaqSolver, curvature_from_adam, laq_quantize, laq_quantize_into};
 
 const WEIGHTS: usize = 1 << 20;
 
@@ -35,14 +36,16 @@ fn laq(c: &mut Criterion) {
         })
     });
     for (name, solver) in [
-        (
-            "linear-approx 8-bit",
-            LaqSolver::LinearApprox { bits: 8, iters: 10 },
-        ),
-        ("ternary-exact", LaqSolver::TernaryExact),
+        ("linear-approx 8-bit", LaqSolver::for_lan(8)),
+        ("ternary-exact", LaqSolver::for_lan(2)),
     ] {
+        // As the LAN does: the level buffer is reused from step to step.
+        let mut out = laq_quantize(&w, &d, solver, true);
         group.bench_function(name, |b| {
-            b.iter(|| black_box(laq_quantize(black_box(&w), black_box(&d), solver, true)))
+            b.iter(|| {
+                laq_quantize_into(black_box(&w), black_box(&d), solver, true, &mut out);
+                black_box(&out);
+            })
         });
     }
     group.finish();

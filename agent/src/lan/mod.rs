@@ -14,7 +14,7 @@ use crate::train::{
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
-use weightgrad_codec::laq::{LaqSolver, curvature_from_adam, laq_quantize};
+use weightgrad_codec::laq::{LaqSolver, LaqWeights, laq_quantize_into};
 use weightgrad_codec::pack::packed_len;
 use weightgrad_codec::{
     DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode, encode,
@@ -99,6 +99,16 @@ pub struct RegionTrainer {
     lan_bytes: u64,
     seed: u64,
     data_mode_allowed: bool,
+    /// Per tensor, the buffers ŵ is quantized into at every step (reused: fresh ones of a
+    /// large model's size would cost their page faults each step).
+    quantizing: Vec<Quantizing>,
+}
+
+/// One tensor's reusable buffers for ŵ: the curvature and the quantized weights.
+#[derive(Debug, Default)]
+struct Quantizing {
+    curvature: Vec<f32>,
+    laq: Option<LaqWeights>,
 }
 
 /// Where a region's workers sit relative to its aggregator, as the operator configures it.
@@ -194,6 +204,7 @@ impl RegionTrainer {
             lan_bytes: 0,
             seed,
             data_mode_allowed: true,
+            quantizing: Vec::new(),
         })
     }
 
@@ -240,38 +251,45 @@ impl RegionTrainer {
         self.workers.iter().map(|w| w.data.len()).sum()
     }
 
-    /// ŵ for the workers and the bytes one copy of it costs on the LAN.
-    fn quantized_weights(&self, bits: u8) -> (Vec<Vec<f32>>, u64) {
-        let curvature = self.opt.second_moment();
+    /// ŵ for the workers and the bytes one copy of it costs on the LAN: computed once per
+    /// step, whatever the number of workers.
+    fn quantized_weights(&mut self, bits: u8) -> Result<(Vec<Vec<f32>>, u64)> {
+        let curvature = self.opt.second_moment().filter(|_| self.steps > 0);
+        self.quantizing
+            .resize_with(self.weights.len(), Quantizing::default);
         let mut bytes = 0u64;
-        let w_hat = self
-            .weights
-            .iter()
-            .zip(&self.metas)
-            .enumerate()
-            .map(|(i, (w, meta))| {
-                if bits == 32 || meta.role == TensorRole::Bias {
-                    bytes += 4 * w.len() as u64;
-                    return w.clone();
-                }
-                let d = curvature
-                    .as_ref()
-                    .filter(|_| self.steps > 0)
-                    .and_then(|v| v[i].flatten_all().ok()?.to_vec1::<f32>().ok())
-                    .map(|v| curvature_from_adam(&v, 1e-8))
-                    .unwrap_or_else(|| vec![1.0; w.len()]);
-                let solver = if bits == 2 {
-                    LaqSolver::TernaryExact
-                } else {
-                    LaqSolver::LinearApprox { bits, iters: 10 }
-                };
-                let q = laq_quantize(w, &d, solver, true);
-                // Levels packed at `bits` bits, plus α⁺ and α⁻.
-                bytes += packed_len(w.len(), bits) as u64 + 8;
-                q.dequantize()
-            })
-            .collect();
-        (w_hat, bytes)
+        let mut w_hat = Vec::with_capacity(self.weights.len());
+        for (i, (w, meta)) in self.weights.iter().zip(&self.metas).enumerate() {
+            if bits == 32 || meta.role == TensorRole::Bias {
+                bytes += 4 * w.len() as u64;
+                w_hat.push(w.clone());
+                continue;
+            }
+            let q = &mut self.quantizing[i];
+            // Curvature `sqrt(v) + ε` from Adam's second moment; flat before the first step.
+            q.curvature.clear();
+            match &curvature {
+                Some(v) => q.curvature.extend(
+                    v[i].flatten_all()?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(|v| v.max(0.0).sqrt() + 1e-8),
+                ),
+                None => q.curvature.resize(w.len(), 1.0),
+            }
+            let solver = LaqSolver::for_lan(bits);
+            let laq = q.laq.get_or_insert_with(|| LaqWeights {
+                alpha_pos: 0.0,
+                alpha_neg: 0.0,
+                k: solver.levels(),
+                levels: Vec::new(),
+            });
+            laq_quantize_into(w, &q.curvature, solver, true, laq);
+            // Levels packed at `bits` bits, plus α⁺ and α⁻.
+            bytes += packed_len(w.len(), bits) as u64 + 8;
+            w_hat.push(laq.dequantize());
+        }
+        Ok((w_hat, bytes))
     }
 
     /// One synchronous LAN step at learning rate `lr` under `plan`. A data-mode plan where
@@ -296,7 +314,7 @@ impl RegionTrainer {
     /// Gradient mode: workers compute gradients on ŵ and send them quantized; returns the
     /// mean loss and the averaged gradient.
     fn gradient_mode(&mut self, plan: &LanPlan) -> Result<(f32, Vec<Vec<f32>>)> {
-        let (w_hat, w_hat_bytes) = self.quantized_weights(plan.weight_bits);
+        let (w_hat, w_hat_bytes) = self.quantized_weights(plan.weight_bits)?;
         self.lan_bytes += w_hat_bytes * self.workers.len() as u64;
         let batch = self.batch_size;
         let step = self.steps;
@@ -356,7 +374,7 @@ impl RegionTrainer {
     fn data_mode(&mut self, plan: &LanPlan, data_plan: &DataPlan) -> Result<(f32, Vec<Vec<f32>>)> {
         let refine = data_plan.refine_bits > 0;
         let w_hat = if refine {
-            let (w_hat, bytes) = self.quantized_weights(plan.weight_bits);
+            let (w_hat, bytes) = self.quantized_weights(plan.weight_bits)?;
             self.lan_bytes += bytes * self.workers.len() as u64;
             Some(w_hat)
         } else {

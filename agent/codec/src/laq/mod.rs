@@ -11,11 +11,19 @@
 //!   is the nearest one, and it only changes where `|w_i|·k/α` crosses a half-level, so a sweep
 //!   of α over those breakpoints (updating `Σ d w b` and `Σ d b²` one event at a time) visits
 //!   every candidate assignment and finds the global optimum in `O(n·k·log(n·k))`. Tensors
-//!   with more than [`LINEAR_EXACT_BUDGET`] breakpoints use alternating minimisation from
-//!   several starting scales instead.
+//!   with more than [`LINEAR_EXACT_BUDGET`] breakpoints use the scale search instead.
+//! - [`LaqSolver::LinearApprox`]: the scale search alone (what the LAN runs at every step):
+//!   a grid of scales, a few halvings of the bracket around the best, then the nearest
+//!   levels at the best assignment's own optimal scale; a handful of vectorised passes.
 //!
 //! With `split_sign`, positive and negative weights get their own scale (α⁺, α⁻): the
-//! objective separates, and each half is solved on its own.
+//! objective separates, and each half is solved on its own (in the same passes).
+//!
+//! The passes the LAN's solvers make ([`kernel`]) give the same bits on every machine:
+//! one scalar formulation defines them, and the AVX2 version does the same arithmetic.
+
+mod kernel;
+mod search;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,17 +49,33 @@ pub enum LaqSolver {
         /// Maximum alternations per start.
         iters: u32,
     },
-    /// `bits`-bit linear levels by alternating minimisation only: cheaper per call, for
-    /// re-quantizing weights every training step.
+    /// `bits`-bit linear levels by the scale search only (a grid, then `iters` halvings of
+    /// the bracket around the best scale): cheap enough to re-quantize weights every step.
     LinearApprox {
         /// Bits per weight, `2..=8`.
         bits: u8,
-        /// Maximum alternations per start.
+        /// Halvings of the bracket around the best grid scale.
         iters: u32,
     },
 }
 
 impl LaqSolver {
+    /// Halvings of the scale bracket the LAN's 3-to-8-bit solver makes.
+    pub const LAN_REFINE: u32 = 2;
+
+    /// What the LAN quantizes ŵ with at `bits` bits per weight: the exact ternary solver at
+    /// 2 bits, the scale search otherwise.
+    pub fn for_lan(bits: u8) -> Self {
+        if bits == 2 {
+            Self::TernaryExact
+        } else {
+            Self::LinearApprox {
+                bits,
+                iters: Self::LAN_REFINE,
+            }
+        }
+    }
+
     /// Positive levels `k`: weights take values `α·j/k`, `j ∈ -k..=k`.
     pub fn levels(&self) -> i32 {
         match self {
@@ -110,43 +134,70 @@ pub fn curvature_from_adam(v: &[f32], eps: f32) -> Vec<f32> {
 
 /// Quantizes `w` weighted by `d` (same length, `d > 0`).
 pub fn laq_quantize(w: &[f32], d: &[f32], solver: LaqSolver, split_sign: bool) -> LaqWeights {
-    assert_eq!(w.len(), d.len(), "weights and curvature differ in length");
-    let k = solver.levels();
-    let mut levels = vec![0i8; w.len()];
-    let (alpha_pos, alpha_neg) = if split_sign {
-        let pos: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
-        let neg: Vec<usize> = (0..w.len()).filter(|&i| w[i] < 0.0).collect();
-        let a = solve_subset(w, d, &pos, solver, &mut levels);
-        let b = solve_subset(w, d, &neg, solver, &mut levels);
-        (a, b)
-    } else {
-        let all: Vec<usize> = (0..w.len()).collect();
-        let a = solve_subset(w, d, &all, solver, &mut levels);
-        (a, a)
+    let mut out = LaqWeights {
+        alpha_pos: 0.0,
+        alpha_neg: 0.0,
+        k: solver.levels(),
+        levels: Vec::new(),
     };
-    LaqWeights {
-        alpha_pos,
-        alpha_neg,
-        k,
-        levels,
-    }
+    laq_quantize_into(w, d, solver, split_sign, &mut out);
+    out
 }
 
-/// Solves for one scale over the weights at `idx`, writing their levels; returns α.
+/// [`laq_quantize`] into `out`, reusing its level buffer (a step quantizes every tensor
+/// again: a fresh buffer would cost its page faults each time).
+pub fn laq_quantize_into(
+    w: &[f32],
+    d: &[f32],
+    solver: LaqSolver,
+    split_sign: bool,
+    out: &mut LaqWeights,
+) {
+    assert_eq!(w.len(), d.len(), "weights and curvature differ in length");
+    let k = solver.levels();
+    out.k = k;
+    out.levels.resize(w.len(), 0);
+    let levels = &mut out.levels;
+    let searched = match solver {
+        LaqSolver::LinearApprox { iters, .. } => {
+            Some(search::linear(w, d, k, split_sign, iters, levels))
+        }
+        LaqSolver::Linear { iters, .. }
+            if w.len().saturating_mul(k as usize) > LINEAR_EXACT_BUDGET =>
+        {
+            Some(search::linear(w, d, k, split_sign, iters.min(8), levels))
+        }
+        LaqSolver::TernaryExact => search::ternary(w, d, split_sign, levels),
+        _ => None,
+    };
+    (out.alpha_pos, out.alpha_neg) = match searched {
+        Some(alphas) => alphas,
+        None => {
+            levels.fill(0);
+            if split_sign {
+                let pos: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+                let neg: Vec<usize> = (0..w.len()).filter(|&i| w[i] < 0.0).collect();
+                let a = solve_subset(w, d, &pos, solver, levels);
+                let b = solve_subset(w, d, &neg, solver, levels);
+                (a, b)
+            } else {
+                let all: Vec<usize> = (0..w.len()).collect();
+                let a = solve_subset(w, d, &all, solver, levels);
+                (a, a)
+            }
+        }
+    };
+}
+
+/// Solves for one scale over the weights at `idx` with the solvers that work on an index
+/// subset (the exact sweep, the ternary sort for non-finite input, the ternary
+/// alternation), writing their levels; returns α.
 fn solve_subset(w: &[f32], d: &[f32], idx: &[usize], solver: LaqSolver, levels: &mut [i8]) -> f32 {
     match solver {
         LaqSolver::TernaryExact => ternary_exact(w, d, idx, levels),
         LaqSolver::TernaryApprox { iters } => ternary_alternating(w, d, idx, iters, levels),
-        LaqSolver::LinearApprox { iters, .. } => {
-            linear_alternating(w, d, idx, solver.levels(), iters, levels)
-        }
-        LaqSolver::Linear { iters, .. } => {
-            let k = solver.levels();
-            if idx.len().saturating_mul(k as usize) <= LINEAR_EXACT_BUDGET {
-                linear_sweep(w, d, idx, k, levels)
-            } else {
-                linear_alternating(w, d, idx, k, iters, levels)
-            }
+        LaqSolver::Linear { .. } | LaqSolver::LinearApprox { .. } => {
+            linear_sweep(w, d, idx, solver.levels(), levels)
         }
     }
 }
@@ -294,161 +345,6 @@ fn ternary_alternating(w: &[f32], d: &[f32], idx: &[usize], iters: u32, levels: 
     alpha
 }
 
-/// Starting scales of the alternating solver, as fractions of the largest `|w|`.
-const STARTS: [f32; 6] = [1.0, 0.85, 0.7, 0.55, 0.4, 0.25];
-
-/// Alternating minimisation from each of [`STARTS`]; the start with the least error wins
-/// (the first on a tie).
-///
-/// The starts are independent, so they advance in lockstep: one pass over the weights
-/// updates all six sums at once, six independent chains of additions where one start alone
-/// would wait on each addition. Each start's own arithmetic is unchanged and in the same
-/// order, so the result is the same to the bit as running the starts one after another
-/// (`tests::linear_alternating_matches_the_plain_formulation`). The subset is read from
-/// contiguous copies and rounded without a libm call, so the level passes vectorise.
-fn linear_alternating(
-    w: &[f32],
-    d: &[f32],
-    idx: &[usize],
-    k: i32,
-    iters: u32,
-    levels: &mut [i8],
-) -> f32 {
-    let ws: Vec<f32> = idx.iter().map(|&i| w[i]).collect();
-    let max = ws.iter().fold(0f32, |m, &v| m.max(v.abs()));
-    if max == 0.0 {
-        levels_clear(idx, levels);
-        return 0.0;
-    }
-    let ds: Vec<f32> = idx.iter().map(|&i| d[i]).collect();
-    // `d·w` in f64, the first product of every numerator term.
-    let dw: Vec<f64> = ws
-        .iter()
-        .zip(&ds)
-        .map(|(&w, &d)| f64::from(d) * f64::from(w))
-        .collect();
-    let kf = k as f32;
-    let mut alpha = STARTS.map(|s| max * s);
-    let mut active = [true; STARTS.len()];
-    let mut ls: [Vec<i8>; STARTS.len()] = std::array::from_fn(|_| vec![0i8; ws.len()]);
-    for _ in 0..iters.max(1) {
-        if !active.contains(&true) {
-            break;
-        }
-        for s in 0..STARTS.len() {
-            if active[s] {
-                assign_levels(&ws, kf, alpha[s], &mut ls[s]);
-            }
-        }
-        // α = Σ d w (b/k) / Σ d (b/k)², per start (finished starts' sums go unused).
-        let (num, den) = moments(&dw, &ds, &ls, k);
-        for s in 0..STARTS.len() {
-            if !active[s] {
-                continue;
-            }
-            let next = if den[s] > 0.0 {
-                (num[s] / den[s]) as f32
-            } else {
-                alpha[s]
-            };
-            let converged = (next - alpha[s]).abs() <= alpha[s] * 1e-6;
-            active[s] = !converged;
-            alpha[s] = next;
-        }
-    }
-    for (l, &a) in ls.iter_mut().zip(&alpha) {
-        assign_levels(&ws, kf, a, l);
-    }
-    let errors = level_errors(&ws, &ds, &ls, &alpha, k);
-    let mut best: Option<usize> = None;
-    for s in 0..STARTS.len() {
-        if errors[s] < best.map_or(f64::INFINITY, |b| errors[b]) {
-            best = Some(s);
-        }
-    }
-    let Some(best) = best else {
-        // No start has a finite error (non-finite input): levels stay as they were.
-        return 0.0;
-    };
-    for (&i, &l) in idx.iter().zip(&ls[best]) {
-        levels[i] = l;
-    }
-    alpha[best]
-}
-
-/// `(Σ d w b, Σ d b²)` with `b = level / k`, for every start's levels, in one pass.
-fn moments(
-    dw: &[f64],
-    ds: &[f32],
-    ls: &[Vec<i8>; STARTS.len()],
-    k: i32,
-) -> ([f64; STARTS.len()], [f64; STARTS.len()]) {
-    // `b = level / k` in f64, by level + k.
-    let ratio: Vec<f64> = (-k..=k).map(|l| f64::from(l) / f64::from(k)).collect();
-    let n = dw.len();
-    let ls: [&[i8]; STARTS.len()] = std::array::from_fn(|s| &ls[s][..n]);
-    let (mut num, mut den) = ([0f64; STARTS.len()], [0f64; STARTS.len()]);
-    for (i, (&dw, &d)) in dw.iter().zip(&ds[..n]).enumerate() {
-        let d = f64::from(d);
-        for s in 0..STARTS.len() {
-            let b = ratio[(i32::from(ls[s][i]) + k) as usize];
-            num[s] += dw * b;
-            den[s] += d * b * b;
-        }
-    }
-    (num, den)
-}
-
-/// `Σ d (w − α·level/k)²` for every start's levels and scale, in one pass.
-fn level_errors(
-    ws: &[f32],
-    ds: &[f32],
-    ls: &[Vec<i8>; STARTS.len()],
-    alpha: &[f32; STARTS.len()],
-    k: i32,
-) -> [f64; STARTS.len()] {
-    let kf = k as f32;
-    // `α·level/k` in f32, by start, by level + k.
-    let value: Vec<Vec<f32>> = alpha
-        .iter()
-        .map(|&a| (-k..=k).map(|l| a * l as f32 / kf).collect())
-        .collect();
-    let n = ws.len();
-    let ls: [&[i8]; STARTS.len()] = std::array::from_fn(|s| &ls[s][..n]);
-    let mut err = [0f64; STARTS.len()];
-    for (i, (&w, &d)) in ws.iter().zip(&ds[..n]).enumerate() {
-        let d = f64::from(d);
-        for s in 0..STARTS.len() {
-            err[s] += d * f64::from(w - value[s][(i32::from(ls[s][i]) + k) as usize]).powi(2);
-        }
-    }
-    err
-}
-
-/// Each weight's nearest level at scale `alpha`: `(w·k/α).round().clamp(-k, k)`.
-fn assign_levels(ws: &[f32], kf: f32, alpha: f32, out: &mut [i8]) {
-    for (l, &w) in out.iter_mut().zip(ws) {
-        *l = nearest_level(w * kf / alpha, kf);
-    }
-}
-
-/// `v.round().clamp(-k, k) as i8` (ties away from zero; NaN gives 0) in float and integer
-/// arithmetic that vectorises, where `round` is a libm call and a saturating float-to-`i8`
-/// cast is not vectorised. Clamping first changes nothing, as `k` is an integer. For
-/// `0 ≤ a < 2^22`, `(a + 2^23) − 2^23` is `a` rounded to the nearest integer, ties to even
-/// (the sum's unit in the last place is 1); a remainder of exactly one half then moves it
-/// away from zero. An integer `r` with `|r| < 2^22` is the low bits of `r + 1.5·2^23`.
-fn nearest_level(v: f32, kf: f32) -> i8 {
-    const SHIFT: f32 = 8_388_608.0; // 2^23
-    const BIAS: f32 = 12_582_912.0; // 1.5·2^23
-    let c = v.clamp(-kf, kf);
-    let a = if c.is_nan() { 0.0 } else { c.abs() };
-    let even = (a + SHIFT) - SHIFT;
-    let away = if a - even == 0.5 { even + 1.0 } else { even };
-    let r = away.copysign(c) + BIAS;
-    (r.to_bits().wrapping_sub(BIAS.to_bits())) as i8
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,38 +466,31 @@ mod tests {
     }
 
     #[test]
-    fn linear_alternating_is_bounded_by_the_optimum() {
+    fn linear_approx_is_bounded_by_the_optimum() {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let (mut alt_sum, mut opt_sum) = (0f64, 0f64);
-        for _ in 0..150 {
+        let (mut approx_sum, mut opt_sum) = (0f64, 0f64);
+        for case in 0..150 {
             let (w, d) = small_problem().new_tree(&mut runner).unwrap().current();
             let n = w.len().min(5);
             let (w, d) = (&w[..n], &d[..n]);
-            let idx: Vec<usize> = (0..n).collect();
-            let mut levels = vec![0i8; n];
-            let alpha = linear_alternating(w, d, &idx, 3, 30, &mut levels);
-            let q = LaqWeights {
-                alpha_pos: alpha,
-                alpha_neg: alpha,
-                k: 3,
-                levels,
-            };
-            let alt = weighted_error(w, d, &q.dequantize());
-            let opt = brute_force(w, d, 3, false);
-            assert!(alt >= opt - 1e-4 * (1.0 + opt));
-            alt_sum += alt;
+            let split = case % 2 == 0;
+            let q = laq_quantize(w, d, LaqSolver::LinearApprox { bits: 3, iters: 3 }, split);
+            assert!(q.levels.iter().all(|&l| l.abs() <= 3));
+            let approx = weighted_error(w, d, &q.dequantize());
+            let opt = brute_force(w, d, 3, split);
+            assert!(approx >= opt - 1e-4 * (1.0 + opt));
+            approx_sum += approx;
             opt_sum += opt;
         }
-        // The fallback for very large tensors: 1.094× the optimum on these cases when written.
         assert!(
-            alt_sum <= opt_sum * 1.25,
-            "alternating {alt_sum} vs optimum {opt_sum}"
+            approx_sum <= opt_sum * 1.25,
+            "scale search {approx_sum} vs optimum {opt_sum}"
         );
     }
 
-    /// The alternating solver as first written: gathers through `idx` and calls `round`
-    /// on every pass. The solver must give the same bits, so every recorded training figure
-    /// stays what it was.
+    /// The alternating solver the LAN ran before the scale search: six starting scales,
+    /// each alternated to convergence, the least error wins. The scale search's results are
+    /// compared with it.
     fn linear_alternating_plain(
         w: &[f32],
         d: &[f32],
@@ -662,10 +551,25 @@ mod tests {
         best.1
     }
 
+    /// The previous solver's result as quantized weights, with split signs as the LAN uses.
+    fn previous_solver(w: &[f32], d: &[f32], k: i32) -> LaqWeights {
+        let mut levels = vec![0i8; w.len()];
+        let pos: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+        let neg: Vec<usize> = (0..w.len()).filter(|&i| w[i] < 0.0).collect();
+        let alpha_pos = linear_alternating_plain(w, d, &pos, k, 10, &mut levels);
+        let alpha_neg = linear_alternating_plain(w, d, &neg, k, 10, &mut levels);
+        LaqWeights {
+            alpha_pos,
+            alpha_neg,
+            k,
+            levels,
+        }
+    }
+
     /// Weights of a trained layer's spread, with exact zeros, multiples of 1/80 and
-    /// outliers, over a random subset of positions.
-    fn layer_like() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, Vec<usize>)> {
-        (1usize..400).prop_flat_map(|n| {
+    /// outliers.
+    fn layer_like(max_len: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+        (1usize..max_len).prop_flat_map(|n| {
             (
                 proptest::collection::vec(
                     prop_oneof![
@@ -677,50 +581,22 @@ mod tests {
                     n,
                 ),
                 proptest::collection::vec(1e-8f32..2.0, n),
-                proptest::collection::vec(any::<bool>(), n),
             )
-                .prop_map(|(w, d, keep)| {
-                    let idx = (0..w.len()).filter(|&i| keep[i]).collect();
-                    (w, d, idx)
-                })
         })
     }
 
-    /// `(α, levels)` from the solver and from the plain formulation, each writing over the
-    /// same marker levels (7), so that levels left untouched compare too.
-    fn solve_both(
-        w: &[f32],
-        d: &[f32],
-        idx: &[usize],
-        k: i32,
-        iters: u32,
-    ) -> ((f32, Vec<i8>), (f32, Vec<i8>)) {
-        let (mut fast, mut plain) = (vec![7i8; w.len()], vec![7i8; w.len()]);
-        let a = linear_alternating(w, d, idx, k, iters, &mut fast);
-        let b = linear_alternating_plain(w, d, idx, k, iters, &mut plain);
-        ((a, fast), (b, plain))
-    }
-
-    /// Weights whose largest magnitude is `k` and whose others sit on half-levels
-    /// `±(j + 0.5)`: the first start (α = max) meets exact ties on its first pass, where
-    /// `w·k/α` is exactly `j + 0.5`.
-    fn exact_ties() -> impl Strategy<Value = (Vec<f32>, Vec<f32>, i32)> {
-        (2u8..=8).prop_flat_map(|bits| {
-            let k = (1i32 << (bits - 1)) - 1;
-            (
-                proptest::collection::vec((0..k, any::<bool>()), 1..60),
-                proptest::collection::vec(0.01f32..2.0, 61),
-            )
-                .prop_map(move |(halves, d)| {
-                    let mut w = vec![k as f32];
-                    w.extend(halves.iter().map(|&(j, negative)| {
-                        let v = j as f32 + 0.5;
-                        if negative { -v } else { v }
-                    }));
-                    let d = d[..w.len()].to_vec();
-                    (w, d, k)
-                })
-        })
+    /// Gaussian weights and Adam-like curvature, as the benchmark's layer.
+    fn gaussian_layer(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut normal = || {
+            // Box–Muller from two uniforms.
+            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        };
+        let w: Vec<f32> = (0..n).map(|_| 0.03 * normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| (1e-3 * normal()).powi(2)).collect();
+        (w, curvature_from_adam(&v, 1e-8))
     }
 
     /// Values a broken upstream could hand the solver: non-finite, zero, negative, tiny.
@@ -737,84 +613,161 @@ mod tests {
         ]
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
-
-        #[test]
-        fn linear_alternating_matches_the_plain_formulation(
-            (w, d, idx) in layer_like(),
-            bits in 2u8..=8,
-            iters in 1u32..12,
-        ) {
-            let k = (1i32 << (bits - 1)) - 1;
-            let ((a, fast), (b, plain)) = solve_both(&w, &d, &idx, k, iters);
-            prop_assert_eq!(a.to_bits(), b.to_bits());
-            prop_assert_eq!(fast, plain);
-        }
-
-        #[test]
-        fn linear_alternating_matches_the_plain_formulation_on_exact_ties(
-            (w, d, k) in exact_ties(),
-            iters in 1u32..12,
-        ) {
-            let idx: Vec<usize> = (0..w.len()).collect();
-            let ((a, fast), (b, plain)) = solve_both(&w, &d, &idx, k, iters);
-            prop_assert_eq!(a.to_bits(), b.to_bits());
-            prop_assert_eq!(fast, plain);
-        }
-
-        #[test]
-        fn linear_alternating_matches_the_plain_formulation_on_non_finite_input(
-            w in proptest::collection::vec(special_f32(), 1..40),
-            d in proptest::collection::vec(special_f32(), 40),
-            bits in 2u8..=8,
-            iters in 1u32..6,
-        ) {
-            let k = (1i32 << (bits - 1)) - 1;
-            let d = &d[..w.len()];
-            let idx: Vec<usize> = (0..w.len()).collect();
-            let ((a, fast), (b, plain)) = solve_both(&w, d, &idx, k, iters);
-            prop_assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{a} vs {b}");
-            prop_assert_eq!(fast, plain);
-        }
-
-        #[test]
-        fn nearest_level_rounds_as_round_and_clamp(v in any::<f32>(), bits in 2u8..=8) {
-            let kf = ((1i32 << (bits - 1)) - 1) as f32;
-            prop_assert_eq!(nearest_level(v, kf), v.round().clamp(-kf, kf) as i8);
+    #[test]
+    fn the_scale_search_beats_the_previous_solver_on_layers() {
+        // Gaussian layers of several sizes: the search's error is below the previous
+        // solver's on every one (it evaluates the previous solver's starting scales and
+        // refines around the best, where that solver barely moved from its starts).
+        for (n, seed) in [(1000usize, 1u64), (10_000, 2), (100_000, 3), (300_000, 4)] {
+            let (w, d) = gaussian_layer(n, seed);
+            for bits in [4u8, 8] {
+                let k = (1 << (bits - 1)) - 1;
+                let new = laq_quantize(&w, &d, LaqSolver::for_lan(bits), true);
+                let old = previous_solver(&w, &d, k);
+                let (e_new, e_old) = (
+                    weighted_error(&w, &d, &new.dequantize()),
+                    weighted_error(&w, &d, &old.dequantize()),
+                );
+                assert!(e_new <= e_old, "n {n}, {bits} bits: {e_new} vs {e_old}");
+            }
         }
     }
 
     #[test]
-    fn nearest_level_rounds_halves_away_from_zero_and_saturates() {
-        let k = 127.0;
-        for (v, want) in [
-            (0.5f32, 1i8),
-            (-0.5, -1),
-            (0.499_999_97, 0),
-            (-0.499_999_97, 0),
-            (2.5, 3),
-            (-2.5, -3),
-            (126.5, 127),
-            (1e30, 127),
-            (f32::NEG_INFINITY, -127),
-            (f32::NAN, 0),
-            (-0.0, 0),
-        ] {
-            assert_eq!(nearest_level(v, k), want, "{v}");
-            assert_eq!(nearest_level(v, k), v.round().clamp(-k, k) as i8, "{v}");
-        }
-        // Every quarter-step over and beyond the level range, for every level count.
-        for bits in 2..=8 {
-            let k = ((1i32 << (bits - 1)) - 1) as f32;
-            for q in -600..=600 {
-                let v = q as f32 / 4.0;
-                assert_eq!(
-                    nearest_level(v, k),
-                    v.round().clamp(-k, k) as i8,
-                    "{v}, k {k}"
-                );
+    fn the_scale_search_is_better_than_the_previous_solver_on_average() {
+        // Small, ragged tensors (exact zeros, ties, outliers, curvature over eight orders
+        // of magnitude), every bit-width: the error's geometric mean is 0.960 of the
+        // previous solver's when written; in about one case in nine the previous solver's
+        // alternation from one of its starts finds a better local optimum, never 1.26 times
+        // better.
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut cases, mut worse, mut log_ratio, mut max_ratio) = (0, 0, 0f64, 0f64);
+        for _ in 0..2000 {
+            let ((w, d), bits) = (layer_like(400), 2u8..=8)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            let k = (1i32 << (bits - 1)) - 1;
+            let new = laq_quantize(&w, &d, LaqSolver::for_lan(bits), true);
+            assert!(new.levels.iter().all(|&l| i32::from(l).abs() <= k));
+            let old = previous_solver(&w, &d, k);
+            let (e_new, e_old) = (
+                weighted_error(&w, &d, &new.dequantize()),
+                weighted_error(&w, &d, &old.dequantize()),
+            );
+            if e_old <= 0.0 {
+                assert!(e_new <= 1e-12, "{e_new}");
+                continue;
             }
+            let ratio = e_new / e_old;
+            cases += 1;
+            worse += usize::from(ratio > 1.0 + 1e-9);
+            log_ratio += ratio.ln();
+            max_ratio = max_ratio.max(ratio);
+        }
+        let geomean = (log_ratio / f64::from(cases)).exp();
+        eprintln!("{cases} cases: {worse} worse, geometric mean {geomean}, worst {max_ratio}");
+        assert!(geomean <= 0.97, "geometric mean {geomean}");
+        assert!(worse * 5 <= cases as usize, "{worse} of {cases} worse");
+        assert!(max_ratio <= 1.3, "worst ratio {max_ratio}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn the_ternary_search_finds_the_sorts_optimum(
+            (w, d) in layer_like(3000),
+            split in any::<bool>(),
+        ) {
+            let q = laq_quantize(&w, &d, LaqSolver::TernaryExact, split);
+            let mut sorted = vec![0i8; w.len()];
+            let (a, b) = if split {
+                let pos: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+                let neg: Vec<usize> = (0..w.len()).filter(|&i| w[i] < 0.0).collect();
+                (ternary_exact(&w, &d, &pos, &mut sorted), ternary_exact(&w, &d, &neg, &mut sorted))
+            } else {
+                let all: Vec<usize> = (0..w.len()).collect();
+                let a = ternary_exact(&w, &d, &all, &mut sorted);
+                (a, a)
+            };
+            let oracle = LaqWeights { alpha_pos: a, alpha_neg: b, k: 1, levels: sorted };
+            let (got, want) = (
+                weighted_error(&w, &d, &q.dequantize()),
+                weighted_error(&w, &d, &oracle.dequantize()),
+            );
+            prop_assert!((got - want).abs() <= 1e-9 * (1.0 + want), "search {got} vs sort {want}");
+        }
+
+        #[test]
+        fn solvers_on_non_finite_input_stay_in_range_and_repeat_themselves(
+            w in proptest::collection::vec(special_f32(), 1..40),
+            d in proptest::collection::vec(special_f32(), 40),
+            bits in 2u8..=8,
+        ) {
+            let d = &d[..w.len()];
+            let k = (1i32 << (bits - 1)) - 1;
+            for solver in [LaqSolver::for_lan(bits), LaqSolver::TernaryExact] {
+                let a = laq_quantize(&w, d, solver, true);
+                let b = laq_quantize(&w, d, solver, true);
+                prop_assert!(a.levels.iter().all(|&l| i32::from(l).abs() <= k));
+                prop_assert_eq!(&a.levels, &b.levels);
+                prop_assert_eq!(a.alpha_pos.to_bits(), b.alpha_pos.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn the_ternary_search_narrows_through_ties_and_large_tensors() {
+        // Many exact ties (multiples of 1/80) and a tensor far above the sort threshold:
+        // the search needs several passes and sorts a tie group whole.
+        let (mut w, d) = gaussian_layer(200_000, 9);
+        for (i, v) in w.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+            *v = ((i % 17) as f32 - 8.0) * 0.0125;
+        }
+        for split in [true, false] {
+            let q = laq_quantize(&w, &d, LaqSolver::TernaryExact, split);
+            let mut sorted = vec![0i8; w.len()];
+            let all: Vec<usize> = (0..w.len()).collect();
+            let (a, b) = if split {
+                let pos: Vec<usize> = all.iter().copied().filter(|&i| w[i] > 0.0).collect();
+                let neg: Vec<usize> = all.iter().copied().filter(|&i| w[i] < 0.0).collect();
+                (
+                    ternary_exact(&w, &d, &pos, &mut sorted),
+                    ternary_exact(&w, &d, &neg, &mut sorted),
+                )
+            } else {
+                let a = ternary_exact(&w, &d, &all, &mut sorted);
+                (a, a)
+            };
+            let oracle = LaqWeights {
+                alpha_pos: a,
+                alpha_neg: b,
+                k: 1,
+                levels: sorted,
+            };
+            let (got, want) = (
+                weighted_error(&w, &d, &q.dequantize()),
+                weighted_error(&w, &d, &oracle.dequantize()),
+            );
+            assert!(
+                (got - want).abs() <= 1e-9 * want,
+                "split {split}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lan_solver_is_exact_ternary_at_two_bits_and_the_search_above() {
+        assert_eq!(LaqSolver::for_lan(2), LaqSolver::TernaryExact);
+        for bits in 3..=8 {
+            assert_eq!(
+                LaqSolver::for_lan(bits),
+                LaqSolver::LinearApprox {
+                    bits,
+                    iters: LaqSolver::LAN_REFINE
+                }
+            );
         }
     }
 
