@@ -39,6 +39,10 @@ fn main() {
         let component = weightgrad_sdk_build::component_of(&nested, package)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         std::fs::write(out.join(format!("{name}.wasm")), component).expect("write the component");
+        // The core module too: the harness writes a mode into it for each variant.
+        let core = weightgrad_sdk_build::core_module_path(&nested, package);
+        std::fs::copy(&core, out.join(format!("{name}-core.wasm")))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", core.display()));
     }
     std::fs::write(
         out.join("wrong-version.wasm"),

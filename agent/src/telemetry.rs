@@ -71,6 +71,16 @@ pub const BITS_CHOSEN: &str = "weightgrad_bits_chosen";
 pub const ROUND_SECONDS: &str = "weightgrad_round_duration_seconds";
 /// Training step duration.
 pub const STEP_SECONDS: &str = "weightgrad_step_duration_seconds";
+/// Policy rollbacks, by cause.
+pub const POLICY_ROLLBACKS: &str = "weightgrad_policy_rollbacks_total";
+/// Components quarantined by the breaker.
+pub const POLICY_QUARANTINED: &str = "weightgrad_policy_quarantined";
+/// Duration of a round's WAN work (filter, quantize, encode, compress).
+pub const ENCODE_SECONDS: &str = "weightgrad_encode_duration_seconds";
+/// Duration of decoding and merging a peer's message.
+pub const RECEIVE_SECONDS: &str = "weightgrad_receive_duration_seconds";
+/// Time a region waited between rounds for peers (the staleness bound).
+pub const WAIT_SECONDS: &str = "weightgrad_wait_duration_seconds";
 /// Rounds finished.
 pub const ROUND: &str = "weightgrad_round";
 /// Training loss.
@@ -181,6 +191,39 @@ pub const CATALOGUE: &[MetricDef] = &[
         Histogram,
         [],
         "Wall time of one training step across the region's workers",
+        SECONDS
+    ),
+    metric!(
+        POLICY_ROLLBACKS,
+        Counter,
+        ["cause"],
+        "Rollbacks to the previous policy (cause: breaker, after rollback_after failed calls in a row; operator, by POST /policies/rollback)"
+    ),
+    metric!(
+        POLICY_QUARANTINED,
+        Gauge,
+        [],
+        "Policy components the breaker rolled back, refused on push unless forced"
+    ),
+    metric!(
+        ENCODE_SECONDS,
+        Histogram,
+        [],
+        "Wall time of one round's WAN work: filtering, quantizing, encoding and compressing what every link gets (with overlap it runs beside the next step)",
+        SECONDS
+    ),
+    metric!(
+        RECEIVE_SECONDS,
+        Histogram,
+        [],
+        "Wall time of decoding one peer's message and adding it into the model",
+        SECONDS
+    ),
+    metric!(
+        WAIT_SECONDS,
+        Histogram,
+        [],
+        "Wall time a region waited between two of its rounds with nothing to do (for peers, under the staleness bound)",
         SECONDS
     ),
     metric!(ROUND, Gauge, [], "Rounds this region has finished"),
@@ -378,6 +421,11 @@ mod tests {
             BITS_CHOSEN,
             ROUND_SECONDS,
             STEP_SECONDS,
+            POLICY_ROLLBACKS,
+            POLICY_QUARANTINED,
+            ENCODE_SECONDS,
+            RECEIVE_SECONDS,
+            WAIT_SECONDS,
             ROUND,
             LOSS,
             ACCURACY,
@@ -401,7 +449,7 @@ mod tests {
         ] {
             assert!(seen.contains(name), "{name} is not in the catalogue");
         }
-        assert_eq!(seen.len(), 31, "every catalogue entry has a constant");
+        assert_eq!(seen.len(), 36, "every catalogue entry has a constant");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! The suite reaches the agent only as a user does: through the binary and the
 //! `weightgrad` library's public API.
 
+pub mod admin;
 pub mod binary;
 pub mod cluster;
 pub mod guests;

@@ -3,40 +3,12 @@
 //! repeat a round, break per-link conservation, or cost accuracy.
 
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
+use weightgrad_tests::admin::*;
 use weightgrad_tests::binary;
 use weightgrad_tests::cluster::*;
-
-const TOKEN: &str = "an-admin-token-for-tests-0123456789";
-
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
-}
-
-/// (status, body as JSON or as a string).
-fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
-    let mut r = r.unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 /// `PUT /policies` announcing an 8 MB body it never sends, without a token; the status
 /// code of the answer (the test fails if none comes within 5 s).
@@ -55,72 +27,10 @@ fn unauthenticated_put_without_body(admin: SocketAddr) -> u16 {
     String::from_utf8_lossy(&answer[9..12]).parse().unwrap()
 }
 
-fn put_policy(admin: SocketAddr, token: Option<&str>, body: &[u8]) -> (u16, Value) {
-    let mut req = http().put(format!("http://{admin}/policies"));
-    if let Some(t) = token {
-        req = req.header("Authorization", format!("Bearer {t}"));
-    }
-    reply(req.send(body))
-}
-
-fn rollback(admin: SocketAddr) -> (u16, Value) {
-    reply(
-        http()
-            .post(format!("http://{admin}/policies/rollback"))
-            .header("Authorization", format!("Bearer {TOKEN}"))
-            .send_empty(),
-    )
-}
-
-fn get(admin: SocketAddr, path: &str) -> (u16, Value) {
-    reply(http().get(format!("http://{admin}{path}")).call())
-}
-
-/// Waits for an agent's admin API to answer and report it is training.
-fn wait_ready(admin: SocketAddr) {
-    wait_for(
-        &format!("{admin} to be ready"),
-        Duration::from_secs(90),
-        || {
-            http()
-                .get(format!("http://{admin}/readyz"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-        },
-    );
-}
-
-fn builtin(name: &str, dir: &Path) -> Vec<u8> {
-    let out = dir.join(format!("{name}.wasm"));
-    let st = Command::new(binary())
-        .args(["policy", "export", name, "-o"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
-    std::fs::read(out).unwrap()
-}
-
-/// Three regions on loopback with admin listeners and a token; `epochs` per region.
-fn cluster(dir: &Path, epochs: usize) -> (Vec<Agent>, Vec<SocketAddr>) {
-    let token = dir.join("token");
-    std::fs::write(&token, TOKEN).unwrap();
-    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_tcp()).collect();
-    let training = |i: usize| {
-        format!(
-            "epochs = {epochs}\n[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"",
-            admin[i],
-            token.display()
-        )
-    };
-    let agents = loopback_regions(dir, "peer_deadline_s = 60", &training, "");
-    (agents, admin)
-}
-
 #[test]
 fn admin_api_refuses_without_token_and_bad_policies_and_swaps_good_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut agents, admin) = cluster(dir.path(), 200);
+    let (mut agents, admin) = cluster(dir.path(), 200, "");
     agents.iter_mut().for_each(Agent::start);
     let a = admin[0];
     wait_ready(a);
@@ -233,12 +143,12 @@ fn fifty_swaps_while_three_regions_train_skip_and_repeat_nothing() {
     let epochs = 40;
     // The same run without swaps, for the accuracy reference.
     let plain_dir = tempfile::tempdir().unwrap();
-    let (mut plain, _) = cluster(plain_dir.path(), epochs);
+    let (mut plain, _) = cluster(plain_dir.path(), epochs, "");
     plain.iter_mut().for_each(Agent::start);
     let plain: Vec<Value> = finish_all(&mut plain, Duration::from_secs(600));
 
     let dir = tempfile::tempdir().unwrap();
-    let (mut agents, admin) = cluster(dir.path(), epochs);
+    let (mut agents, admin) = cluster(dir.path(), epochs, "");
     let wasm = [
         builtin("gaia", dir.path()),
         builtin("weightgrad", dir.path()),

@@ -815,6 +815,7 @@ fn the_dashboard_and_the_alerts_use_catalogued_metrics() {
     for alert in [
         "WeightGradPeerDown",
         "WeightGradPolicyFailures",
+        "WeightGradPolicyRolledBack",
         "WeightGradStalenessOverBound",
         "WeightGradNoProgress",
     ] {

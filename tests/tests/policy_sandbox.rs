@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weightgrad::policies::builtin;
 use weightgrad::policy::{
-    DecisionSource, FailStrategy, PolicyFailure, PolicyRuntime, Sandbox, SandboxLimits,
+    Breaker, DecisionSource, FailStrategy, PolicyFailure, PolicyRuntime, Sandbox, SandboxLimits,
     builtin_wasm, golden_input,
 };
 use weightgrad_sdk::{
     LanInput, LinkInput, LinkStats, PolicyInput, RoundContext, TensorRole, TensorStats,
 };
-use weightgrad_tests::guests::UNRULY as UNRULY_WASM;
+use weightgrad_tests::guests::{self, UNRULY as UNRULY_WASM};
 
 fn random_input(rng: &mut ChaCha8Rng) -> PolicyInput {
     let links = rng.random_range(0..4);
@@ -99,12 +99,14 @@ fn shipped_policies_decide_identically_natively_and_as_webassembly() {
     }
 }
 
-/// A runtime whose previous policy is full-sync and whose active one is the fixture.
+/// A runtime whose previous policy is full-sync and whose active one is the fixture; its
+/// breaker never trips.
 fn unruly_runtime(sb: &Arc<Sandbox>) -> PolicyRuntime {
-    let rt = PolicyRuntime::new(
+    let rt = PolicyRuntime::with_breaker(
         sb.clone(),
         builtin_wasm("full-sync").unwrap(),
         FailStrategy::LastGood,
+        Breaker { rollback_after: 0 },
     )
     .unwrap();
     rt.swap(UNRULY_WASM).unwrap();
@@ -326,4 +328,166 @@ fn a_hot_swap_mid_run_loses_nothing_and_applies_nothing_twice() {
     for r in &report.regions {
         assert!(r.test_accuracy > 0.8, "{}: {}", r.name, r.test_accuracy);
     }
+}
+
+/// The golden input at `round`.
+fn at_round(round: u64) -> PolicyInput {
+    let mut input = golden_input();
+    input.context.round = round;
+    input
+}
+
+#[test]
+fn the_breaker_rolls_a_failing_policy_back_and_quarantines_it() {
+    let sb = sandbox();
+    let rt = PolicyRuntime::new(
+        sb.clone(),
+        builtin_wasm("full-sync").unwrap(),
+        FailStrategy::LastGood,
+    )
+    .unwrap();
+    let full_sync = rt.active().digest.clone();
+    // Its self-test (the golden input, round 8) passes: it fails from round 12 on.
+    let bad = guests::unruly("panic@12");
+    rt.swap(&bad).unwrap();
+    let bad_digest = rt.active().digest.clone();
+    for round in 1..12 {
+        let d = rt.decide_round(&at_round(round));
+        assert_eq!(d.source, DecisionSource::Active, "round {round}");
+    }
+    // Two failures: contained, the last good policy decides, still active.
+    for round in 12..14 {
+        let d = rt.decide_round(&at_round(round));
+        assert_eq!(d.failure.as_ref().map(|f| f.kind()), Some("trap"));
+        assert_eq!(d.source, DecisionSource::Previous);
+        assert!(d.rolled_back.is_none());
+        assert_eq!(rt.breaker().consecutive_failures, (round - 11) as u32);
+    }
+    // The third in a row trips the breaker: rolled back after this round's call.
+    let d = rt.decide_round(&at_round(14));
+    assert_eq!(d.source, DecisionSource::Previous);
+    let report = d.rolled_back.expect("rolled back");
+    assert_eq!(report.digest, full_sync);
+    assert_eq!(report.previous_digest, bad_digest);
+    assert_eq!(rt.active().digest, full_sync);
+    assert!(
+        rt.previous().is_none(),
+        "the failed policy is no rollback target"
+    );
+    let b = rt.breaker();
+    assert_eq!(b.rollbacks, 1);
+    assert_eq!(b.consecutive_failures, 0);
+    let q = &b.quarantined[0];
+    assert_eq!(
+        (
+            q.digest.as_str(),
+            q.kind,
+            q.failures,
+            q.first_failure_round,
+            q.rolled_back_round
+        ),
+        (bad_digest.as_str(), "trap", 3, 12, 14)
+    );
+    assert!(q.reason.contains("unreachable"), "{}", q.reason);
+    assert!(!q.reason.contains("wasm backtrace"), "{}", q.reason);
+    // The next round is the previous policy's, without a failure.
+    assert_eq!(
+        rt.decide_round(&at_round(15)).source,
+        DecisionSource::Active
+    );
+    // A push of the same component is refused, naming why; forced, it runs again.
+    let err = rt.swap(&bad).unwrap_err();
+    assert_eq!(err.kind(), "quarantined");
+    assert!(err.to_string().contains("rolled back at round 14"), "{err}");
+    assert_eq!(rt.active().digest, full_sync, "nothing changed");
+    rt.swap_checked(&bad, true, |_| Ok(())).unwrap();
+    assert_eq!(rt.active().digest, bad_digest);
+    assert!(rt.breaker().quarantined.is_empty());
+}
+
+#[test]
+fn with_nothing_to_roll_back_to_the_breaker_suspends_the_policy_and_probes_it() {
+    let sb = sandbox();
+    // Fails in rounds 10..27, well before and after.
+    let rt = PolicyRuntime::new(sb, &guests::unruly("panic@10-27"), FailStrategy::Closed).unwrap();
+    let mut called = Vec::new();
+    for round in 1..40 {
+        let d = rt.decide_round(&at_round(round));
+        if d.failure.is_some() || d.source == DecisionSource::Active {
+            called.push(round);
+        }
+        if d.source != DecisionSource::Active {
+            assert_eq!(d.source, DecisionSource::HeldAll, "round {round}");
+        }
+    }
+    // Called every round until three failures (10, 11, 12), then at 13, 15, 19, 27 (probes
+    // 1, 2, 4 and 8 rounds apart); at 27 it decides again and the breaker closes.
+    let expected: Vec<u64> = (1..=12).chain([13, 15, 19]).chain(27..40).collect();
+    assert_eq!(called, expected);
+    assert_eq!(rt.breaker().suspended, None);
+    assert_eq!(rt.breaker().rollbacks, 0);
+}
+
+#[test]
+fn a_breaker_of_zero_never_trips() {
+    let sb = sandbox();
+    let rt = PolicyRuntime::with_breaker(
+        sb,
+        builtin_wasm("full-sync").unwrap(),
+        FailStrategy::LastGood,
+        Breaker { rollback_after: 0 },
+    )
+    .unwrap();
+    rt.swap(&guests::unruly("panic@10")).unwrap();
+    for round in 10..30 {
+        let d = rt.decide_round(&at_round(round));
+        assert_eq!(d.source, DecisionSource::Previous);
+        assert!(d.rolled_back.is_none());
+    }
+    assert_eq!(rt.active().info.name, "unruly");
+}
+
+#[test]
+fn a_state_that_keeps_growing_is_oversized_at_every_call_once_over_its_limit() {
+    let sb = sandbox();
+    let rt = PolicyRuntime::with_breaker(
+        sb.clone(),
+        builtin_wasm("full-sync").unwrap(),
+        FailStrategy::LastGood,
+        Breaker { rollback_after: 0 },
+    )
+    .unwrap();
+    rt.swap(&guests::unruly("double@1")).unwrap();
+    let mut state = Vec::new();
+    let mut kinds = Vec::new();
+    for round in 1..25 {
+        let mut input = at_round(round);
+        input.state = state;
+        let d = rt.decide_round(&input);
+        kinds.push(d.failure.as_ref().map(|f| f.kind()));
+        // A failed call leaves the policy's last good state as it was.
+        if d.failure.is_some() {
+            assert_eq!(d.output.state, input.state, "round {round}");
+        }
+        state = d.output.state;
+    }
+    // It grows from 2 KB by doubling: from the call that would pass 1 MiB on, every call
+    // fails, as oversized.
+    let first = kinds
+        .iter()
+        .position(Option::is_some)
+        .expect("it outgrew its limit");
+    assert!(first > 5, "{kinds:?}");
+    assert!(
+        kinds[first..].iter().all(|&k| k == Some("oversized")),
+        "{kinds:?}"
+    );
+    // A state handed in over the limit (say, from a checkpoint of an agent with a larger
+    // one) is refused by size, naming it.
+    let unruly = sb.load(UNRULY_WASM).unwrap();
+    let mut input = golden_input();
+    input.state = vec![1; (1 << 20) + 1];
+    let err = sb.decide(&unruly, &input).unwrap_err();
+    assert_eq!(err.kind(), "oversized");
+    assert!(err.to_string().contains("handed in"), "{err}");
 }

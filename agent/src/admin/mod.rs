@@ -121,6 +121,15 @@ fn policies_json(s: &AdminState) -> Value {
         "previous": s.policy.previous().map(|p| describe(s, &p)),
         "failures": s.policy.failures(),
         "swaps": s.policy.swaps(),
+        "breaker": s.policy.breaker(),
+    })
+}
+
+/// Whether the request's query asks to `force` (`?force=true` or `?force=1`).
+fn forced(uri: &axum::http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "force" | "force=true" | "force=1"))
     })
 }
 
@@ -155,8 +164,10 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
 /// Behind [`require_token`].
 async fn push_policy(
     State(s): State<Arc<AdminState>>,
+    uri: axum::http::Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let force = forced(&uri);
     // The body limit's refusal, as JSON like every other error.
     let body = match body {
         Ok(b) => b,
@@ -181,7 +192,9 @@ async fn push_policy(
     // Compiling and self-testing takes tens of milliseconds: off the async workers.
     let state = s.clone();
     let outcome = tokio::task::spawn_blocking(move || {
-        state.policy.swap_checked(&body, |p| (state.compatible)(p))
+        state
+            .policy
+            .swap_checked(&body, force, |p| (state.compatible)(p))
     })
     .await;
     match outcome {
@@ -198,6 +211,7 @@ async fn push_policy(
             tracing::warn!(kind = failure.kind(), "refused a policy: {failure}");
             let status = match failure {
                 PolicyFailure::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                PolicyFailure::Quarantined(_) => StatusCode::CONFLICT,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             (
@@ -222,6 +236,8 @@ async fn rollback(State(s): State<Arc<AdminState>>) -> Response {
                 .expect("loaded_at")
                 .insert(report.digest.clone(), now_rfc3339());
             metrics::counter!(crate::telemetry::POLICY_SWAPS).increment(1);
+            metrics::counter!(crate::telemetry::POLICY_ROLLBACKS, "cause" => "operator")
+                .increment(1);
             tracing::info!(policy = %report.active.name, digest = %report.digest, "policy rolled back");
             (StatusCode::OK, Json(policies_json(&s))).into_response()
         }

@@ -30,14 +30,28 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Swap a running agent's policy (checked there first; the old one is kept for rollback).
+    /// Swap running agents' policy (checked there first; the old one is kept for rollback).
     Push {
         /// The agent's admin URL, e.g. http://127.0.0.1:9464.
-        #[arg(long)]
-        agent: String,
-        /// File holding the agent's admin token.
+        #[arg(long, conflicts_with = "agents", required_unless_present = "agents")]
+        agent: Option<String>,
+        /// Several agents' admin URLs, comma-separated, pushed in this order.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+        /// File holding the agents' admin token.
         #[arg(long)]
         token_file: PathBuf,
+        /// Push to the first agent only, wait until it has run this many rounds under the
+        /// policy with no failed call, then push to the rest; a failure stops the rollout
+        /// and rolls the first agent back.
+        #[arg(long, value_name = "ROUNDS")]
+        canary: Option<u64>,
+        /// Seconds to wait for the canary's rounds before giving up (and rolling it back).
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        canary_timeout: u64,
+        /// Push even a component the agent quarantined after it failed there.
+        #[arg(long)]
+        force: bool,
         /// The component (.wasm).
         file: PathBuf,
     },
@@ -67,9 +81,24 @@ pub fn run(args: PolicyArgs) -> Result<()> {
         PolicyCommand::List { json } => list(json),
         PolicyCommand::Push {
             agent,
+            agents,
             token_file,
+            canary,
+            canary_timeout,
+            force,
             file,
-        } => super::admin_client::push(&agent, &token_file, &file),
+        } => {
+            let plan = super::admin_client::PushPlan {
+                agents: agent.into_iter().chain(agents).collect(),
+                force,
+                canary,
+                canary_timeout: std::time::Duration::from_secs(canary_timeout),
+            };
+            if plan.canary == Some(0) {
+                bail!("--canary: at least 1 round");
+            }
+            super::admin_client::push(&plan, &token_file, &file)
+        }
         PolicyCommand::Rollback { agent, token_file } => {
             super::admin_client::rollback(&agent, &token_file)
         }

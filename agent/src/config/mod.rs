@@ -219,6 +219,16 @@ pub struct TrainingConfig {
     /// Rounds this region may run ahead of the slowest live peer.
     #[serde(default = "one_u64")]
     pub max_staleness: u64,
+    /// Run a round's WAN work (encoding what it sends, decoding what peers send) beside
+    /// the next step where the staleness bound allows, instead of after it. The bytes and
+    /// the model are the same either way for the same delivery of peers' messages; this
+    /// region's own setting (regions need not agree). Not with a mean merge (diloco).
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_model() -> String {
@@ -250,6 +260,7 @@ impl Default for TrainingConfig {
             lr: default_lr(),
             seed: 0,
             max_staleness: 1,
+            overlap: true,
         }
     }
 }
@@ -264,6 +275,22 @@ pub struct PolicyConfig {
     /// `last-good`, `closed` or `open`.
     #[serde(default)]
     pub on_failure: FailStrategy,
+    /// Failed calls in a row after which the agent rolls the policy back by itself and
+    /// quarantines it (0: never).
+    #[serde(default = "default_rollback_after")]
+    pub rollback_after: u32,
+    /// Wall-clock budget of one policy call, milliseconds (a host busy on every core may
+    /// need more than the default).
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+}
+
+fn default_deadline_ms() -> u64 {
+    crate::policy::SandboxLimits::default().deadline.as_millis() as u64
+}
+
+fn default_rollback_after() -> u32 {
+    crate::policy::Breaker::default().rollback_after
 }
 
 fn default_policy() -> String {
@@ -275,6 +302,8 @@ impl Default for PolicyConfig {
         Self {
             source: default_policy(),
             on_failure: FailStrategy::default(),
+            rollback_after: default_rollback_after(),
+            deadline_ms: default_deadline_ms(),
         }
     }
 }
@@ -413,6 +442,7 @@ impl AgentConfig {
             ("training.workers", t.workers),
             ("training.batch_size", t.batch_size),
             ("training.epochs", t.epochs),
+            ("policy.deadline_ms", self.policy.deadline_ms as usize),
         ] {
             if v == 0 {
                 return Err(format!("{key}: must be at least 1"));
@@ -427,6 +457,11 @@ impl AgentConfig {
             ("training.epochs", t.epochs as u64, 1_000_000),
             ("training.max_staleness", t.max_staleness, 1_000_000),
             ("data.shard.count", s.count as u64, 1024),
+            (
+                "policy.rollback_after",
+                u64::from(self.policy.rollback_after),
+                1_000_000,
+            ),
         ] {
             if v > max {
                 return Err(format!("{key}: {v} is more than {max}"));

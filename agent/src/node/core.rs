@@ -8,7 +8,7 @@ use super::liveness::{Liveness, LivenessChange};
 use super::status::{ByteTotals, PeerStatus, PolicyStatus, Status, now_rfc3339};
 use crate::lan::RegionTrainer;
 use crate::policy::PolicyRuntime;
-use crate::sync::{ReceiveError, RegionSync, decode_snapshot, encode_snapshot};
+use crate::sync::{Merge, ReceiveError, RegionSync, decode_snapshot, encode_snapshot};
 use crate::telemetry as m;
 use crate::train::Dataset;
 use crate::train::schedule::LrSchedule;
@@ -16,12 +16,13 @@ use crate::wan::inbound::Acceptor;
 use crate::wan::link::{LinkSender, WanEvent};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use weightgrad_sdk::{LanPlan, LinkStats, PolicyInput, RoundContext, TensorPlan};
+use weightgrad_sdk::{LanPlan, LinkPlan, LinkStats, PolicyInput, RoundContext, TensorPlan};
 
 /// Largest snapshot accepted (decompressed).
 pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
@@ -79,13 +80,21 @@ pub struct AgentReport {
     /// Seconds from the start of the first round to the moment every peer's last round
     /// had arrived (none when stopped early).
     pub training_seconds: Option<f64>,
-    /// Mean wall time of this region's own work per round (step, policy, encoding,
-    /// evaluations), seconds: what the simulator's per-step compute cost stands for.
+    /// Mean wall time of this region's own work per round, seconds: steps, policy calls,
+    /// encoding, decoding and merging peers' updates, evaluations, with what runs beside
+    /// a step counted once (the critical path). What the simulator's per-step compute
+    /// cost stands for.
     pub busy_seconds_per_round: f64,
-    /// Wall time spent decoding and merging peers' updates, per round of its own, seconds:
-    /// work on the same thread, between its rounds, that the simulator's merges do in no
-    /// time.
+    /// Wall time spent decoding and merging peers' updates, per round of its own, seconds
+    /// (beside a step with overlap, between rounds otherwise): work the simulator's merges
+    /// do in no time.
     pub receive_seconds_per_round: f64,
+    /// Where a round's time went, mean seconds per round.
+    pub round_costs: RoundCosts,
+    /// Whether a round's WAN work ran beside the next step.
+    pub overlap: bool,
+    /// Rounds whose WAN work ran beside the next round's step.
+    pub overlapped_rounds: u64,
     /// Whether the run was stopped before its last round.
     pub interrupted: bool,
     /// Connections refused at the TLS handshake (wrong CA, unknown or mismatched name).
@@ -96,6 +105,107 @@ pub struct AgentReport {
     pub bad_streams: u64,
     /// Per link.
     pub links: Vec<LinkReport>,
+}
+
+/// Where a round's time went, mean seconds per round of this region. With overlap the
+/// parts add up to more than a round: encoding and decoding run beside the step.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoundCosts {
+    /// Training steps (the region's workers and its aggregator).
+    pub step: f64,
+    /// Policy decisions, with the statistics they read.
+    pub policy: f64,
+    /// Filtering, quantizing, encoding and compressing what the round sends.
+    pub encode: f64,
+    /// Decoding and merging peers' updates.
+    pub receive: f64,
+    /// Test-set evaluations (every epoch).
+    pub evaluate: f64,
+    /// Waiting with nothing to do: for peers under the staleness bound, or for a step.
+    pub wait: f64,
+}
+
+/// Seconds spent on each part of the rounds, summed.
+#[derive(Debug, Clone, Copy, Default)]
+struct CostTotals {
+    step: Duration,
+    policy: Duration,
+    encode: Duration,
+    receive: Duration,
+    evaluate: Duration,
+    wait: Duration,
+}
+
+impl CostTotals {
+    fn per_round(&self, rounds: u64) -> RoundCosts {
+        let per = |d: Duration| d.as_secs_f64() / rounds.max(1) as f64;
+        RoundCosts {
+            step: per(self.step),
+            policy: per(self.policy),
+            encode: per(self.encode),
+            receive: per(self.receive),
+            evaluate: per(self.evaluate),
+            wait: per(self.wait),
+        }
+    }
+}
+
+/// A finished round's WAN work, still to do: the weights its significance filter reads
+/// (as they were when the round's step ended) and the policy's plans.
+struct EncodeJob {
+    round: u64,
+    weights: Vec<Vec<f32>>,
+    plans: Vec<LinkPlan>,
+}
+
+/// Where the core loop is when it asks for the next event (a scripted source in tests
+/// delivers by it; the WAN tasks' channel ignores it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Between rounds, with this many rounds' steps done.
+    Between {
+        /// Rounds whose step is done.
+        trained: u64,
+    },
+    /// While the step of this round runs.
+    Step {
+        /// The round being trained.
+        round: u64,
+    },
+    /// After the last round, letting what was sent be acknowledged.
+    Closing,
+}
+
+/// The WAN tasks are gone: no event will come again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceClosed;
+
+/// Where the core loop's events come from: the WAN tasks (a channel), or a script.
+pub trait EventSource {
+    /// The next event, waiting up to `wait` (not at all for zero); `None` when none came.
+    fn next_event(
+        &mut self,
+        phase: Phase,
+        wait: Duration,
+    ) -> Result<Option<WanEvent>, SourceClosed>;
+}
+
+impl EventSource for Receiver<WanEvent> {
+    fn next_event(&mut self, _: Phase, wait: Duration) -> Result<Option<WanEvent>, SourceClosed> {
+        let got = if wait.is_zero() {
+            self.try_recv().map_err(|e| match e {
+                std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                std::sync::mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.recv_timeout(wait)
+        };
+        match got {
+            Ok(ev) => Ok(Some(ev)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(SourceClosed),
+        }
+    }
 }
 
 /// Everything the core loop owns.
@@ -142,6 +252,9 @@ pub struct Core {
     pub checkpoint_every: u64,
     /// A checkpoint to resume from.
     pub resume: Option<AgentCheckpoint>,
+    /// Run a round's WAN work (encoding what it sends, decoding what arrives) beside the
+    /// next step where the staleness bound allows, instead of after it.
+    pub overlap: bool,
 }
 
 /// Counters the WAN tasks keep for the report.
@@ -177,6 +290,19 @@ struct LoopState {
     busy_rounds: u64,
     /// Time in decoding and merging peers' updates.
     receiving: Duration,
+    /// Where the rounds' time went.
+    costs: CostTotals,
+    /// Time waited since the last round started.
+    waited: Duration,
+    /// Rounds whose WAN work ran beside the next step.
+    overlapped_rounds: u64,
+    /// The last round's WAN work, when it runs beside the next step.
+    pending_encode: Option<EncodeJob>,
+    /// Peers' updates decoded while a step used the weights, to add in before the next.
+    pending_merges: Vec<Merge>,
+    /// Events that arrived while a step ran and need the weights or the sending state;
+    /// handled in order once it is over.
+    deferred: VecDeque<WanEvent>,
     /// Resumed from a periodic (not clean) checkpoint: take any peer's model that is ahead.
     catch_up: bool,
     /// Started without state and not trained yet: take a peer's model if the run is well
@@ -213,7 +339,19 @@ impl Core {
             .collect()
     }
 
-    fn handle(&mut self, st: &mut LoopState, event: WanEvent, now: Duration) {
+    fn handle(&mut self, st: &mut LoopState, event: WanEvent, now: Duration) -> Result<()> {
+        // Frames, markers and connection changes touch only the receiving side; a resume
+        // notice or a snapshot sees the state with every round's WAN work done.
+        let needs_sending_state = match &event {
+            WanEvent::Message { bytes, .. } => {
+                bytes.starts_with(&crate::sync::message::RESUMED_MAGIC)
+            }
+            WanEvent::SnapshotRequest { .. } | WanEvent::Snapshot { .. } => true,
+            _ => false,
+        };
+        if needs_sending_state {
+            self.flush_encode(st)?;
+        }
         match event {
             WanEvent::Message { link, bytes } => {
                 st.wan_received += bytes.len() as u64;
@@ -223,17 +361,10 @@ impl Core {
                 let began = Instant::now();
                 let received = self.sync.receive(link, &bytes, &mut self.trainer.weights);
                 st.receiving += began.elapsed();
-                match received {
-                    Ok(()) => {
-                        metrics::counter!(m::WAN_DECODED_BYTES_RECEIVED, "peer" => peer.clone())
-                            .absolute(self.sync.counters(link).elements_received * 4);
-                    }
-                    Err(e @ ReceiveError::Duplicate { .. }) => tracing::debug!("{e}"),
-                    Err(e) => {
-                        metrics::counter!(m::MESSAGES_REJECTED, "peer" => peer).increment(1);
-                        tracing::warn!("refused a WAN message: {e}");
-                    }
-                }
+                st.costs.receive += began.elapsed();
+                st.busy += began.elapsed();
+                metrics::histogram!(m::RECEIVE_SECONDS).record(began.elapsed().as_secs_f64());
+                count_received(&self.sync, link, peer, received);
             }
             WanEvent::Connected { link, round } => {
                 st.peer_rounds[link] = Some(round);
@@ -321,6 +452,7 @@ impl Core {
                 }
             }
         }
+        Ok(())
     }
 
     /// A region without state (fresh, or restarted after a crash) takes the model of a
@@ -369,18 +501,80 @@ impl Core {
         }
     }
 
-    fn train_round(&mut self, st: &mut LoopState, schedule: &LrSchedule) -> Result<()> {
+    /// The round the next step trains: after the finished rounds and the one whose WAN
+    /// work is pending.
+    fn next_round(&self, st: &LoopState) -> u64 {
+        st.pending_encode
+            .as_ref()
+            .map_or(self.sync.round(), |job| job.round)
+            + 1
+    }
+
+    /// Whether the next step may start: its round is in the run and under the staleness
+    /// bound (counting a round whose WAN work is pending as finished, where it can run
+    /// beside the step).
+    fn may_step(&self, st: &LoopState) -> bool {
+        if st.pending_encode.is_some() {
+            self.next_round(st) <= self.total_rounds && self.sync.may_start_beyond_next()
+        } else {
+            self.sync.round() < self.total_rounds && self.sync.may_start_next()
+        }
+    }
+
+    /// One round: the step (beside the previous round's WAN work, if pending, and the
+    /// decoding of what peers send meanwhile), then the policy's decision, then this
+    /// round's WAN work, now or (with overlap) beside the next step.
+    ///
+    /// The order of everything that touches the model or the WAN state is the sequential
+    /// one: the WAN work of round t reads the weights as the step left them (a copy, when
+    /// it runs later), peers' updates decoded during a step are added in before the next
+    /// one, and events that need the weights or the sending state wait for the step. So
+    /// for the same delivery of peers' messages to round boundaries the bytes and the
+    /// model are the same with or without overlap.
+    fn train_round(
+        &mut self,
+        st: &mut LoopState,
+        schedule: &LrSchedule,
+        events: &mut impl EventSource,
+    ) -> Result<()> {
         let round_start = Instant::now();
         if let Some(prev) = st.last_round_start.replace(round_start) {
             metrics::histogram!(m::ROUND_SECONDS).record(prev.elapsed().as_secs_f64());
         }
-        let lr = schedule.lr_at(self.lr, self.sync.round(), self.total_rounds);
+        metrics::histogram!(m::WAIT_SECONDS).record(st.waited.as_secs_f64());
+        st.waited = Duration::ZERO;
+        let round = self.next_round(st);
+        let lr = schedule.lr_at(self.lr, round - 1, self.total_rounds);
+        let plan = st.lan_plan.clone();
+        let pending = st.pending_encode.take();
         let step_start = Instant::now();
-        let step = self.trainer.step(&st.lan_plan, lr)?;
-        metrics::histogram!(m::STEP_SECONDS).record(step_start.elapsed().as_secs_f64());
+        let step = {
+            // Disjoint parts of the core: the step owns the trainer; this thread the WAN
+            // state, the links and the events.
+            let trainer = &mut self.trainer;
+            let (sync, links, published) = (&mut self.sync, &self.links, &*self.round);
+            let overlap = self.overlap;
+            std::thread::scope(|scope| -> Result<_> {
+                let handle = std::thread::Builder::new()
+                    .name("weightgrad-step".into())
+                    .spawn_scoped(scope, move || trainer.step(&plan, lr))?;
+                if overlap {
+                    if let Some(job) = pending {
+                        encode_and_send(sync, links, published, st, &job.weights, &job)?;
+                        st.overlapped_rounds += 1;
+                    }
+                    decode_during_step(sync, st, events, round, || handle.is_finished());
+                }
+                handle
+                    .join()
+                    .map_err(|_| anyhow!("the training step panicked"))?
+            })?
+        };
+        let step_time = step_start.elapsed();
+        metrics::histogram!(m::STEP_SECONDS).record(step_time.as_secs_f64());
+        st.costs.step += step_time;
         st.loss = Some(step.loss);
         self.sync.add_local_update(&step.delta);
-        let round = self.sync.round() + 1;
         let context = RoundContext {
             round,
             lr: lr as f32,
@@ -389,6 +583,7 @@ impl Core {
             regions: self.regions,
             final_round: round == self.total_rounds,
         };
+        let decided = Instant::now();
         let input = PolicyInput {
             context,
             thresholds: self.sync.stat_thresholds().to_vec(),
@@ -404,6 +599,9 @@ impl Core {
         if let Some(f) = &decision.failure {
             metrics::counter!(m::POLICY_FAILURES, "kind" => f.kind()).increment(1);
         }
+        if decision.rolled_back.is_some() {
+            metrics::counter!(m::POLICY_ROLLBACKS, "cause" => "breaker").increment(1);
+        }
         let mut plans = decision.output.links;
         // Excluded peers get nothing: their updates wait in the residual.
         for (l, plan) in plans.iter_mut().enumerate() {
@@ -411,43 +609,37 @@ impl Core {
                 plan.tensors.iter_mut().for_each(|t| *t = TensorPlan::HOLD);
             }
         }
-        let outgoing = self.sync.finish_round(&self.trainer.weights, &plans)?;
         st.lan_plan = decision.output.lan;
         st.policy_state = decision.output.state;
-        let numel: u64 = self.sync.numel() as u64;
-        for o in outgoing {
-            let peer = self.sync.peer(o.link).to_string();
-            let mut sent_bytes = 0u64;
-            for msg in o.messages {
-                let bytes = msg.to_bytes();
-                sent_bytes += bytes.len() as u64;
-                self.links[o.link].send(bytes);
-            }
-            st.wan_sent += sent_bytes;
-            let elements: u64 = o.frames.iter().map(|f| f.elements).sum();
-            metrics::counter!(m::WAN_BYTES_SENT, "peer" => peer.clone()).increment(sent_bytes);
-            metrics::counter!(m::WAN_DECODED_BYTES_SENT, "peer" => peer.clone())
-                .increment(elements * 4);
-            metrics::counter!(m::ELEMENTS_SENT, "peer" => peer.clone()).increment(elements);
-            metrics::counter!(m::ELEMENTS_HELD, "peer" => peer.clone()).increment(o.elements_held);
-            metrics::gauge!(m::SIGNIFICANCE_RATIO, "peer" => peer.clone())
-                .set(elements as f64 / numel.max(1) as f64);
-            for f in &o.frames {
-                let kind = if f.bias { "bias" } else { "weight" };
-                metrics::histogram!(m::BITS_CHOSEN, "peer" => peer.clone(), "kind" => kind)
-                    .record(f64::from(f.bits));
-                if f.compressed > 0 {
-                    metrics::histogram!(m::ZSTD_RATIO)
-                        .record(f.packed as f64 / f.compressed as f64);
-                }
-            }
+        st.costs.policy += decided.elapsed();
+        let job = EncodeJob {
+            round,
+            // The weights as this step left them: later merges must not move the filter.
+            weights: if self.overlap {
+                self.trainer.weights.clone()
+            } else {
+                Vec::new()
+            },
+            plans,
+        };
+        if self.overlap {
+            st.pending_encode = Some(job);
+        } else {
+            encode_and_send(
+                &mut self.sync,
+                &self.links,
+                &self.round,
+                st,
+                &self.trainer.weights,
+                &job,
+            )?;
         }
-        self.round.store(round, Ordering::Relaxed);
-        metrics::gauge!(m::ROUND).set(round as f64);
         metrics::gauge!(m::LOSS).set(f64::from(step.loss));
         metrics::counter!(m::LAN_BYTES).absolute(self.trainer.lan_bytes());
         if round.is_multiple_of(self.steps_per_epoch) || round == self.total_rounds {
+            let began = Instant::now();
             let e = self.trainer.evaluate(&self.test)?;
+            st.costs.evaluate += began.elapsed();
             st.accuracy = Some(e.accuracy);
             metrics::gauge!(m::ACCURACY).set(e.accuracy);
             tracing::info!(
@@ -459,7 +651,30 @@ impl Core {
                 "round"
             );
         }
+        // What peers sent during the step, in the order it arrived.
+        let began = Instant::now();
+        for merge in st.pending_merges.drain(..) {
+            merge.apply(&mut self.trainer.weights);
+        }
+        st.receiving += began.elapsed();
+        st.costs.receive += began.elapsed();
         Ok(())
+    }
+
+    /// Does a pending round's WAN work now (before a checkpoint, when no step can run
+    /// beside it, or at the end).
+    fn flush_encode(&mut self, st: &mut LoopState) -> Result<()> {
+        match st.pending_encode.take() {
+            Some(job) => encode_and_send(
+                &mut self.sync,
+                &self.links,
+                &self.round,
+                st,
+                &job.weights,
+                &job,
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Notices a policy swap before the next decision: the new policy's state blob starts
@@ -530,6 +745,7 @@ impl Core {
                 }
             })
             .collect();
+        metrics::gauge!(m::POLICY_QUARANTINED).set(self.policy.breaker().quarantined.len() as f64);
         metrics::counter!(m::REFUSALS, "kind" => "tls")
             .absolute(self.wan_counters.tls_refusals.load(Ordering::Relaxed));
         metrics::counter!(m::REFUSALS, "kind" => "handshake")
@@ -547,6 +763,7 @@ impl Core {
                 version: active.info.version.clone(),
                 digest: active.digest.clone(),
                 loaded_at: st.policy_loaded_at.clone(),
+                breaker: self.policy.breaker(),
             },
             policy_failures: self
                 .policy
@@ -636,7 +853,12 @@ impl Core {
 
     /// Before the final checkpoint: lets what was sent be acknowledged (up to `patience`),
     /// then stops taking messages and applies everything already handed over.
-    fn quiesce(&mut self, st: &mut LoopState, events: &Receiver<WanEvent>, patience: Duration) {
+    fn quiesce(
+        &mut self,
+        st: &mut LoopState,
+        events: &mut impl EventSource,
+        patience: Duration,
+    ) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < patience
             && self.links.iter().any(|l| {
@@ -644,16 +866,17 @@ impl Core {
                     && l.shared().unacked_messages.load(Ordering::Relaxed) > 0
             })
         {
-            if let Ok(ev) = events.recv_timeout(Duration::from_millis(20)) {
+            if let Ok(Some(ev)) = events.next_event(Phase::Closing, Duration::from_millis(20)) {
                 let now = start.elapsed();
-                self.handle(st, ev, now);
+                self.handle(st, ev, now)?;
             }
         }
         self.acceptor.close();
         let now = start.elapsed();
-        while let Ok(ev) = events.try_recv() {
-            self.handle(st, ev, now);
+        while let Ok(Some(ev)) = events.next_event(Phase::Closing, Duration::ZERO) {
+            self.handle(st, ev, now)?;
         }
+        Ok(())
     }
 
     /// Every live peer's rounds have arrived and everything sent is acknowledged.
@@ -672,7 +895,7 @@ impl Core {
 
     /// Runs the loop until the run is over or `stop` is set; `events` carries what the WAN
     /// tasks report.
-    pub fn run(mut self, events: Receiver<WanEvent>) -> Result<AgentReport> {
+    pub fn run(mut self, mut events: impl EventSource) -> Result<AgentReport> {
         let start = Instant::now();
         let schedule = LrSchedule::Cosine { min_factor: 0.0 };
         let n = self.links.len();
@@ -697,6 +920,12 @@ impl Core {
             busy: Duration::ZERO,
             busy_rounds: 0,
             receiving: Duration::ZERO,
+            costs: CostTotals::default(),
+            waited: Duration::ZERO,
+            overlapped_rounds: 0,
+            pending_encode: None,
+            pending_merges: Vec::new(),
+            deferred: VecDeque::new(),
             catch_up: false,
             fresh: self.resume.is_none(),
         };
@@ -727,9 +956,13 @@ impl Core {
         // Settings the alerts compare with, once.
         metrics::gauge!(m::STALENESS_BOUND).set(self.sync.clock().max_staleness() as f64);
         metrics::gauge!(m::RUN_ROUNDS).set(self.total_rounds as f64);
-        // Every decision failure kind starts at 0, so the first failure is an increase.
+        // Every decision failure kind and rollback cause starts at 0, so the first is an
+        // increase.
         for kind in crate::policy::PolicyFailure::DECISION_KINDS {
             metrics::counter!(m::POLICY_FAILURES, "kind" => kind).increment(0);
+        }
+        for cause in ["breaker", "operator"] {
+            metrics::counter!(m::POLICY_ROLLBACKS, "cause" => cause).increment(0);
         }
         let mut interrupted = false;
         let mut training_seconds = None;
@@ -740,8 +973,19 @@ impl Core {
                 self.publish(&mut st);
                 last_publish = Instant::now();
             }
-            while let Ok(ev) = events.try_recv() {
-                self.handle(&mut st, ev, now);
+            // What waited for the last step, in order, then what arrived since.
+            while let Some(ev) = st.deferred.pop_front() {
+                self.handle(&mut st, ev, now)?;
+            }
+            let between = Phase::Between {
+                trained: self.next_round(&st) - 1,
+            };
+            loop {
+                match events.next_event(between, Duration::ZERO) {
+                    Ok(Some(ev)) => self.handle(&mut st, ev, now)?,
+                    Ok(None) => break,
+                    Err(SourceClosed) => return Err(anyhow!("the WAN tasks stopped")),
+                }
             }
             for change in st.liveness.tick(now) {
                 if let LivenessChange::Excluded(l) = change {
@@ -757,6 +1001,7 @@ impl Core {
                 self.maybe_fetch(&mut st, now);
             }
             if self.stop.load(Ordering::Relaxed) {
+                self.flush_encode(&mut st)?;
                 interrupted = self.sync.round() < self.total_rounds;
                 break;
             }
@@ -765,10 +1010,7 @@ impl Core {
                 break;
             }
             self.sync.apply_outer_step(&mut self.trainer.weights);
-            let may_train = st.liveness.settled()
-                && st.fetching.is_none()
-                && self.sync.round() < self.total_rounds
-                && self.sync.may_start_next();
+            let may_train = st.liveness.settled() && st.fetching.is_none() && self.may_step(&st);
             if may_train {
                 // A swap lands between rounds: look before asking the policy.
                 self.publish_policy_change(&mut st);
@@ -776,14 +1018,21 @@ impl Core {
                 let began = Instant::now();
                 st.first_round_start.get_or_insert(began);
                 st.fresh = false;
-                self.train_round(&mut st, &schedule)?;
-                st.busy += began.elapsed();
-                st.busy_rounds += 1;
-                if self.checkpoint_every > 0
-                    && self.sync.round().is_multiple_of(self.checkpoint_every)
-                {
+                self.train_round(&mut st, &schedule, &mut events)?;
+                let round = self.next_round(&st) - 1;
+                if self.checkpoint_every > 0 && round.is_multiple_of(self.checkpoint_every) {
+                    self.flush_encode(&mut st)?;
                     self.save_checkpoint(&st, false);
                 }
+                st.busy += began.elapsed();
+                st.busy_rounds += 1;
+                continue;
+            }
+            if st.pending_encode.is_some() {
+                // No step can run beside it: peers may be waiting for this round.
+                let began = Instant::now();
+                self.flush_encode(&mut st)?;
+                st.busy += began.elapsed();
                 continue;
             }
             st.state = if !st.liveness.settled() {
@@ -795,18 +1044,23 @@ impl Core {
             } else {
                 "waiting"
             };
-            match events.recv_timeout(Duration::from_millis(50)) {
-                Ok(ev) => self.handle(&mut st, ev, start.elapsed()),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(anyhow!("the WAN tasks stopped"));
-                }
+            let waiting = Instant::now();
+            let event = events.next_event(between, Duration::from_millis(50));
+            if st.first_round_start.is_some() && st.state == "waiting" {
+                st.costs.wait += waiting.elapsed();
+                st.waited += waiting.elapsed();
+            }
+            match event {
+                Ok(Some(ev)) => self.handle(&mut st, ev, start.elapsed())?,
+                Ok(None) => {}
+                Err(SourceClosed) => return Err(anyhow!("the WAN tasks stopped")),
             }
         }
         st.state = if interrupted { "stopping" } else { "finished" };
         self.publish(&mut st);
         // Flush what the plan sent, take in what peers handed over, then checkpoint.
-        self.quiesce(&mut st, &events, Duration::from_secs(10));
+        self.flush_encode(&mut st)?;
+        self.quiesce(&mut st, &mut events, Duration::from_secs(10))?;
         self.save_checkpoint(&st, true);
         let e = self.trainer.evaluate(&self.test)?;
         st.accuracy = Some(e.accuracy);
@@ -843,11 +1097,352 @@ impl Core {
             training_seconds,
             busy_seconds_per_round: st.busy.as_secs_f64() / st.busy_rounds.max(1) as f64,
             receive_seconds_per_round: st.receiving.as_secs_f64() / st.busy_rounds.max(1) as f64,
+            round_costs: st.costs.per_round(st.busy_rounds),
+            overlap: self.overlap,
+            overlapped_rounds: st.overlapped_rounds,
             interrupted,
             tls_refusals: self.wan_counters.tls_refusals.load(Ordering::Relaxed),
             handshake_refusals: self.wan_counters.handshake_refusals.load(Ordering::Relaxed),
             bad_streams: self.wan_counters.bad_streams.load(Ordering::Relaxed),
             links,
         })
+    }
+}
+
+/// While the step of `round` runs (until `done`, then what is already queued): decodes
+/// peers' frames and markers into the clock and `pending_merges`, and defers everything
+/// else (snapshots, resume notices, connection changes), and whatever comes after it, to
+/// run in order once the step is over.
+fn decode_during_step(
+    sync: &mut RegionSync,
+    st: &mut LoopState,
+    events: &mut impl EventSource,
+    round: u64,
+    done: impl Fn() -> bool,
+) {
+    let phase = Phase::Step { round };
+    loop {
+        // Once the step is over, what is already queued is taken without waiting.
+        let finished = done();
+        let wait = if finished {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(1)
+        };
+        let ev = match events.next_event(phase, wait) {
+            Ok(Some(ev)) => ev,
+            Ok(None) if finished => break,
+            Ok(None) => continue,
+            Err(SourceClosed) => break,
+        };
+        let decodable = st.deferred.is_empty()
+            && matches!(&ev, WanEvent::Message { bytes, .. }
+                if !bytes.starts_with(&crate::sync::message::RESUMED_MAGIC));
+        match ev {
+            WanEvent::Message { link, bytes } if decodable => {
+                st.wan_received += bytes.len() as u64;
+                let peer = sync.peer(link).to_string();
+                metrics::counter!(m::WAN_BYTES_RECEIVED, "peer" => peer.clone())
+                    .increment(bytes.len() as u64);
+                let began = Instant::now();
+                let received = sync.receive_deferred(link, &bytes);
+                st.receiving += began.elapsed();
+                st.costs.receive += began.elapsed();
+                metrics::histogram!(m::RECEIVE_SECONDS).record(began.elapsed().as_secs_f64());
+                let outcome = received.map(|merge| st.pending_merges.extend(merge));
+                count_received(sync, link, peer, outcome);
+            }
+            other => st.deferred.push_back(other),
+        }
+    }
+}
+
+/// Counts and logs the outcome of a peer's message.
+fn count_received(sync: &RegionSync, link: usize, peer: String, outcome: Result<(), ReceiveError>) {
+    match outcome {
+        Ok(()) => {
+            metrics::counter!(m::WAN_DECODED_BYTES_RECEIVED, "peer" => peer)
+                .absolute(sync.counters(link).elements_received * 4);
+        }
+        Err(e @ ReceiveError::Duplicate { .. }) => tracing::debug!("{e}"),
+        Err(e) => {
+            metrics::counter!(m::MESSAGES_REJECTED, "peer" => peer).increment(1);
+            tracing::warn!("refused a WAN message: {e}");
+        }
+    }
+}
+
+/// A round's WAN work: filter (against `weights`), quantize, encode and compress what each
+/// link gets, hand it to the link, count it, and publish the finished round.
+fn encode_and_send(
+    sync: &mut RegionSync,
+    links: &[LinkSender],
+    published: &AtomicU64,
+    st: &mut LoopState,
+    weights: &[Vec<f32>],
+    job: &EncodeJob,
+) -> Result<()> {
+    let began = Instant::now();
+    let outgoing = sync.finish_round(weights, &job.plans)?;
+    let numel: u64 = sync.numel() as u64;
+    for o in outgoing {
+        let peer = sync.peer(o.link).to_string();
+        let mut sent_bytes = 0u64;
+        for msg in o.messages {
+            let bytes = msg.to_bytes();
+            sent_bytes += bytes.len() as u64;
+            links[o.link].send(bytes);
+        }
+        st.wan_sent += sent_bytes;
+        let elements: u64 = o.frames.iter().map(|f| f.elements).sum();
+        metrics::counter!(m::WAN_BYTES_SENT, "peer" => peer.clone()).increment(sent_bytes);
+        metrics::counter!(m::WAN_DECODED_BYTES_SENT, "peer" => peer.clone())
+            .increment(elements * 4);
+        metrics::counter!(m::ELEMENTS_SENT, "peer" => peer.clone()).increment(elements);
+        metrics::counter!(m::ELEMENTS_HELD, "peer" => peer.clone()).increment(o.elements_held);
+        metrics::gauge!(m::SIGNIFICANCE_RATIO, "peer" => peer.clone())
+            .set(elements as f64 / numel.max(1) as f64);
+        for f in &o.frames {
+            let kind = if f.bias { "bias" } else { "weight" };
+            metrics::histogram!(m::BITS_CHOSEN, "peer" => peer.clone(), "kind" => kind)
+                .record(f64::from(f.bits));
+            if f.compressed > 0 {
+                metrics::histogram!(m::ZSTD_RATIO).record(f.packed as f64 / f.compressed as f64);
+            }
+        }
+    }
+    debug_assert_eq!(sync.round(), job.round);
+    published.store(job.round, Ordering::Relaxed);
+    metrics::gauge!(m::ROUND).set(job.round as f64);
+    let spent = began.elapsed();
+    st.costs.encode += spent;
+    metrics::histogram!(m::ENCODE_SECONDS).record(spent.as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{FailStrategy, Sandbox, SandboxLimits, builtin_wasm};
+    use crate::sync::SyncConfig;
+    use crate::train::ModelSpec;
+    use crate::train::dataset::{RegionLayout, ShardStrategy, embedded_digits};
+    use crate::wan::handshake::Expectation;
+    use std::collections::HashMap;
+
+    const REGIONS: [&str; 2] = ["us-east", "eu-west"];
+    const EPOCHS: u64 = 2;
+
+    /// Events handed to the core by where it is, as a test scripts them.
+    struct Script(HashMap<Phase, VecDeque<WanEvent>>);
+
+    impl EventSource for Script {
+        fn next_event(
+            &mut self,
+            phase: Phase,
+            _: Duration,
+        ) -> Result<Option<WanEvent>, SourceClosed> {
+            Ok(self.0.get_mut(&phase).and_then(VecDeque::pop_front))
+        }
+    }
+
+    fn layout() -> RegionLayout {
+        RegionLayout {
+            regions: 2,
+            workers: 2,
+            batch_size: 16,
+            strategy: ShardStrategy::Iid,
+            seed: 3,
+        }
+    }
+
+    fn trainer(region: usize) -> RegionTrainer {
+        let data = embedded_digits().unwrap();
+        let shards = layout()
+            .worker_shards(&data.train.labels, region)
+            .iter()
+            .map(|idx| data.train.subset(idx))
+            .collect();
+        RegionTrainer::new(
+            REGIONS[region],
+            &ModelSpec::default_mlp(),
+            shards,
+            data.train.classes,
+            16,
+            3,
+            3 + region as u64,
+        )
+        .unwrap()
+    }
+
+    fn sync(region: usize, trainer: &RegionTrainer) -> RegionSync {
+        let mut s = RegionSync::new(
+            REGIONS[region],
+            &[REGIONS[1 - region].to_string()],
+            trainer.metas().to_vec(),
+            SyncConfig::default(),
+            11 + region as u64,
+        );
+        s.start(&trainer.weights);
+        s
+    }
+
+    fn rounds() -> u64 {
+        layout().steps_per_epoch(&embedded_digits().unwrap().train.labels) * EPOCHS
+    }
+
+    /// What the peer sends for each round 1..: it trains on its own and sends every
+    /// tensor at 8 bits every round.
+    fn peer_messages() -> Vec<Vec<Vec<u8>>> {
+        let mut t = trainer(1);
+        let mut s = sync(1, &t);
+        let plan = LinkPlan {
+            tensors: vec![
+                TensorPlan {
+                    send: true,
+                    tau: 0.0,
+                    bits: 8,
+                    top_fraction: 1.0,
+                };
+                t.metas().len()
+            ],
+        };
+        (1..=rounds())
+            .map(|round| {
+                let step = t.step(&LanPlan::FULL_PRECISION, 1e-3).unwrap();
+                s.add_local_update(&step.delta);
+                let out = s
+                    .finish_round(&t.weights, std::slice::from_ref(&plan))
+                    .unwrap();
+                assert_eq!(s.round(), round);
+                out.into_iter()
+                    .flat_map(|o| o.messages)
+                    .map(|m| m.to_bytes())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Runs region 0's core against the scripted peer; returns what it sent, its final
+    /// checkpoint file and its report.
+    fn run(overlap: bool, script: Script) -> (Vec<Vec<u8>>, Vec<u8>, AgentReport) {
+        let dir = tempfile::tempdir().unwrap();
+        let trainer = trainer(0);
+        let sync = sync(0, &trainer);
+        // A generous deadline: a loaded machine must not turn a call into a fallback.
+        let sandbox = Arc::new(
+            Sandbox::new(SandboxLimits {
+                deadline: Duration::from_secs(5),
+                ..SandboxLimits::default()
+            })
+            .unwrap(),
+        );
+        let policy = Arc::new(
+            PolicyRuntime::new(
+                sandbox,
+                builtin_wasm("weightgrad").unwrap(),
+                FailStrategy::Closed,
+            )
+            .unwrap(),
+        );
+        let (link, sent) = LinkSender::recording();
+        let (events, _) = std::sync::mpsc::channel();
+        let manifest = trainer.manifest_hash();
+        let round = Arc::new(AtomicU64::new(0));
+        let core = Core {
+            region: REGIONS[0].into(),
+            test: embedded_digits().unwrap().test,
+            trainer,
+            sync,
+            policy,
+            manifest: manifest.clone(),
+            links: vec![link],
+            configured: (100e6, 0.08),
+            total_rounds: rounds(),
+            steps_per_epoch: rounds() / EPOCHS,
+            lr: 1e-3,
+            regions: 2,
+            deadline: Duration::from_secs(3600),
+            round: round.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            wan_counters: WanCounters::default(),
+            status: Arc::new(RwLock::new(Status::default())),
+            acceptor: Arc::new(Acceptor {
+                expect: Expectation {
+                    region: REGIONS[0].into(),
+                    peers: vec![REGIONS[1].into()],
+                    manifest,
+                },
+                round,
+                events,
+                max_message: 1 << 20,
+                refusals: Arc::new(AtomicU64::new(0)),
+                bad_streams: Arc::new(AtomicU64::new(0)),
+                open: RwLock::new(true),
+            }),
+            checkpoint_path: dir.path().join("us-east.ckpt"),
+            checkpoint_every: 0,
+            resume: None,
+            overlap,
+        };
+        let checkpoint = core.checkpoint_path.clone();
+        let report = core.run(script).unwrap();
+        let sent = std::mem::take(&mut *sent.lock().unwrap());
+        (sent, std::fs::read(checkpoint).unwrap(), report)
+    }
+
+    /// The peer connects at the start; its round `r` is delivered by `at(r)`.
+    fn script(messages: &[Vec<Vec<u8>>], at: impl Fn(u64) -> Phase) -> Script {
+        let mut phases: HashMap<Phase, VecDeque<WanEvent>> = HashMap::new();
+        phases
+            .entry(Phase::Between { trained: 0 })
+            .or_default()
+            .push_back(WanEvent::Connected { link: 0, round: 0 });
+        for (r, round) in messages.iter().enumerate() {
+            let phase = phases.entry(at(r as u64 + 1)).or_default();
+            for bytes in round {
+                phase.push_back(WanEvent::Message {
+                    link: 0,
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+        Script(phases)
+    }
+
+    #[test]
+    fn overlapping_the_wan_work_with_the_next_step_changes_no_byte_and_no_weight() {
+        let peer = peer_messages();
+        // Sequential: the peer's round r is handed over between this region's rounds r
+        // and r + 1. With overlap: while round r's step runs, so it is decoded beside the
+        // step and added in before round r + 1's, the same place in the sequence; or
+        // between the rounds, as without overlap.
+        let (sent, checkpoint, report) =
+            run(false, script(&peer, |r| Phase::Between { trained: r }));
+        assert_eq!(report.rounds, rounds());
+        assert_eq!(report.overlapped_rounds, 0);
+        assert!(sent.len() as u64 > rounds(), "{} messages", sent.len());
+        for (label, at) in [
+            (
+                "during the step",
+                &(|r| Phase::Step { round: r }) as &dyn Fn(u64) -> Phase,
+            ),
+            ("between rounds", &|r| Phase::Between { trained: r }),
+        ] {
+            let (o_sent, o_checkpoint, o_report) = run(true, script(&peer, at));
+            assert!(
+                o_report.overlapped_rounds >= rounds() - 1,
+                "{label}: {} of {} rounds overlapped",
+                o_report.overlapped_rounds,
+                rounds()
+            );
+            assert_eq!(o_sent.len(), sent.len(), "{label}");
+            assert!(o_sent == sent, "{label}: the messages sent differ");
+            assert!(
+                o_checkpoint == checkpoint,
+                "{label}: the final state differs"
+            );
+            assert_eq!(o_report.test_loss.to_bits(), report.test_loss.to_bits());
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::admin::{AdminState, auth::Token};
 use crate::config::AgentConfig;
 use crate::lan::RegionTrainer;
 use crate::policies::merge_mode_for;
-use crate::policy::{PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
+use crate::policy::{Breaker, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm};
 use crate::sync::{RegionSync, SyncConfig};
 use crate::train::dataset::RegionLayout;
 use crate::wan::handshake::{Expectation, Hello, PROTOCOL_VERSION};
@@ -43,8 +43,14 @@ pub fn load_policy(cfg: &AgentConfig) -> Result<PolicyRuntime> {
             })?
             .to_vec(),
     };
-    let sandbox = Arc::new(Sandbox::new(SandboxLimits::default())?);
-    PolicyRuntime::new(sandbox, &bytes, cfg.policy.on_failure)
+    let sandbox = Arc::new(Sandbox::new(SandboxLimits {
+        deadline: Duration::from_millis(cfg.policy.deadline_ms),
+        ..SandboxLimits::default()
+    })?);
+    let breaker = Breaker {
+        rollback_after: cfg.policy.rollback_after,
+    };
+    PolicyRuntime::with_breaker(sandbox, &bytes, cfg.policy.on_failure, breaker)
         .map_err(|e| anyhow!("policy.source: {}: {e}", cfg.policy.source))
 }
 
@@ -283,6 +289,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         checkpoint_path,
         checkpoint_every: cfg.checkpoint.every_rounds,
         resume,
+        overlap: t.overlap && merge == crate::sync::MergeMode::Sum,
     };
     let report = core.run(events_rx);
     // The links' queues are closed now: their tasks close the connections. Give the

@@ -33,6 +33,8 @@ pub struct PolicyStatus {
     pub digest: String,
     /// When it became active (RFC 3339, UTC).
     pub loaded_at: String,
+    /// The breaker: failed calls in a row, suspension, quarantined components.
+    pub breaker: crate::policy::BreakerStatus,
 }
 
 /// Byte totals.

@@ -46,9 +46,10 @@ pub enum PolicyFailure {
     /// The call ran past its deadline and was interrupted.
     #[error("ran past its {0:?} deadline and was stopped")]
     Timeout(Duration),
-    /// The guest tried to grow memory past the cap.
-    #[error("exceeded its {0}-byte memory cap")]
-    Memory(usize),
+    /// The guest tried to grow memory past the cap, or was still growing it towards the
+    /// cap when its deadline stopped it.
+    #[error("{0}")]
+    Memory(String),
     /// The guest trapped (a panic, an unreachable, a bad access).
     #[error("trapped: {0}")]
     Trap(String),
@@ -64,6 +65,9 @@ pub enum PolicyFailure {
     /// A valid policy that does not fit the running agent.
     #[error("does not fit this agent: {0}")]
     Incompatible(String),
+    /// The agent rolled this component back after it failed, and a push must be forced.
+    #[error("is quarantined: {0}")]
+    Quarantined(String),
 }
 
 impl PolicyFailure {
@@ -88,6 +92,7 @@ impl PolicyFailure {
             Self::Invalid(_) => "invalid",
             Self::Oversized(_) => "oversized",
             Self::Incompatible(_) => "incompatible",
+            Self::Quarantined(_) => "quarantined",
         }
     }
 }
@@ -112,7 +117,46 @@ impl std::fmt::Debug for CompiledPolicy {
 }
 
 struct CallState {
+    limits: PeakLimits,
+}
+
+/// The store's limits, remembering the largest linear memory the guest asked for.
+struct PeakLimits {
     limits: StoreLimits,
+    peak: usize,
+}
+
+impl wasmtime::ResourceLimiter for PeakLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.peak = self.peak.max(desired);
+        self.limits.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// The engine shared by every policy of an agent.
@@ -222,12 +266,28 @@ impl Sandbox {
         input: &PolicyInput,
         deadline: Duration,
     ) -> Result<PolicyOutput, PolicyFailure> {
+        if input.state.len() > self.limits.max_state_bytes {
+            return Err(PolicyFailure::Oversized(format!(
+                "the state blob handed in is {} bytes, over the {}-byte limit",
+                input.state.len(),
+                self.limits.max_state_bytes
+            )));
+        }
+        let input_bytes = input_size(input);
+        if input_bytes > self.limits.memory_bytes / 2 {
+            return Err(PolicyFailure::Oversized(format!(
+                "the round's input is about {input_bytes} bytes, too large for the {}-byte sandbox",
+                self.limits.memory_bytes
+            )));
+        }
         let wit_input = input_to_wit(input);
-        let result = self.call_within(policy, deadline, |store, guest| {
-            guest
-                .weightgrad_policy_policy()
-                .call_decide(store, &wit_input)
-        })?;
+        let result = self
+            .call_within(policy, deadline, |store, guest| {
+                guest
+                    .weightgrad_policy_policy()
+                    .call_decide(store, &wit_input)
+            })
+            .map_err(|failure| self.name_growing_state(failure, input))?;
         let output = output_from_wit(result.map_err(PolicyFailure::Refused)?);
         if output.state.len() > self.limits.max_state_bytes {
             return Err(PolicyFailure::Oversized(format!(
@@ -238,6 +298,27 @@ impl Sandbox {
         }
         validate_output(input, &output).map_err(PolicyFailure::Invalid)?;
         Ok(output)
+    }
+
+    /// A call that ran out of time or memory, or trapped, while handed a state over half
+    /// its limit was most likely growing it past the limit (a state that doubles every
+    /// round fails this way before it is ever returned too large): say so.
+    fn name_growing_state(&self, failure: PolicyFailure, input: &PolicyInput) -> PolicyFailure {
+        let large = input.state.len() > self.limits.max_state_bytes / 2;
+        match failure {
+            PolicyFailure::Timeout(_) | PolicyFailure::Memory(_) | PolicyFailure::Trap(_)
+                if large =>
+            {
+                PolicyFailure::Oversized(format!(
+                    "handed a state blob of {} bytes (over half the {}-byte limit), it failed \
+                     building the next one ({}: {failure})",
+                    input.state.len(),
+                    self.limits.max_state_bytes,
+                    failure.kind()
+                ))
+            }
+            other => other,
+        }
     }
 
     /// Instantiates `policy` in a fresh, limited store and runs `f` on it within `deadline`.
@@ -252,7 +333,12 @@ impl Sandbox {
             .trap_on_grow_failure(true)
             .instances(16)
             .build();
-        let mut store = Store::new(&self.engine, CallState { limits });
+        let mut store = Store::new(
+            &self.engine,
+            CallState {
+                limits: PeakLimits { limits, peak: 0 },
+            },
+        );
         store.limiter(|s| &mut s.limits);
         let ticks = (deadline.as_millis() as u64).max(1);
         store.set_epoch_deadline(ticks);
@@ -260,21 +346,55 @@ impl Sandbox {
         let linker = Linker::new(&self.engine);
         let guest = Guest::instantiate(&mut store, &policy.component, &linker)
             .map_err(|e| PolicyFailure::Load(one_line(&e)))?;
-        f(&mut store, &guest).map_err(|e| self.classify(e, deadline))
+        f(&mut store, &guest).map_err(|e| {
+            let peak = store.data().limits.peak;
+            self.classify(e, deadline, peak)
+        })
     }
 
-    fn classify(&self, e: wasmtime::Error, deadline: Duration) -> PolicyFailure {
+    /// What a failed call's error means; `peak` is the largest memory the guest asked for.
+    fn classify(&self, e: wasmtime::Error, deadline: Duration, peak: usize) -> PolicyFailure {
+        let cap = self.limits.memory_bytes;
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            // Stopped while its memory neared the cap: it was growing memory.
+            if peak >= cap / 4 * 3 {
+                return PolicyFailure::Memory(format!(
+                    "grew its memory to {peak} bytes of its {cap}-byte cap until its \
+                     {deadline:?} deadline stopped it"
+                ));
+            }
             return PolicyFailure::Timeout(deadline);
         }
         let text = format!("{e:#}");
         if text.contains("forcing trap when growing memory")
             || text.contains("memory growth failure")
         {
-            return PolicyFailure::Memory(self.limits.memory_bytes);
+            return PolicyFailure::Memory(format!("exceeded its {cap}-byte memory cap"));
         }
-        PolicyFailure::Trap(text)
+        tracing::debug!(error = %text, "policy trap in full");
+        // The causes without the wasm backtrace (which only the debug log gets).
+        let reason = e
+            .chain()
+            .map(|cause| crate::policy::failure_log::short_reason(&cause.to_string()))
+            .filter(|r| !r.is_empty() && r != "error while executing at")
+            .collect::<Vec<_>>()
+            .join(": ");
+        PolicyFailure::Trap(if reason.is_empty() { text } else { reason })
     }
+}
+
+/// About how many bytes `input` takes in the guest's memory.
+fn input_size(input: &PolicyInput) -> usize {
+    let per_tensor = 64 + 4 * input.thresholds.len();
+    let tensors: usize = input.links.iter().map(|l| l.tensors.len()).sum();
+    input.state.len()
+        + tensors * per_tensor
+        + input
+            .links
+            .iter()
+            .map(|l| 64 + l.link.peer.len())
+            .sum::<usize>()
+        + 8 * input.lan.tensor_sizes.len()
 }
 
 /// An error and its causes on one line, with runs of whitespace collapsed.
@@ -294,7 +414,7 @@ mod tests {
         let s = || String::from("x");
         let decision = [
             PolicyFailure::Timeout(Duration::from_millis(10)),
-            PolicyFailure::Memory(16 << 20),
+            PolicyFailure::Memory(s()),
             PolicyFailure::Trap(s()),
             PolicyFailure::Refused(s()),
             PolicyFailure::Invalid(s()),
@@ -302,7 +422,11 @@ mod tests {
         ];
         let kinds: Vec<&str> = decision.iter().map(PolicyFailure::kind).collect();
         assert_eq!(kinds, PolicyFailure::DECISION_KINDS);
-        for swap_only in [PolicyFailure::Load(s()), PolicyFailure::Incompatible(s())] {
+        for swap_only in [
+            PolicyFailure::Load(s()),
+            PolicyFailure::Incompatible(s()),
+            PolicyFailure::Quarantined(s()),
+        ] {
             assert!(!PolicyFailure::DECISION_KINDS.contains(&swap_only.kind()));
         }
     }

@@ -3,11 +3,13 @@
 
 pub mod bindings;
 pub mod builtin;
+pub mod failure_log;
 pub mod host;
 pub mod runtime;
 
 pub use builtin::{BUILTIN_WASM, builtin_wasm};
 pub use host::{CompiledPolicy, PolicyFailure, Sandbox, SandboxLimits};
 pub use runtime::{
-    Decision, DecisionSource, FailStrategy, PolicyRuntime, SwapReport, golden_input,
+    Breaker, BreakerStatus, Decision, DecisionSource, FailStrategy, PolicyRuntime, Quarantined,
+    Suspended, SwapReport, golden_input,
 };

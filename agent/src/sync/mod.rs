@@ -10,7 +10,7 @@ pub mod snapshot;
 pub use clock::MirrorClock;
 pub use message::{Resumed, RoundEnd, WanMessage};
 pub use region::{
-    LinkCounters, MergeMode, Outgoing, ReceiveError, RegionSync, SyncConfig, TensorMeta,
+    LinkCounters, Merge, MergeMode, Outgoing, ReceiveError, RegionSync, SyncConfig, TensorMeta,
 };
 pub use snapshot::{Snapshot, decode_snapshot, encode_snapshot};
 

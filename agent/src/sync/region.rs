@@ -242,6 +242,23 @@ impl SyncState {
     }
 }
 
+/// A peer's update checked and counted by [`RegionSync::receive_deferred`], still to be
+/// added into the weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    /// Tensor index.
+    pub tensor: usize,
+    /// The decoded update.
+    pub update: Update,
+}
+
+impl Merge {
+    /// Adds the update into `weights` (sum merge).
+    pub fn apply(&self, weights: &mut [Vec<f32>]) {
+        self.update.add_to(&mut weights[self.tensor], 1.0);
+    }
+}
+
 /// A region's WAN state: one residual per peer, the mirror clock, and counters.
 pub struct RegionSync {
     name: String,
@@ -620,6 +637,14 @@ impl RegionSync {
         self.clock.may_start(self.round + 1) && self.outer_due().is_none()
     }
 
+    /// Whether the round after the next may start while the next one's updates are still
+    /// being encoded (see [`Self::finish_round`]): under the staleness bound as if the
+    /// next round were finished. Never with a mean merge, whose outer steps need every
+    /// round finished first.
+    pub fn may_start_beyond_next(&self) -> bool {
+        matches!(self.config.merge, MergeMode::Sum) && self.clock.may_start(self.round + 2)
+    }
+
     /// Adds this region's own update (new weights minus old, per tensor) to every link's residual.
     pub fn add_local_update(&mut self, delta: &[Vec<f32>]) {
         if let Some(a) = &mut self.audit {
@@ -760,14 +785,29 @@ impl RegionSync {
         bytes: &[u8],
         weights: &mut [Vec<f32>],
     ) -> Result<(), ReceiveError> {
+        if let Some(merge) = self.receive_deferred(l, bytes)? {
+            merge.apply(weights);
+        }
+        Ok(())
+    }
+
+    /// [`Self::receive`] without touching the weights: everything is checked, counted and
+    /// recorded (the clock, duplicates) as by `receive`, and a frame to add into the
+    /// weights (sum merge) is returned for the caller to [`Merge::apply`] before it next
+    /// reads them. An agent decodes this way while its next step is using the weights.
+    pub fn receive_deferred(
+        &mut self,
+        l: usize,
+        bytes: &[u8],
+    ) -> Result<Option<Merge>, ReceiveError> {
         let peer = self.links[l].peer.clone();
-        let result = self.receive_inner(l, &peer, bytes, weights);
+        let result = self.receive_inner(l, &peer, bytes);
         let link = &mut self.links[l];
         link.counters.bytes_received += bytes.len() as u64;
         match result {
             Err(ReceiveError::Duplicate { .. }) => link.counters.duplicates += 1,
             Err(_) => link.counters.rejected += 1,
-            Ok(()) => {}
+            Ok(_) => {}
         }
         result
     }
@@ -777,8 +817,7 @@ impl RegionSync {
         l: usize,
         peer: &str,
         bytes: &[u8],
-        weights: &mut [Vec<f32>],
-    ) -> Result<(), ReceiveError> {
+    ) -> Result<Option<Merge>, ReceiveError> {
         let codec = |source| ReceiveError::Codec {
             peer: peer.to_string(),
             source,
@@ -824,7 +863,7 @@ impl RegionSync {
                         .map(|k| k.residual.clone());
                     self.reset_residual(l, copy);
                 }
-                Ok(())
+                Ok(None)
             }
             WanMessage::RoundEnd(end) => {
                 if end.sender != peer {
@@ -832,7 +871,7 @@ impl RegionSync {
                 }
                 self.clock.round_ended(l, end.clock, end.frames);
                 self.prune_applied(l);
-                Ok(())
+                Ok(None)
             }
             WanMessage::Frame(frame) => {
                 let frame = decode(&frame, &self.config.limits).map_err(codec)?;
@@ -862,20 +901,25 @@ impl RegionSync {
                         clock: h.clock,
                     });
                 }
+                let tensor = h.tensor as usize;
+                let clock = h.clock;
+                self.links[l].counters.elements_received += frame.update.value_count() as u64;
+                self.clock.frame_arrived(l, clock);
+                self.prune_applied(l);
                 match self.config.merge {
-                    MergeMode::Sum => frame.update.add_to(&mut weights[h.tensor as usize], 1.0),
+                    MergeMode::Sum => Ok(Some(Merge {
+                        tensor,
+                        update: frame.update,
+                    })),
                     MergeMode::Mean { .. } => {
                         let tensors = &self.tensors;
-                        let slot = self.outer.inbox.entry(h.clock).or_insert_with(|| {
+                        let slot = self.outer.inbox.entry(clock).or_insert_with(|| {
                             tensors.iter().map(|m| vec![0.0; m.numel]).collect()
                         });
-                        frame.update.add_to(&mut slot[h.tensor as usize], 1.0);
+                        frame.update.add_to(&mut slot[tensor], 1.0);
+                        Ok(None)
                     }
                 }
-                self.links[l].counters.elements_received += frame.update.value_count() as u64;
-                self.clock.frame_arrived(l, h.clock);
-                self.prune_applied(l);
-                Ok(())
             }
         }
     }
