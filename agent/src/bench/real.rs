@@ -134,12 +134,15 @@ pub struct Agents<'a> {
     pub dir: &'a Path,
     /// Their WAN connections' congestion controller.
     pub congestion: Congestion,
+    /// Whether a round's WAN work runs beside the next step (`[training] overlap`).
+    pub overlap: bool,
 }
 
 /// One agent of a `--real` run: what its config file says.
 struct AgentSlot<'a> {
     cfg: &'a SimConfig,
     congestion: Congestion,
+    overlap: bool,
     source: &'a DataSource,
     policy: &'a str,
     /// Region index in `cfg.topology`.
@@ -195,7 +198,7 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     )?;
     writeln!(
         t,
-        "[data]\n{}[data.shard]\nindex = {i}\ncount = {n}\nstrategy = \"{shard}\"\n[training]\nmodel = {}\nworkers = {}\nbatch_size = {}\nepochs = {}\nlr = {}\nseed = {}\nmax_staleness = {}",
+        "[data]\n{}[data.shard]\nindex = {i}\ncount = {n}\nstrategy = \"{shard}\"\n[training]\nmodel = {}\nworkers = {}\nbatch_size = {}\nepochs = {}\nlr = {}\nseed = {}\nmax_staleness = {}\noverlap = {}",
         data_keys(slot.source),
         toml_string(&cfg.model.to_string()),
         cfg.workers,
@@ -203,7 +206,8 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         cfg.epochs,
         cfg.lr,
         cfg.seed,
-        cfg.sync.max_staleness
+        cfg.sync.max_staleness,
+        slot.overlap
     )?;
     writeln!(
         t,
@@ -270,6 +274,7 @@ pub fn check(
         let t = agent_config(&AgentSlot {
             cfg,
             congestion: agents.congestion,
+            overlap: agents.overlap,
             source,
             policy,
             region: i,
@@ -432,6 +437,7 @@ mod tests {
         let text = agent_config(&AgentSlot {
             cfg,
             congestion: Congestion::Bbr,
+            overlap: false,
             source,
             policy: "weightgrad",
             region,
@@ -483,6 +489,7 @@ mod tests {
             );
             assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
             assert_eq!(a.wan.congestion, Congestion::Bbr);
+            assert!(!a.training.overlap);
         }
         let wide = ModelSpec::parse("mlp:1024,1024").unwrap();
         assert_eq!(

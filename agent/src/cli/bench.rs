@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// cubic; the simulator's links carry their full bandwidth from the first byte).
     #[arg(long, value_enum, requires = "real")]
     congestion: Option<Congestion>,
+    /// Whether the `--real` agents run a round's WAN work beside the next step
+    /// (`[training] overlap`; default: the agent's, true; mean merges never overlap).
+    #[arg(long, requires = "real", action = clap::ArgAction::Set)]
+    overlap: Option<bool>,
 }
 
 /// Runs `weightgrad bench`.
@@ -183,6 +187,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     exe: &exe,
                     dir: &work,
                     congestion: args.congestion.unwrap_or_default(),
+                    overlap: args.overlap.unwrap_or(true),
                 },
             )?);
         }

@@ -269,6 +269,8 @@ pub struct WanCounters {
 }
 
 struct LoopState {
+    /// How long the last training step took (zero before the first).
+    last_step: Duration,
     liveness: Liveness,
     lan_plan: LanPlan,
     policy_state: Vec<u8>,
@@ -563,7 +565,11 @@ impl Core {
                         encode_and_send(sync, links, published, st, &job.weights, &job)?;
                         st.overlapped_rounds += 1;
                     }
-                    decode_during_step(sync, st, events, round, || handle.is_finished());
+                    // Sleep on the channel until the step is nearly due (80% of the last
+                    // one), then look for its end every millisecond: waking every
+                    // millisecond throughout takes the step's cores from it.
+                    let due = step_start + st.last_step.mul_f64(0.8);
+                    decode_during_step(sync, st, events, round, due, || handle.is_finished());
                 }
                 handle
                     .join()
@@ -571,6 +577,7 @@ impl Core {
             })?
         };
         let step_time = step_start.elapsed();
+        st.last_step = step_time;
         metrics::histogram!(m::STEP_SECONDS).record(step_time.as_secs_f64());
         st.costs.step += step_time;
         st.loss = Some(step.loss);
@@ -900,6 +907,7 @@ impl Core {
         let schedule = LrSchedule::Cosine { min_factor: 0.0 };
         let n = self.links.len();
         let mut st = LoopState {
+            last_step: Duration::ZERO,
             liveness: Liveness::new(n, self.deadline, Duration::ZERO),
             lan_plan: LanPlan::FULL_PRECISION,
             policy_state: Vec::new(),
@@ -1118,6 +1126,7 @@ fn decode_during_step(
     st: &mut LoopState,
     events: &mut impl EventSource,
     round: u64,
+    due: Instant,
     done: impl Fn() -> bool,
 ) {
     let phase = Phase::Step { round };
@@ -1127,7 +1136,8 @@ fn decode_during_step(
         let wait = if finished {
             Duration::ZERO
         } else {
-            Duration::from_millis(1)
+            due.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
         };
         let ev = match events.next_event(phase, wait) {
             Ok(Some(ev)) => ev,

@@ -48,16 +48,20 @@ impl DeviceSpec {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: cannot open the GPU: {e}"))
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace when RUST_BACKTRACE is set: the cause is the first line.
+        let cause = e.to_string();
+        let cause = cause.lines().next().unwrap_or_default().to_string();
+        anyhow::anyhow!("--device cuda:{ordinal}: cannot open the GPU: {cause}")
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     bail!(
         "--device cuda:{ordinal}: this weightgrad was built without CUDA support; \
-         rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit and nvcc) \
-         or use --device cpu"
+         rebuild with `cargo build --release -p weightgrad --features cuda` (its kernels need \
+         nvcc: `eval \"$(.ci/cuda-toolchain)\"` installs it; README, \"GPU\") or use --device cpu"
     )
 }
 
