@@ -15,14 +15,31 @@ pub fn binary() -> &'static Path {
 
 fn locate() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("WEIGHTGRAD_BIN") {
-        let path = PathBuf::from(path);
+        let path = resolve(Path::new(&path), workspace());
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("WEIGHTGRAD_BIN={} is not a file", path.display()))
+            Err(format!("WEIGHTGRAD_BIN: {} is not a file", path.display()))
         };
     }
     build()
+}
+
+/// The workspace root, where `cargo test` is typically run from.
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the suite lives inside the workspace")
+}
+
+/// A relative `WEIGHTGRAD_BIN` is read from the workspace root: cargo runs each test in
+/// its own crate's directory, not where the command was typed.
+fn resolve(path: &Path, workspace: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        workspace.join(path)
+    }
 }
 
 /// Where the running test executable says its build put things: the target directory,
@@ -68,9 +85,7 @@ fn build() -> Result<PathBuf, String> {
             exe.display()
         )
     })?;
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the suite lives inside the workspace");
+    let workspace = workspace();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace)
@@ -110,6 +125,19 @@ fn build() -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_binary_path_is_read_from_the_workspace_root() {
+        let root = Path::new("/w");
+        assert_eq!(
+            resolve(Path::new("target/weightgrad-cuda"), root),
+            Path::new("/w/target/weightgrad-cuda")
+        );
+        assert_eq!(
+            resolve(Path::new("/c/weightgrad"), root),
+            Path::new("/c/weightgrad")
+        );
+    }
 
     #[test]
     fn the_build_place_is_read_off_the_test_executables_path() {
