@@ -53,14 +53,18 @@ struct BuildPlace {
 
 /// Reads a [`BuildPlace`] off a test executable's path:
 /// `TARGET_DIR/[TRIPLE/]PROFILE_DIR/deps/NAME`, where the target directory is the one
-/// holding cargo's `CACHEDIR.TAG` and `debug` is the `dev` profile's directory.
+/// holding cargo's `CACHEDIR.TAG` and `debug` is the directory of the `test` profile (and
+/// of `dev`).
 fn build_place(exe: &Path, is_target_dir: impl Fn(&Path) -> bool) -> Option<BuildPlace> {
     let deps = exe
         .parent()
         .filter(|d| d.file_name() == Some("deps".as_ref()))?;
     let profile_dir = deps.parent()?;
     let name = profile_dir.file_name()?.to_str()?;
-    let profile = if name == "debug" { "dev" } else { name }.to_string();
+    // `cargo test` builds in the `test` profile, whose directory is `debug`; building the
+    // binary in `test` too shares every dependency with the suite's own build (in `dev`,
+    // the proc-macros and build scripts, and so nearly every crate, were built twice).
+    let profile = if name == "debug" { "test" } else { name }.to_string();
     let above = profile_dir.parent()?;
     if is_target_dir(above) {
         return Some(BuildPlace {
@@ -148,7 +152,7 @@ mod tests {
             Some(BuildPlace {
                 target_dir: "/t".into(),
                 triple: None,
-                profile: "dev".into()
+                profile: "test".into()
             })
         );
         assert_eq!(

@@ -62,7 +62,7 @@ fn bytes_to(curve: &serde_json::Value, target: f64) -> Option<f64> {
 /// The README's main command keeps the accuracy and byte savings `docs/benchmarks.md`
 /// reports for it, with margins that seeds 0 to 2 all meet (seed 0 is the documented run:
 /// 96.39% everywhere, the baseline's accuracy with 120× fewer bytes, 95% with 115× fewer;
-/// seeds 1 and 2 end up to 0.83 points below full-sync and save 82–90× to 95%), so that
+/// seeds 1 and 2 end up to 0.83 points below full-sync and save 84–99× to 95%), so that
 /// training noise of the size a different seed or floating-point path brings does not fail
 /// it, and a change that loses the savings does.
 #[test]

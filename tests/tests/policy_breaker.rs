@@ -68,6 +68,7 @@ fn policies_failing_mid_run_are_rolled_back_by_the_agents_and_quarantined() {
     agents.iter_mut().for_each(Agent::start);
     admin.iter().copied().for_each(wait_ready);
     let weightgrad = get(admin[0], "/policies").1["active"]["digest"].clone();
+    let mut digests = Vec::new();
     for (misbehaviour, kind) in KINDS {
         // It passes admission (the golden input is round 8) and every round until a few
         // rounds from now.
@@ -75,6 +76,7 @@ fn policies_failing_mid_run_are_rolled_back_by_the_agents_and_quarantined() {
         assert!(from + 40 < total, "{misbehaviour}: the run is too short");
         let component = guests::unruly(&format!("{misbehaviour}@{from}"));
         let digest = sha256(&component);
+        digests.push((misbehaviour, digest.clone()));
         for &a in &admin {
             let (code, body) = put_policy(a, Some(TOKEN), &component);
             assert_eq!(code, 200, "{misbehaviour} at {a}: {body}");
@@ -135,6 +137,18 @@ fn policies_failing_mid_run_are_rolled_back_by_the_agents_and_quarantined() {
         )),
         "{metrics}"
     );
+    // The gauge is published between rounds, at most 200 ms apart.
+    let gauge = format!(
+        "weightgrad_policy_quarantined{{region=\"ap-southeast\"}} {}",
+        KINDS.len()
+    );
+    wait_for("the quarantine gauge", Duration::from_secs(30), || {
+        get(admin[2], "/metrics")
+            .1
+            .as_str()
+            .unwrap()
+            .contains(&gauge)
+    });
     let reports: Vec<Value> = finish_all(&mut agents, Duration::from_secs(600));
     // Every round ran once, every peer's rounds arrived, nothing refused or lost.
     assert_complete_and_conserved(&reports, total);
@@ -169,6 +183,22 @@ fn policies_failing_mid_run_are_rolled_back_by_the_agents_and_quarantined() {
             !warnings.iter().any(|l| l.contains("wasm backtrace")),
             "a backtrace at warning level"
         );
+        // And per failing policy, from any module: its first failure, at most one summary
+        // of repeats, and its rollback.
+        for (misbehaviour, digest) in &digests {
+            let about: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .filter(|l| l.contains(digest.as_str()))
+                .collect();
+            assert!(
+                (2..=3).contains(&about.len()),
+                "{}: {} warnings about {misbehaviour}:\n{}",
+                a.name,
+                about.len(),
+                about.join("\n")
+            );
+        }
     }
 }
 

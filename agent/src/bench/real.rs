@@ -32,6 +32,14 @@ pub struct RealCheck {
     pub real_seconds: f64,
     /// Virtual seconds of the simulator with the measured per-round cost.
     pub sim_seconds: f64,
+    /// Seconds from the first agent's first round to the first evaluation round at which
+    /// every agent had reached the target top-1 (when the last of them measured it); none
+    /// when they never did.
+    pub real_seconds_to_target: Option<f64>,
+    /// WAN bytes all agents had sent by that evaluation.
+    pub real_wan_bytes_to_target: Option<u64>,
+    /// The same in the simulator, virtual seconds.
+    pub sim_seconds_to_target: Option<f64>,
     /// The measured per-round cost (mean over regions), seconds: the region's own work
     /// (step, policy, encoding, evaluations) plus decoding and merging its peers' updates.
     pub busy_seconds_per_round: f64,
@@ -218,14 +226,54 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     Ok(t)
 }
 
+/// The first evaluation round at which every agent's test top-1 was at least `target`,
+/// from the agents' reports (`training_started_unix` and `evaluations`): seconds from the
+/// earliest first round to the last agent's evaluation of that round, and the WAN bytes all
+/// agents had sent by their evaluations of it.
+pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64, u64)> {
+    let start = reports
+        .iter()
+        .map(|r| r["training_started_unix"].as_f64())
+        .collect::<Option<Vec<f64>>>()?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let evaluations = |r: &serde_json::Value| -> Vec<(u64, f64, f64, u64)> {
+        r["evaluations"].as_array().map_or_else(Vec::new, |a| {
+            a.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["round"].as_u64()?,
+                        e["unix_seconds"].as_f64()?,
+                        e["test_accuracy"].as_f64()?,
+                        e["wan_bytes"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+    };
+    let all: Vec<Vec<(u64, f64, f64, u64)>> = reports.iter().map(evaluations).collect();
+    let first = all.first()?;
+    first.iter().map(|e| e.0).find_map(|round| {
+        let at: Vec<&(u64, f64, f64, u64)> = all
+            .iter()
+            .map(|evals| evals.iter().find(|e| e.0 == round))
+            .collect::<Option<_>>()?;
+        at.iter().all(|e| e.2 >= target).then(|| {
+            let when = at.iter().map(|e| e.1).fold(f64::NEG_INFINITY, f64::max);
+            (when - start, at.iter().map(|e| e.3).sum())
+        })
+    })
+}
+
 /// Runs `policy` under `cfg` as real `agents`, each reading its shard of `source` (loaded
 /// here as `data`), then the calibrated simulation on the same data; `policy` must be a
-/// built-in name.
+/// built-in name. Time and WAN bytes to target are measured to the top-1 `target`.
 pub fn check(
     cfg: &SimConfig,
     source: &DataSource,
     data: &DataSplit,
     policy: &str,
+    target: f64,
     agents: &Agents<'_>,
 ) -> Result<RealCheck> {
     let (exe, dir) = (agents.exe, agents.dir);
@@ -362,7 +410,11 @@ pub fn check(
         .map(|r| f(r, "test_accuracy"))
         .fold(1.0, f64::min);
     let sim = simulate(cfg, data, policy, busy)?;
+    let real_to_target = first_reaching(&reports, target);
     Ok(RealCheck {
+        real_seconds_to_target: real_to_target.map(|t| t.0),
+        real_wan_bytes_to_target: real_to_target.map(|t| t.1),
+        sim_seconds_to_target: sim.first_reaching(target).map(|p| p.virtual_seconds),
         policy: policy.to_string(),
         real_wan_bytes,
         sim_wan_bytes: sim.wan_bytes,
@@ -390,15 +442,20 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str, compute_s: f64) -> 
     run(&c, p.as_ref(), data, &mut |_, _| {})
 }
 
+/// Seconds with two decimals, or a dash for a target never reached.
+fn seconds(s: Option<f64>) -> String {
+    s.map_or_else(|| "—".to_string(), |s| format!("{s:.2}"))
+}
+
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -406,6 +463,10 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.real_seconds,
             c.sim_seconds,
             c.time_ratio(),
+            seconds(c.real_seconds_to_target),
+            seconds(c.sim_seconds_to_target),
+            c.real_wan_bytes_to_target
+                .map_or_else(|| "—".to_string(), |b| b.to_string()),
             c.busy_seconds_per_round * 1e3,
             c.receive_seconds_per_round * 1e3,
             c.real_accuracy * 100.0,
@@ -498,6 +559,47 @@ mod tests {
                 .unwrap(),
             wide
         );
+    }
+
+    #[test]
+    fn time_to_target_is_the_first_round_every_agent_reached_it_on_one_clock() {
+        let report = |start: f64, evals: &[(u64, f64, f64, u64)]| {
+            serde_json::json!({
+                "training_started_unix": start,
+                "evaluations": evals.iter().map(|&(round, unix_seconds, test_accuracy, wan_bytes)| {
+                    serde_json::json!({
+                        "round": round, "unix_seconds": unix_seconds,
+                        "test_accuracy": test_accuracy, "wan_bytes": wan_bytes,
+                    })
+                }).collect::<Vec<_>>(),
+            })
+        };
+        let reports = [
+            // Reaches 0.9 at round 20, but the other agent only at round 30.
+            report(
+                100.0,
+                &[
+                    (10, 110.0, 0.5, 10),
+                    (20, 120.0, 0.91, 20),
+                    (30, 130.0, 0.95, 30),
+                ],
+            ),
+            report(
+                99.0,
+                &[
+                    (10, 112.0, 0.6, 1),
+                    (20, 125.0, 0.89, 2),
+                    (30, 131.5, 0.9, 3),
+                ],
+            ),
+        ];
+        // From the earlier start (99) to the later evaluation of round 30 (131.5).
+        assert_eq!(first_reaching(&reports, 0.9), Some((32.5, 33)));
+        assert_eq!(first_reaching(&reports, 0.5), Some((13.0, 11)));
+        assert_eq!(first_reaching(&reports, 0.96), None);
+        // An agent that never started a round: no common clock, no time to target.
+        let unstarted = serde_json::json!({"training_started_unix": null, "evaluations": []});
+        assert_eq!(first_reaching(&[reports[0].clone(), unstarted], 0.5), None);
     }
 
     #[test]

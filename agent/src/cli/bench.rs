@@ -183,6 +183,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &source,
                 &data,
                 policy,
+                args.target_accuracy,
                 &bench::real::Agents {
                     exe: &exe,
                     dir: &work,

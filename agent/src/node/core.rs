@@ -80,6 +80,11 @@ pub struct AgentReport {
     /// Seconds from the start of the first round to the moment every peer's last round
     /// had arrived (none when stopped early).
     pub training_seconds: Option<f64>,
+    /// When the first round started, seconds since the Unix epoch (none before it): with
+    /// [`Evaluation::unix_seconds`], puts several agents' runs on one clock.
+    pub training_started_unix: Option<f64>,
+    /// The test-set evaluations of the run (every epoch and the last round), in order.
+    pub evaluations: Vec<Evaluation>,
     /// Mean wall time of this region's own work per round, seconds: steps, policy calls,
     /// encoding, decoding and merging peers' updates, evaluations, with what runs beside
     /// a step counted once (the critical path). What the simulator's per-step compute
@@ -105,6 +110,26 @@ pub struct AgentReport {
     pub bad_streams: u64,
     /// Per link.
     pub links: Vec<LinkReport>,
+}
+
+/// One test-set evaluation during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// The round just trained.
+    pub round: u64,
+    /// When it was measured, seconds since the Unix epoch.
+    pub unix_seconds: f64,
+    /// Test top-1.
+    pub test_accuracy: f64,
+    /// WAN bytes this region had sent by then.
+    pub wan_bytes: u64,
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Where a round's time went, mean seconds per round of this region. With overlap the
@@ -288,6 +313,10 @@ struct LoopState {
     last_round_start: Option<Instant>,
     state: &'static str,
     first_round_start: Option<Instant>,
+    /// The same moment on the system clock, seconds since the Unix epoch.
+    first_round_start_unix: Option<f64>,
+    /// The run's evaluations so far.
+    evaluations: Vec<Evaluation>,
     busy: Duration,
     busy_rounds: u64,
     /// Time in decoding and merging peers' updates.
@@ -608,6 +637,7 @@ impl Core {
         }
         if decision.rolled_back.is_some() {
             metrics::counter!(m::POLICY_ROLLBACKS, "cause" => "breaker").increment(1);
+            metrics::counter!(m::POLICY_SWAPS).increment(1);
         }
         let mut plans = decision.output.links;
         // Excluded peers get nothing: their updates wait in the residual.
@@ -648,6 +678,12 @@ impl Core {
             let e = self.trainer.evaluate(&self.test)?;
             st.costs.evaluate += began.elapsed();
             st.accuracy = Some(e.accuracy);
+            st.evaluations.push(Evaluation {
+                round,
+                unix_seconds: unix_now(),
+                test_accuracy: e.accuracy,
+                wan_bytes: st.wan_sent,
+            });
             metrics::gauge!(m::ACCURACY).set(e.accuracy);
             tracing::info!(
                 round,
@@ -925,6 +961,8 @@ impl Core {
             last_round_start: None,
             state: "starting",
             first_round_start: None,
+            first_round_start_unix: None,
+            evaluations: Vec::new(),
             busy: Duration::ZERO,
             busy_rounds: 0,
             receiving: Duration::ZERO,
@@ -1025,6 +1063,7 @@ impl Core {
                 st.state = "training";
                 let began = Instant::now();
                 st.first_round_start.get_or_insert(began);
+                st.first_round_start_unix.get_or_insert_with(unix_now);
                 st.fresh = false;
                 self.train_round(&mut st, &schedule, &mut events)?;
                 let round = self.next_round(&st) - 1;
@@ -1103,6 +1142,8 @@ impl Core {
             snapshots_served: st.served,
             wall_seconds: start.elapsed().as_secs_f64(),
             training_seconds,
+            training_started_unix: st.first_round_start_unix,
+            evaluations: std::mem::take(&mut st.evaluations),
             busy_seconds_per_round: st.busy.as_secs_f64() / st.busy_rounds.max(1) as f64,
             receive_seconds_per_round: st.receiving.as_secs_f64() / st.busy_rounds.max(1) as f64,
             round_costs: st.costs.per_round(st.busy_rounds),

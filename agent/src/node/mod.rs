@@ -20,7 +20,7 @@ use crate::wan::link::{self, Dialer};
 use crate::wan::telemetry::LinkTelemetry;
 use crate::wan::{endpoint, tls::TlsIdentity};
 use anyhow::{Context, Result, anyhow, bail};
-pub use core::{AgentReport, Core, LinkReport, WanCounters};
+pub use core::{AgentReport, Core, Evaluation, LinkReport, WanCounters};
 use status::Status;
 use std::collections::HashMap;
 use std::net::SocketAddr;
