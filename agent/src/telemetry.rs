@@ -216,7 +216,7 @@ pub const CATALOGUE: &[MetricDef] = &[
         RECEIVE_SECONDS,
         Histogram,
         [],
-        "Wall time of decoding one peer's message and adding it into the model",
+        "Wall time of decoding one peer's message and adding it into the model (with overlap, the decoding alone: the additions wait for the step's end and are counted in the report's `round_costs.receive`)",
         SECONDS
     ),
     metric!(

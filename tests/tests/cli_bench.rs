@@ -136,6 +136,14 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     assert!(receiving > 0.0 && receiving < work, "{real}");
     assert!(real.get("host_receive_buffer_drops").is_some(), "{real}");
+    // Time and bytes to the target on the agents' common clock: within the run.
+    let to_target = real["real_seconds_to_target"].as_f64().expect("reached");
+    assert!(
+        to_target > 0.0 && to_target <= real["real_seconds"].as_f64().unwrap(),
+        "{real}"
+    );
+    let bytes_to_target = real["real_wan_bytes_to_target"].as_f64().unwrap();
+    assert!(bytes_to_target > 0.0 && bytes_to_target <= a, "{real}");
     let agent =
         std::fs::read_to_string(dir.path().join("out/real/full-sync/us-east.toml")).unwrap();
     assert!(agent.contains("congestion = \"bbr\""), "{agent}");
