@@ -116,7 +116,17 @@ fn policies_failing_mid_run_are_rolled_back_by_the_agents_and_quarantined() {
             "the refusal names the failure: {body}"
         );
     }
-    // The status page and the CLI show the quarantine with its reason.
+    // The status page and the CLI show the quarantine with its reason, once the status is
+    // next published (between rounds, at most 200 ms apart; /policies reads the runtime).
+    wait_for(
+        "the status to show the quarantine",
+        Duration::from_secs(30),
+        || {
+            get(admin[1], "/status").1["policy"]["breaker"]["quarantined"]
+                .as_array()
+                .is_some_and(|q| q.len() == KINDS.len())
+        },
+    );
     let out = Command::new(binary())
         .args(["status", "--agent", &format!("http://{}", admin[1])])
         .output()
