@@ -406,6 +406,45 @@ fn the_breaker_rolls_a_failing_policy_back_and_quarantines_it() {
 }
 
 #[test]
+fn a_success_between_failures_resets_the_breakers_count() {
+    let sb = sandbox();
+    let rt = PolicyRuntime::new(
+        sb.clone(),
+        builtin_wasm("full-sync").unwrap(),
+        FailStrategy::LastGood,
+    )
+    .unwrap();
+    // Fails in rounds 12 and 13 only: two in a row, then a success.
+    let bad = guests::unruly("panic@12-14");
+    rt.swap(&bad).unwrap();
+    let bad_digest = rt.active().digest.clone();
+    for round in 1..12 {
+        rt.decide_round(&at_round(round));
+    }
+    for round in 12..14 {
+        let d = rt.decide_round(&at_round(round));
+        assert_eq!(d.failure.as_ref().map(|f| f.kind()), Some("trap"));
+        assert_eq!(rt.breaker().consecutive_failures, (round - 11) as u32);
+    }
+    let d = rt.decide_round(&at_round(14));
+    assert_eq!(d.source, DecisionSource::Active, "{:?}", d.failure);
+    assert_eq!(
+        rt.breaker().consecutive_failures,
+        0,
+        "the success resets it"
+    );
+    for round in 15..30 {
+        assert_eq!(
+            rt.decide_round(&at_round(round)).source,
+            DecisionSource::Active
+        );
+    }
+    assert_eq!(rt.active().digest, bad_digest, "never rolled back");
+    assert_eq!(rt.breaker().rollbacks, 0);
+    assert!(rt.breaker().quarantined.is_empty());
+}
+
+#[test]
 fn with_nothing_to_roll_back_to_the_breaker_suspends_the_policy_and_probes_it() {
     let sb = sandbox();
     // Fails in rounds 10..27, well before and after.
