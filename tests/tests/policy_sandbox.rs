@@ -337,15 +337,19 @@ fn at_round(round: u64) -> PolicyInput {
     input
 }
 
-#[test]
-fn the_breaker_rolls_a_failing_policy_back_and_quarantines_it() {
-    let sb = sandbox();
-    let rt = PolicyRuntime::new(
-        sb.clone(),
+/// A runtime with the shipped full-sync active, whose failures the last good policy decides.
+fn full_sync_falling_back_to_last_good() -> PolicyRuntime {
+    PolicyRuntime::new(
+        sandbox(),
         builtin_wasm("full-sync").unwrap(),
         FailStrategy::LastGood,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn the_breaker_rolls_a_failing_policy_back_and_quarantines_it() {
+    let rt = full_sync_falling_back_to_last_good();
     let full_sync = rt.active().digest.clone();
     // Its self-test (the golden input, round 8) passes: it fails from round 12 on.
     let bad = guests::unruly("panic@12");
@@ -407,13 +411,7 @@ fn the_breaker_rolls_a_failing_policy_back_and_quarantines_it() {
 
 #[test]
 fn a_success_between_failures_resets_the_breakers_count() {
-    let sb = sandbox();
-    let rt = PolicyRuntime::new(
-        sb.clone(),
-        builtin_wasm("full-sync").unwrap(),
-        FailStrategy::LastGood,
-    )
-    .unwrap();
+    let rt = full_sync_falling_back_to_last_good();
     // Fails in rounds 12 and 13 only: two in a row, then a success.
     let bad = guests::unruly("panic@12-14");
     rt.swap(&bad).unwrap();
