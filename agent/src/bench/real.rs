@@ -4,6 +4,7 @@
 //! per-round work, so the two can be compared on WAN bytes and on time.
 
 use crate::config::Congestion;
+use crate::node::Evaluation;
 use crate::sim::{SimConfig, SimReport, run};
 use crate::train::DataSplit;
 use crate::train::dataset::DataSource;
@@ -237,30 +238,23 @@ pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64
         .collect::<Option<Vec<f64>>>()?
         .into_iter()
         .fold(f64::INFINITY, f64::min);
-    let evaluations = |r: &serde_json::Value| -> Vec<(u64, f64, f64, u64)> {
-        r["evaluations"].as_array().map_or_else(Vec::new, |a| {
-            a.iter()
-                .filter_map(|e| {
-                    Some((
-                        e["round"].as_u64()?,
-                        e["unix_seconds"].as_f64()?,
-                        e["test_accuracy"].as_f64()?,
-                        e["wan_bytes"].as_u64()?,
-                    ))
-                })
-                .collect()
-        })
+    // Written by this binary's agents: a report without them has no evaluations.
+    let evaluations = |r: &serde_json::Value| -> Vec<Evaluation> {
+        serde_json::from_value(r["evaluations"].clone()).unwrap_or_default()
     };
-    let all: Vec<Vec<(u64, f64, f64, u64)>> = reports.iter().map(evaluations).collect();
+    let all: Vec<Vec<Evaluation>> = reports.iter().map(evaluations).collect();
     let first = all.first()?;
-    first.iter().map(|e| e.0).find_map(|round| {
-        let at: Vec<&(u64, f64, f64, u64)> = all
+    first.iter().map(|e| e.round).find_map(|round| {
+        let at: Vec<&Evaluation> = all
             .iter()
-            .map(|evals| evals.iter().find(|e| e.0 == round))
+            .map(|evals| evals.iter().find(|e| e.round == round))
             .collect::<Option<_>>()?;
-        at.iter().all(|e| e.2 >= target).then(|| {
-            let when = at.iter().map(|e| e.1).fold(f64::NEG_INFINITY, f64::max);
-            (when - start, at.iter().map(|e| e.3).sum())
+        at.iter().all(|e| e.test_accuracy >= target).then(|| {
+            let when = at
+                .iter()
+                .map(|e| e.unix_seconds)
+                .fold(f64::NEG_INFINITY, f64::max);
+            (when - start, at.iter().map(|e| e.wan_bytes).sum())
         })
     })
 }
@@ -444,7 +438,12 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str, compute_s: f64) -> 
 
 /// Seconds with two decimals, or a dash for a target never reached.
 fn seconds(s: Option<f64>) -> String {
-    s.map_or_else(|| "—".to_string(), |s| format!("{s:.2}"))
+    or_dash(s.map(|s| format!("{s:.2}")))
+}
+
+/// The value, or a dash where there is none.
+fn or_dash(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "—".to_string(), |v| v.to_string())
 }
 
 /// The checks as a Markdown table.
@@ -465,16 +464,14 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.time_ratio(),
             seconds(c.real_seconds_to_target),
             seconds(c.sim_seconds_to_target),
-            c.real_wan_bytes_to_target
-                .map_or_else(|| "—".to_string(), |b| b.to_string()),
+            or_dash(c.real_wan_bytes_to_target),
             c.busy_seconds_per_round * 1e3,
             c.receive_seconds_per_round * 1e3,
             c.real_accuracy * 100.0,
             c.sim_accuracy * 100.0,
             c.emulator_queue_drops,
             c.emulator_datagrams,
-            c.host_receive_buffer_drops
-                .map_or_else(|| "—".to_string(), |d| d.to_string())
+            or_dash(c.host_receive_buffer_drops)
         );
     }
     out

@@ -113,7 +113,7 @@ pub struct AgentReport {
 }
 
 /// One test-set evaluation during a run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Evaluation {
     /// The round just trained.
     pub round: u64,
