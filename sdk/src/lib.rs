@@ -20,6 +20,9 @@ pub const WIT: &str = include_str!("../wit/policy.wit");
 /// The WIT package and version policies must export.
 pub const CONTRACT: &str = "weightgrad:policy@2.0.0";
 
+/// The interface a policy component exports, as the component model names it.
+pub const EXPORT: &str = "weightgrad:policy/policy@2.0.0";
+
 /// What role a tensor plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -477,6 +480,13 @@ pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_contract_constants_name_the_wit_package() {
+        assert!(WIT.contains(&format!("package {CONTRACT};")));
+        let (package, version) = CONTRACT.split_once('@').unwrap();
+        assert_eq!(EXPORT, format!("{package}/policy@{version}"));
+    }
 
     fn input(links: usize, tensors: usize) -> PolicyInput {
         let t = TensorStats {

@@ -8,6 +8,7 @@ mod config;
 mod data_args;
 mod demo;
 mod policy;
+mod policy_author;
 mod train;
 mod wan_emu;
 
@@ -42,7 +43,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Run several regions in one process over a simulated WAN (embedded digits).
     Demo(demo::DemoArgs),
-    /// Check, list and export policy components.
+    /// Write, build, check, list, export and push policies.
     Policy(policy::PolicyArgs),
     /// Validate agent configuration files.
     Config(config::ConfigArgs),

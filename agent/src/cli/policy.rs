@@ -1,5 +1,5 @@
-//! `weightgrad policy`: check a policy component, list and export the built-in ones, and
-//! push or roll back a running agent's policy.
+//! `weightgrad policy`: write and build a policy crate, check a policy component, list and
+//! export the built-in ones, and push or roll back a running agent's policy.
 
 use crate::policy::{
     BUILTIN_WASM, PolicyRuntime, Sandbox, SandboxLimits, builtin_wasm, golden_input,
@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use weightgrad_sdk_build::{WasmKind, wasm_kind};
 
 /// Options of `weightgrad policy`.
 #[derive(Debug, Args)]
@@ -19,10 +20,33 @@ pub struct PolicyArgs {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
+    /// Write a new policy crate in ./NAME: a commented policy, a native test and the SDK.
+    New {
+        /// The crate's (and the policy's) name.
+        name: String,
+        /// Start from a built-in policy's source instead of the template.
+        #[arg(long, value_name = "BUILTIN")]
+        from: Option<String>,
+    },
+    /// Build a policy crate into a component and check it as an agent admits it.
+    Build {
+        /// The crate's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the component [default: <target>/weightgrad/<package>.wasm].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Validate a policy component: contract, limits, self-test; print a sample round.
     Check {
-        /// The component (.wasm).
+        /// The component (.wasm), or a core module with --componentize.
         file: PathBuf,
+        /// Make a core module a component first (written to --output).
+        #[arg(long)]
+        componentize: bool,
+        /// Where --componentize writes the component [default: FILE.component.wasm].
+        #[arg(short, long, requires = "componentize")]
+        output: Option<PathBuf>,
     },
     /// List the built-in policies.
     List {
@@ -77,7 +101,17 @@ enum PolicyCommand {
 /// Runs `weightgrad policy ...`.
 pub fn run(args: PolicyArgs) -> Result<()> {
     match args.command {
-        PolicyCommand::Check { file } => check(&file),
+        PolicyCommand::New { name, from } => {
+            super::policy_author::new(Path::new("."), &name, from.as_deref())
+        }
+        PolicyCommand::Build { dir, output } => {
+            super::policy_author::build(&dir, output.as_deref())
+        }
+        PolicyCommand::Check {
+            file,
+            componentize,
+            output,
+        } => check(&file, componentize, output.as_deref()),
         PolicyCommand::List { json } => list(json),
         PolicyCommand::Push {
             agent,
@@ -121,18 +155,70 @@ pub fn run(args: PolicyArgs) -> Result<()> {
     }
 }
 
-fn check(file: &std::path::Path) -> Result<()> {
+fn check(file: &Path, componentize: bool, output: Option<&Path>) -> Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let sandbox = Sandbox::new(SandboxLimits::default())?;
-    let policy = PolicyRuntime::admit(&sandbox, &bytes)
+    if wasm_kind(&bytes) != WasmKind::CoreModule {
+        if componentize {
+            eprintln!(
+                "{} is not a core module; checking it as it is",
+                file.display()
+            );
+        }
+        return admit_and_describe(&file.display().to_string(), &bytes);
+    }
+    let exports = weightgrad_sdk_build::exported_interfaces(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if !exports.iter().any(|e| e == weightgrad_sdk::EXPORT) {
+        bail!(
+            "{}: a core module, not a policy component: {}",
+            file.display(),
+            crate::policy::export_mismatch(&exports)
+        );
+    }
+    if !componentize {
+        bail!(
+            "{file} is a core module carrying the {contract} contract, not a component: \
+             `weightgrad policy check --componentize {file}` makes it one (or build its crate \
+             with `weightgrad policy build`)",
+            file = file.display(),
+            contract = weightgrad_sdk::CONTRACT
+        );
+    }
+    let component = weightgrad_sdk_build::componentize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let output = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| file.with_extension("component.wasm"));
+    admit_and_describe(&output.display().to_string(), &component)?;
+    crate::atomic_file::write(&output, &[&component])
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    print_written(&output, &component);
+    Ok(())
+}
+
+/// Says where a component was written, its size and digest.
+pub(super) fn print_written(path: &Path, component: &[u8]) {
+    println!(
+        "wrote {} ({} bytes, sha256:{})",
+        path.display(),
+        component.len(),
+        hex::encode(Sha256::digest(component))
+    );
+}
+
+/// Admits a component in the agent's sandbox (contract, limits, self-test) and prints who
+/// it is and its decisions for a sample round; errors are prefixed with `label`.
+pub(super) fn admit_and_describe(label: &str, bytes: &[u8]) -> Result<()> {
+    let sandbox = Sandbox::new(SandboxLimits::default())?;
+    let policy =
+        PolicyRuntime::admit(&sandbox, bytes).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
     let input = golden_input();
     let output = sandbox
         .decide(&policy, &input)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
     println!(
         "{}: ok\n  policy   {} {}\n  about    {}\n  digest   sha256:{}\n  contract {}",
-        file.display(),
+        label,
         policy.info.name,
         policy.info.version,
         policy.info.description,

@@ -159,6 +159,35 @@ impl wasmtime::ResourceLimiter for PeakLimits {
     }
 }
 
+/// Why a component's (or a core module's) exports are not the contract's, with what to
+/// do about it.
+pub fn export_mismatch(exports: &[String]) -> String {
+    let package = weightgrad_sdk::EXPORT
+        .split_once('@')
+        .map_or(weightgrad_sdk::EXPORT, |(p, _)| p);
+    let found = if exports.is_empty() {
+        "nothing".to_string()
+    } else {
+        exports.join(", ")
+    };
+    let other_version = exports
+        .iter()
+        .find_map(|name| name.strip_prefix(package)?.strip_prefix('@'));
+    match other_version {
+        Some(version) => format!(
+            "it exports {found}, not {}: it was built against the SDK of contract \
+             version {version}; rebuild it against this agent's SDK (`weightgrad policy new` \
+             writes that SDK beside a new crate)",
+            weightgrad_sdk::EXPORT
+        ),
+        None => format!(
+            "it exports {found}, not {} (a policy crate exports it with \
+             `weightgrad_sdk::export_policy!`)",
+            weightgrad_sdk::EXPORT
+        ),
+    }
+}
+
 /// The engine shared by every policy of an agent.
 pub struct Sandbox {
     engine: Engine,
@@ -216,6 +245,7 @@ impl Sandbox {
             None => {
                 let c = Component::new(&self.engine, bytes)
                     .map_err(|e| PolicyFailure::Load(one_line(&e)))?;
+                self.check_exports(&c)?;
                 self.cache
                     .lock()
                     .expect("cache lock")
@@ -239,6 +269,20 @@ impl Sandbox {
                 .map(info_from_wit)
         })?;
         Ok(policy)
+    }
+
+    /// Refuses a component that does not export the contract's interface, naming what it
+    /// exports instead (a policy built against another SDK exports another version).
+    fn check_exports(&self, component: &Component) -> Result<(), PolicyFailure> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        if exports.iter().any(|name| name == weightgrad_sdk::EXPORT) {
+            return Ok(());
+        }
+        Err(PolicyFailure::Load(export_mismatch(&exports)))
     }
 
     /// The wall-clock budget of admission calls (`info` and the self-test): behaviour is
@@ -408,6 +452,23 @@ fn one_line(e: &wasmtime::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_export_mismatch_names_what_was_found_and_the_way_out() {
+        let other = export_mismatch(&["weightgrad:policy/policy@1.0.0".into()]);
+        assert!(
+            other.contains(
+                "exports weightgrad:policy/policy@1.0.0, not weightgrad:policy/policy@2.0.0"
+            ) && other.contains("contract version 1.0.0")
+                && other.contains("weightgrad policy new"),
+            "{other}"
+        );
+        let none = export_mismatch(&[]);
+        assert!(
+            none.contains("exports nothing") && none.contains("export_policy!"),
+            "{none}"
+        );
+    }
 
     #[test]
     fn decision_kinds_are_exactly_the_kinds_a_decision_can_fail_with() {

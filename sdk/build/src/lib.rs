@@ -111,12 +111,31 @@ pub fn ensure_target(dir: &Path, on_add: impl FnOnce(&str)) -> Result<(), BuildE
     }
 }
 
+/// Where cargo's diagnostics go during a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Diagnostics {
+    /// Kept, and returned in [`BuildError::Compile`] on failure (build scripts).
+    Captured,
+    /// Printed as cargo writes them (a user at a terminal sees progress and errors).
+    Shown,
+}
+
 /// A release build of `packages` of the workspace or crate at `manifest` for the wasm32
 /// target into `target_dir`, in an environment scrubbed of the outer build's settings.
 pub fn cargo_build(
     manifest: &Path,
     packages: &[&str],
     target_dir: &Path,
+) -> Result<(), BuildError> {
+    cargo_build_with(manifest, packages, target_dir, Diagnostics::Captured)
+}
+
+/// [`cargo_build`], with cargo's diagnostics captured or shown.
+pub fn cargo_build_with(
+    manifest: &Path,
+    packages: &[&str],
+    target_dir: &Path,
+    diagnostics: Diagnostics,
 ) -> Result<(), BuildError> {
     let cargo = cargo();
     let mut cmd = Command::new(&cargo);
@@ -135,16 +154,35 @@ pub fn cargo_build(
     }
     // After the scrub, which removes an outer CARGO_TARGET_DIR.
     cmd.env("CARGO_TARGET_DIR", target_dir);
-    let output = cmd.output().map_err(|e| BuildError::Cargo {
+    let not_run = |e: std::io::Error| BuildError::Cargo {
         cargo: cargo.clone(),
         error: e.to_string(),
-    })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(BuildError::Compile(
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ))
+    };
+    match diagnostics {
+        Diagnostics::Captured => {
+            let output = cmd.output().map_err(not_run)?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(BuildError::Compile(
+                    String::from_utf8_lossy(&output.stderr).into_owned(),
+                ))
+            }
+        }
+        Diagnostics::Shown => {
+            // Cargo's own output goes to stderr; stdout stays the caller's.
+            let status = cmd
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(not_run)?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(BuildError::Compile(format!(
+                    "cargo exited with {status}; its errors are above"
+                )))
+            }
+        }
     }
 }
 
@@ -171,6 +209,44 @@ pub fn component_of(target_dir: &Path, lib_name: &str) -> Result<Vec<u8>, BuildE
         },
         other => other,
     })
+}
+
+/// What kind of WebAssembly binary some bytes are, read off their preamble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmKind {
+    /// A core module (what cargo builds for wasm32).
+    CoreModule,
+    /// A component (what the agent runs).
+    Component,
+    /// Not WebAssembly at all.
+    Other,
+}
+
+/// Reads the preamble of `bytes`: `\0asm`, then a version and layer (layer 0 a core
+/// module, 1 a component).
+pub fn wasm_kind(bytes: &[u8]) -> WasmKind {
+    match bytes {
+        [0, b'a', b's', b'm', _, _, 0, 0, ..] => WasmKind::CoreModule,
+        [0, b'a', b's', b'm', _, _, 1, 0, ..] => WasmKind::Component,
+        _ => WasmKind::Other,
+    }
+}
+
+/// The interfaces a core module's component-type metadata (as `wit-bindgen` embeds it)
+/// says it exports, by their full names (`weightgrad:policy/policy@2.0.0`); empty when
+/// it carries no such metadata (it was not built with a WIT export).
+pub fn exported_interfaces(module: &[u8]) -> Result<Vec<String>, BuildError> {
+    let (_, bindgen) =
+        wit_component::metadata::decode(module).map_err(|e| BuildError::Componentize {
+            module: "the module".into(),
+            error: format!("{e:#}"),
+        })?;
+    let world = &bindgen.resolve.worlds[bindgen.world];
+    Ok(world
+        .exports
+        .keys()
+        .map(|key| bindgen.resolve.name_world_key(key))
+        .collect())
 }
 
 /// Turns a core module that carries its component-type metadata (as `wit-bindgen`
@@ -209,6 +285,51 @@ mod tests {
     fn bytes_that_are_not_a_core_module_are_refused_with_a_reason() {
         let e = componentize(b"not wasm").unwrap_err().to_string();
         assert!(e.starts_with("cannot make a component of"), "{e}");
+    }
+
+    /// A core module for `wit` (its world `w`), with or without the component-type metadata.
+    fn module_of(wit: &str, with_metadata: bool) -> Vec<u8> {
+        let mut resolve = wit_parser::Resolve::default();
+        let package = resolve.push_str("test.wit", wit).unwrap();
+        let world = resolve.select_world(&[package], Some("w")).unwrap();
+        let mut module =
+            wit_component::dummy_module(&resolve, world, wit_parser::ManglingAndAbi::Standard32);
+        if with_metadata {
+            wit_component::embed_component_metadata(
+                &mut module,
+                &resolve,
+                world,
+                wit_component::StringEncoding::UTF8,
+            )
+            .unwrap();
+        }
+        module
+    }
+
+    const GREETER: &str =
+        "package test:demo@1.2.3; interface greet { hi: func(); } world w { export greet; }";
+
+    #[test]
+    fn the_preamble_tells_modules_from_components() {
+        let module = module_of(GREETER, true);
+        assert_eq!(wasm_kind(&module), WasmKind::CoreModule);
+        assert_eq!(wasm_kind(b"not wasm"), WasmKind::Other);
+        assert_eq!(wasm_kind(b""), WasmKind::Other);
+        let component = componentize(&module).unwrap();
+        assert_eq!(wasm_kind(&component), WasmKind::Component);
+    }
+
+    #[test]
+    fn the_metadata_names_the_exported_interfaces_with_their_version() {
+        assert_eq!(
+            exported_interfaces(&module_of(GREETER, true)).unwrap(),
+            ["test:demo/greet@1.2.3"]
+        );
+        assert!(
+            exported_interfaces(&module_of(GREETER, false))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
