@@ -55,6 +55,66 @@ fn bench_reports_every_policy_and_writes_table_and_plots() {
 }
 
 #[test]
+fn bench_over_seeds_reports_each_seed_and_the_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = weightgrad_ok(&[
+        "bench",
+        "--policies",
+        "full-sync,weightgrad",
+        "--epochs",
+        "2",
+        "--target-accuracy",
+        "0.6",
+        "--seeds",
+        "0,1,2",
+        "--json",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let v = last_json_line(&out);
+    assert_eq!(v["seeds"], serde_json::json!([0, 1, 2]));
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for (seed, run) in runs.iter().enumerate() {
+        assert_eq!(run["seed"], seed, "{run}");
+    }
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let summary = v["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 3, "full-sync, weightgrad, lan-only");
+    let mut spread = 0.0;
+    for (k, s) in summary.iter().enumerate() {
+        assert_eq!(s["seeds"], 3, "{s}");
+        let column = |key: &str| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r["results"][k][key].as_f64())
+                .collect()
+        };
+        let accuracy = column("final_accuracy");
+        let m = s["final_accuracy"]["mean"].as_f64().unwrap();
+        assert!((m - mean(&accuracy)).abs() < 1e-12, "{s}");
+        spread += s["final_accuracy"]["std"].as_f64().unwrap();
+        // Speedups are each seed's own, averaged.
+        let speedups = column("speedup_vs_full_sync");
+        match s["speedup_vs_full_sync"]["mean"].as_f64() {
+            Some(m) => assert!((m - mean(&speedups)).abs() < 1e-9, "{s}"),
+            None => assert!(speedups.is_empty(), "{s}"),
+        }
+    }
+    assert!(spread > 0.0, "the seeds gave identical runs: {v}");
+    let md = std::fs::read_to_string(out_dir.join("results.md")).unwrap();
+    for part in [
+        "## Seed 0",
+        "## Seed 2",
+        "## Over the seeds",
+        "| weightgrad | ",
+    ] {
+        assert!(md.contains(part), "{part} missing from\n{md}");
+    }
+    assert!(out_dir.join("accuracy_vs_time-seed1.svg").is_file());
+}
+
+#[test]
 fn bad_bench_options_are_named() {
     let out = weightgrad(&["bench", "--scenario", "moon"]);
     assert!(!out.status.success());
@@ -224,6 +284,11 @@ fn bad_workload_options_are_named() {
             "is more than 1000000 rounds",
         ),
         (vec!["bench", "--max-staleness", "1,4,1"], "bound 1 twice"),
+        (vec!["bench", "--seeds", "0,1,0"], "seed 0 twice"),
+        (
+            vec!["bench", "--seed", "1", "--seeds", "0,1"],
+            "cannot be used with",
+        ),
         (
             vec!["bench", "--max-staleness", "1,4", "--real", "weightgrad"],
             "one --max-staleness",

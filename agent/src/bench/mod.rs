@@ -4,6 +4,7 @@
 
 pub mod plot;
 pub mod real;
+pub mod seeds;
 
 use crate::lan::RegionTrainer;
 use crate::policies::{builtin, merge_mode_for};

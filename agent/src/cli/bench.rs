@@ -1,10 +1,11 @@
 //! `weightgrad bench`: policies side by side on one scenario of the virtual-time WAN.
 
 use super::data_args::DataArgs;
-use crate::bench::{self, plot};
+use crate::bench::{self, plot, seeds};
 use crate::config::Congestion;
 use crate::sim::SimConfig;
 use crate::train::ModelSpec;
+use crate::train::dataset::DataSource;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -33,8 +34,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.95)]
     target_accuracy: f64,
     /// Seed shared by every run.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "seeds")]
     seed: u64,
+    /// Run the whole bench once per seed (comma-separated, e.g. 0,1,2) and add each
+    /// policy's mean and spread over them, its ratios to full-sync taken seed by seed.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
     /// Passes over each region's data.
     #[arg(long, default_value_t = 30)]
     epochs: usize,
@@ -97,10 +102,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr {} is not a positive learning rate", args.lr);
     }
-    let mut cfg = SimConfig::demo(3, args.seed);
-    cfg.epochs = args.epochs;
-    cfg.lr = args.lr;
-    cfg.compute_s = args.compute_ms / 1e3;
     if let Some(b) = args
         .max_staleness
         .iter()
@@ -108,18 +109,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     {
         bail!("--max-staleness {b} is more than {MAX_STALENESS_BOUND} rounds");
     }
-    if let Some(b) = args
-        .max_staleness
-        .iter()
-        .enumerate()
-        .find_map(|(i, b)| args.max_staleness[..i].contains(b).then_some(b))
-    {
+    if let Some(b) = first_repeated(&args.max_staleness) {
         bail!("--max-staleness names bound {b} twice");
+    }
+    if let Some(seed) = first_repeated(&args.seeds) {
+        bail!("--seeds names seed {seed} twice");
     }
     match args.max_staleness.as_slice() {
         [] => bail!("--max-staleness needs at least one bound"),
-        // The bound --real agents run at.
-        [b] => cfg.sync.max_staleness = *b,
+        [_] => {}
         _ if !args.real.is_empty() => bail!(
             "--real compares agents with the simulator at one staleness bound; give one --max-staleness, not {}",
             args.max_staleness.len()
@@ -129,12 +127,110 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.jobs == Some(0) {
         bail!("--jobs must be at least 1");
     }
-    cfg.model = match &args.model {
+    let model = match &args.model {
         Some(m) => ModelSpec::parse(m).context("--model")?,
         None => bench::default_model(&source),
     };
+    let several = !args.seeds.is_empty();
+    let seeds = if several {
+        args.seeds.clone()
+    } else {
+        vec![args.seed]
+    };
+    let mut runs = Vec::new();
+    for &seed in &seeds {
+        if several {
+            eprintln!("seed {seed}");
+        }
+        runs.push(run_seed(&args, &source, &model, seed, several)?);
+    }
+    let md = if several {
+        summary_markdown(&runs, &seeds)
+    } else {
+        runs[0].markdown.clone()
+    };
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("results.md"), &md)?;
+        for run in &runs {
+            let suffix = if several {
+                format!("-seed{}", run.report.seed)
+            } else {
+                String::new()
+            };
+            plot::accuracy_against(
+                &run.report,
+                plot::Axis::WanBytes,
+                &dir.join(format!("accuracy_vs_wan_bytes{suffix}.svg")),
+            )?;
+            plot::accuracy_against(
+                &run.report,
+                plot::Axis::VirtualTime,
+                &dir.join(format!("accuracy_vs_time{suffix}.svg")),
+            )?;
+        }
+    }
+    if args.json {
+        let one = |run: &SeedRun| -> Result<serde_json::Value> {
+            let mut v = serde_json::to_value(&run.report)?;
+            if !run.checks.is_empty() {
+                v["real"] = serde_json::to_value(&run.checks)?;
+            }
+            Ok(v)
+        };
+        let v = if several {
+            let (sim, real) = summaries(&runs);
+            serde_json::json!({
+                "seeds": seeds,
+                "runs": runs.iter().map(one).collect::<Result<Vec<_>>>()?,
+                "summary": sim,
+                "real_summary": real,
+            })
+        } else {
+            one(&runs[0])?
+        };
+        println!("{v}");
+    } else {
+        print!("{md}");
+    }
+    Ok(())
+}
+
+/// The first value that appears twice.
+fn first_repeated(values: &[u64]) -> Option<u64> {
+    values
+        .iter()
+        .enumerate()
+        .find_map(|(i, v)| values[..i].contains(v).then_some(*v))
+}
+
+/// One seed's bench: the simulated table, the real agents' checks, and its Markdown.
+struct SeedRun {
+    report: bench::BenchReport,
+    checks: Vec<bench::real::RealCheck>,
+    markdown: String,
+}
+
+/// Runs every policy of the bench under `seed` (and the `--real` agents, in a directory
+/// of their own per seed when there are several).
+fn run_seed(
+    args: &BenchArgs,
+    source: &DataSource,
+    model: &ModelSpec,
+    seed: u64,
+    several: bool,
+) -> Result<SeedRun> {
+    let mut cfg = SimConfig::demo(3, seed);
+    cfg.epochs = args.epochs;
+    cfg.lr = args.lr;
+    cfg.compute_s = args.compute_ms / 1e3;
+    if let [bound] = args.max_staleness.as_slice() {
+        // The bound --real agents run at.
+        cfg.sync.max_staleness = *bound;
+    }
+    cfg.model = model.clone();
     bench::apply_scenario(&args.scenario, &mut cfg)?;
-    let data = source.load(args.seed)?;
+    let data = source.load(seed)?;
     let setup = bench::BenchSetup::describe(&cfg, &source.label(), &data, &args.max_staleness)
         .with_context(|| format!("model {} on {}", cfg.model, source.label()))?;
     let plan = bench::BenchPlan {
@@ -170,17 +266,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut checks = Vec::new();
     if !args.real.is_empty() {
         let exe = std::env::current_exe().context("locating this binary for --real")?;
-        let work = match &args.out {
+        let mut work = match &args.out {
             Some(dir) => dir.join("real"),
             None => {
                 std::env::temp_dir().join(format!("weightgrad-bench-real-{}", std::process::id()))
             }
         };
+        if several {
+            work = work.join(format!("seed-{seed}"));
+        }
         for policy in &args.real {
             eprintln!("running {policy} as real agents in {} ...", work.display());
             checks.push(bench::real::check(
                 &cfg,
-                &source,
+                source,
                 &data,
                 policy,
                 args.target_accuracy,
@@ -195,28 +294,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work:\n\n";
         md += &bench::real::markdown(&checks);
     }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(dir.join("results.md"), &md)?;
-        plot::accuracy_against(
-            &report,
-            plot::Axis::WanBytes,
-            &dir.join("accuracy_vs_wan_bytes.svg"),
-        )?;
-        plot::accuracy_against(
-            &report,
-            plot::Axis::VirtualTime,
-            &dir.join("accuracy_vs_time.svg"),
-        )?;
+    Ok(SeedRun {
+        report,
+        checks,
+        markdown: md,
+    })
+}
+
+/// The simulated and the real summaries over the seeds (the real one empty without
+/// `--real`).
+fn summaries(runs: &[SeedRun]) -> (Vec<seeds::SeedSummary>, Vec<seeds::SeedSummary>) {
+    let sim: Vec<_> = runs
+        .iter()
+        .map(|r| seeds::rows_of_report(&r.report))
+        .collect();
+    let real: Vec<_> = runs
+        .iter()
+        .filter(|r| !r.checks.is_empty())
+        .map(|r| seeds::rows_of_real(&r.checks))
+        .collect();
+    (seeds::summarize(&sim), seeds::summarize(&real))
+}
+
+/// Each seed's tables, then the summaries over the seeds.
+fn summary_markdown(runs: &[SeedRun], seeds: &[u64]) -> String {
+    let mut md = String::new();
+    for run in runs {
+        md += &format!("## Seed {}\n\n{}\n", run.report.seed, run.markdown);
     }
-    if args.json {
-        let mut v = serde_json::to_value(&report)?;
-        if !checks.is_empty() {
-            v["real"] = serde_json::to_value(&checks)?;
-        }
-        println!("{v}");
-    } else {
-        print!("{md}");
+    let (sim, real) = summaries(runs);
+    md += &format!(
+        "## Over the seeds\n\nThe simulator:\n\n{}",
+        seeds::markdown(&sim, seeds, "virtual s")
+    );
+    if !real.is_empty() {
+        md += &format!(
+            "\nReal agents through the WAN emulator:\n\n{}",
+            seeds::markdown(&real, seeds, "s")
+        );
     }
-    Ok(())
+    md
 }

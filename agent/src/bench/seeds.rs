@@ -1,0 +1,342 @@
+//! One bench over several seeds: each policy's mean and spread of final top-1, of its time
+//! and bytes to the target, and of its ratios to full-sync, seed by seed in the same run.
+
+use super::BenchReport;
+use super::real::RealCheck;
+use serde::Serialize;
+
+/// Mean, sample standard deviation and range of some values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Sample standard deviation (n − 1); 0 for a single value.
+    pub std: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// How many values.
+    pub n: usize,
+}
+
+impl Spread {
+    /// The spread of `values`; none when there are none.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std = if n > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Self {
+            mean,
+            std,
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n,
+        })
+    }
+}
+
+/// One policy's run under one seed, as the summary reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedRow {
+    /// The row's name (a policy, with its bound when the bench runs several).
+    pub policy: String,
+    /// The full-sync row of the same seed (and bound) it is compared with.
+    pub baseline: Option<String>,
+    /// Final top-1, lowest region.
+    pub final_accuracy: f64,
+    /// Seconds (virtual or real) to the target, if reached.
+    pub seconds_to_target: Option<f64>,
+    /// WAN bytes to the target, if reached.
+    pub wan_bytes_to_target: Option<u64>,
+}
+
+/// A simulated bench's rows, each with full-sync at its bound as its baseline (LAN-only,
+/// which has no bound, with the full-sync run that reached the target first), as the
+/// bench's own ratios take them.
+pub fn rows_of_report(report: &BenchReport) -> Vec<SeedRow> {
+    let full_sync = || {
+        report
+            .results
+            .iter()
+            .filter(|r| r.policy == "full-sync" || r.policy.starts_with("full-sync ("))
+    };
+    let full_sync_at = |bound: Option<u64>| match bound {
+        Some(_) => full_sync()
+            .find(|r| r.max_staleness == bound)
+            .map(|r| r.policy.clone()),
+        None => full_sync()
+            .filter_map(|r| Some((r, r.virtual_seconds_to_target?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(r, _)| r.policy.clone()),
+    };
+    report
+        .results
+        .iter()
+        .map(|r| SeedRow {
+            policy: r.policy.clone(),
+            baseline: full_sync_at(r.max_staleness),
+            final_accuracy: r.final_accuracy,
+            seconds_to_target: r.virtual_seconds_to_target,
+            wan_bytes_to_target: r.wan_bytes_to_target,
+        })
+        .collect()
+}
+
+/// Real agents' rows, with the real full-sync run (when there is one) as the baseline.
+pub fn rows_of_real(checks: &[RealCheck]) -> Vec<SeedRow> {
+    let baseline = checks
+        .iter()
+        .any(|c| c.policy == "full-sync")
+        .then(|| "full-sync".to_string());
+    checks
+        .iter()
+        .map(|c| SeedRow {
+            policy: c.policy.clone(),
+            baseline: baseline.clone(),
+            final_accuracy: c.real_accuracy,
+            seconds_to_target: c.real_seconds_to_target,
+            wan_bytes_to_target: c.real_wan_bytes_to_target,
+        })
+        .collect()
+}
+
+/// One policy over the seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedSummary {
+    /// The row's name.
+    pub policy: String,
+    /// Seeds it ran under.
+    pub seeds: usize,
+    /// Seeds under which it reached the target.
+    pub reached: usize,
+    /// Final top-1.
+    pub final_accuracy: Spread,
+    /// Its final top-1 minus full-sync's, seed by seed (a fraction: 0.01 is a point).
+    pub accuracy_vs_full_sync: Option<Spread>,
+    /// Seconds to the target, over the seeds that reached it.
+    pub seconds_to_target: Option<Spread>,
+    /// WAN bytes to the target, over the seeds that reached it.
+    pub wan_bytes_to_target: Option<Spread>,
+    /// full-sync's WAN bytes to target over this one's, seed by seed where both reached it.
+    pub wan_bytes_vs_full_sync: Option<Spread>,
+    /// full-sync's time to target over this one's, seed by seed where both reached it.
+    pub speedup_vs_full_sync: Option<Spread>,
+}
+
+/// Each row name's summary over the seeds (`per_seed[i]` holds seed i's rows), in the
+/// first seed's order.
+pub fn summarize(per_seed: &[Vec<SeedRow>]) -> Vec<SeedSummary> {
+    let Some(first) = per_seed.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|row| {
+            let runs: Vec<(&SeedRow, Option<&SeedRow>)> = per_seed
+                .iter()
+                .filter_map(|rows| {
+                    let this = rows.iter().find(|r| r.policy == row.policy)?;
+                    let base = this
+                        .baseline
+                        .as_ref()
+                        .and_then(|b| rows.iter().find(|r| &r.policy == b));
+                    Some((this, base))
+                })
+                .collect();
+            let values = |f: &dyn Fn(&SeedRow, Option<&SeedRow>) -> Option<f64>| {
+                runs.iter()
+                    .filter_map(|(this, base)| f(this, *base))
+                    .collect::<Vec<f64>>()
+            };
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let bytes = |r: &SeedRow| r.wan_bytes_to_target.map(|b| b as f64);
+            SeedSummary {
+                policy: row.policy.clone(),
+                seeds: runs.len(),
+                reached: runs
+                    .iter()
+                    .filter(|(r, _)| r.seconds_to_target.is_some())
+                    .count(),
+                final_accuracy: Spread::of(&values(&|r, _| Some(r.final_accuracy)))
+                    .expect("the first seed has this row"),
+                accuracy_vs_full_sync: Spread::of(&values(&|r, b| {
+                    b.map(|b| r.final_accuracy - b.final_accuracy)
+                })),
+                seconds_to_target: Spread::of(&values(&|r, _| r.seconds_to_target)),
+                wan_bytes_to_target: Spread::of(&values(&|r, _| bytes(r))),
+                wan_bytes_vs_full_sync: Spread::of(&values(&|r, b| {
+                    ratio(b.and_then(bytes), bytes(r))
+                })),
+                speedup_vs_full_sync: Spread::of(&values(&|r, b| {
+                    ratio(b.and_then(|b| b.seconds_to_target), r.seconds_to_target)
+                })),
+            }
+        })
+        .collect()
+}
+
+/// The summaries as a Markdown table; `clock` names the seconds (`virtual s`, `s`).
+pub fn markdown(summaries: &[SeedSummary], seeds: &[u64], clock: &str) -> String {
+    let list: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+    let mut out = format!(
+        "Over seeds {} (mean ± sample standard deviation; ratios are taken seed by seed \
+         against full-sync of the same seed, where both reached the target):\n\n\
+         | policy | reached | final top-1 | top-1 − full-sync, points | {clock} to target | \
+         WAN bytes to target | WAN bytes: full-sync / this | speedup vs full-sync |\n\
+         | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        list.join(", ")
+    );
+    for s in summaries {
+        // Values over fewer seeds than the row ran say over how many.
+        let pm = |v: Option<Spread>, scale: f64, digits: usize, unit: &str| {
+            v.map_or_else(
+                || "—".to_string(),
+                |v| {
+                    let over = if v.n < s.seeds {
+                        format!(" (n={})", v.n)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{:.digits$}{unit} ± {:.digits$}{over}",
+                        v.mean * scale,
+                        v.std * scale
+                    )
+                },
+            )
+        };
+        out += &format!(
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} |\n",
+            s.policy,
+            s.reached,
+            s.seeds,
+            pm(Some(s.final_accuracy), 100.0, 2, "%"),
+            pm(s.accuracy_vs_full_sync, 100.0, 2, ""),
+            pm(s.seconds_to_target, 1.0, 2, ""),
+            pm(s.wan_bytes_to_target, 1.0, 0, ""),
+            pm(s.wan_bytes_vs_full_sync, 1.0, 1, "×"),
+            pm(s.speedup_vs_full_sync, 1.0, 2, "×"),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, acc: f64, secs: Option<f64>, bytes: Option<u64>) -> SeedRow {
+        SeedRow {
+            policy: policy.into(),
+            baseline: Some("full-sync".into()),
+            final_accuracy: acc,
+            seconds_to_target: secs,
+            wan_bytes_to_target: bytes,
+        }
+    }
+
+    #[test]
+    fn the_spread_is_the_sample_standard_deviation() {
+        let s = Spread::of(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]).unwrap();
+        assert_eq!(s.mean, 5.0);
+        assert!((s.std - (32.0f64 / 7.0).sqrt()).abs() < 1e-12, "{s:?}");
+        assert_eq!((s.min, s.max, s.n), (2.0, 9.0, 8));
+        assert_eq!(Spread::of(&[3.0]).unwrap().std, 0.0);
+        assert_eq!(Spread::of(&[]), None);
+    }
+
+    #[test]
+    fn ratios_are_taken_seed_by_seed_and_only_where_both_reached() {
+        let seeds = vec![
+            vec![
+                row("full-sync", 0.96, Some(100.0), Some(1000)),
+                row("weightgrad", 0.97, Some(20.0), Some(10)),
+            ],
+            vec![
+                row("full-sync", 0.95, Some(50.0), Some(2000)),
+                row("weightgrad", 0.94, Some(25.0), Some(40)),
+            ],
+            vec![
+                row("full-sync", 0.90, None, None),
+                row("weightgrad", 0.96, Some(30.0), Some(30)),
+            ],
+        ];
+        let s = summarize(&seeds);
+        let wg = &s[1];
+        assert_eq!((wg.seeds, wg.reached), (3, 3));
+        // 5x and 2x, not the ratio of means (150 / 45).
+        let speed = wg.speedup_vs_full_sync.unwrap();
+        assert_eq!((speed.mean, speed.n), (3.5, 2));
+        let bytes = wg.wan_bytes_vs_full_sync.unwrap();
+        assert_eq!((bytes.mean, bytes.n), (75.0, 2));
+        // Accuracy differences use every seed: +1, −1, +6 points.
+        let diff = wg.accuracy_vs_full_sync.unwrap();
+        assert!((diff.mean - 0.02).abs() < 1e-12, "{diff:?}");
+        assert_eq!(wg.seconds_to_target.unwrap().n, 3);
+        let fs = &s[0];
+        assert_eq!(fs.reached, 2);
+        assert_eq!(fs.speedup_vs_full_sync.unwrap().mean, 1.0);
+        let md = markdown(&s, &[0, 1, 2], "virtual s");
+        assert!(
+            md.contains("| weightgrad | 3/3 | 95.67% ± 1.53 | 2.00 ± 3.61 |"),
+            "{md}"
+        );
+        assert!(md.contains("3.50× ± 2.12 (n=2)"), "{md}");
+    }
+
+    fn check(policy: &str, accuracy: f64, seconds: Option<f64>) -> RealCheck {
+        RealCheck {
+            policy: policy.into(),
+            real_wan_bytes: 100,
+            sim_wan_bytes: 100,
+            real_seconds: 10.0,
+            sim_seconds: 10.0,
+            real_seconds_to_target: seconds,
+            real_wan_bytes_to_target: seconds.map(|s| s as u64 * 10),
+            sim_seconds_to_target: seconds,
+            busy_seconds_per_round: 0.1,
+            receive_seconds_per_round: 0.01,
+            real_accuracy: accuracy,
+            sim_accuracy: accuracy,
+            emulator_datagrams: 0,
+            emulator_queue_drops: 0,
+            host_receive_buffer_drops: None,
+        }
+    }
+
+    #[test]
+    fn real_rows_compare_with_the_real_full_sync_run_on_the_agents_clock() {
+        let with = rows_of_real(&[
+            check("full-sync", 0.95, Some(60.0)),
+            check("weightgrad", 0.96, Some(12.0)),
+        ]);
+        assert_eq!(with[1].baseline.as_deref(), Some("full-sync"));
+        assert_eq!(with[1].seconds_to_target, Some(12.0));
+        assert_eq!(with[1].wan_bytes_to_target, Some(120));
+        let s = summarize(&[with]);
+        assert_eq!(s[1].speedup_vs_full_sync.unwrap().mean, 5.0);
+        let without = rows_of_real(&[check("weightgrad", 0.96, None)]);
+        assert_eq!(without[0].baseline, None);
+    }
+
+    #[test]
+    fn rows_without_a_baseline_have_no_ratios() {
+        let mut lonely = row("lan-only", 0.99, Some(1.0), Some(0));
+        lonely.baseline = None;
+        let s = summarize(&[vec![lonely]]);
+        assert_eq!(s[0].accuracy_vs_full_sync, None);
+        assert_eq!(s[0].speedup_vs_full_sync, None);
+        assert!(markdown(&s, &[0], "s").contains("| lan-only | 1/1 | 99.00% ± 0.00 | — |"));
+    }
+}
