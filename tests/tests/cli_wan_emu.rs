@@ -1,5 +1,5 @@
-//! `weightgrad wan-emu` as a process: relays through the emulated link, reports on SIGTERM,
-//! refuses bad settings by name.
+//! `weightgrad wan-emu` as a process: relays datagrams, or TCP streams with `--tcp`, through
+//! the emulated link, reports on SIGTERM, refuses bad settings by name.
 
 use std::net::UdpSocket;
 use std::process::{Command, Stdio};
@@ -65,6 +65,97 @@ fn relays_datagrams_and_reports_on_sigterm() {
     assert!(
         stderr.contains("client -> upstream:") && stderr.contains("delivered"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn tcp_mode_relays_a_stream_through_the_link() {
+    use std::io::{Read, Write};
+    // An echo server that closes after echoing a stream to its end.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut back = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut back);
+                let _ = back.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = Command::new(binary())
+        .args([
+            "wan-emu",
+            "--tcp",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--mbps",
+            "8",
+            "--delay-ms",
+            "20",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        assert!(Instant::now() < deadline, "the relay never listened");
+        match std::net::TcpStream::connect(listen) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let started = Instant::now();
+    let mut writer = client.try_clone().unwrap();
+    let sent = payload.clone();
+    let send = std::thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).unwrap();
+    send.join().unwrap();
+    assert!(back == payload, "the stream came back altered");
+    // 100 kB at 1 MB/s each way, overlapping, plus the round trip.
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        started.elapsed()
+    );
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let out = relay.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 connections") && stderr.contains("100000 bytes client -> upstream"),
+        "{stderr}"
+    );
+    let out = weightgrad(&[
+        "wan-emu",
+        "--tcp",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--loss",
+        "0.01",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot lose bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -1,8 +1,10 @@
 //! `weightgrad wan-emu`: an emulated WAN link between a client and an upstream endpoint,
-//! on loopback or anywhere, without root.
+//! on loopback or anywhere, without root: UDP datagrams (the agents' QUIC), or TCP
+//! connections with `--tcp`.
 
 use crate::wan::relay::{RelayConfig, start};
 use crate::wan::shaper::Shaping;
+use crate::wan::tcp_relay::TcpRelayConfig;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
@@ -11,9 +13,13 @@ use std::time::{Duration, Instant};
 /// Options of `weightgrad wan-emu`.
 #[derive(Debug, Args)]
 pub struct WanEmuArgs {
-    /// UDP address clients send to.
+    /// Address clients send to (UDP), or connect to with --tcp.
     #[arg(long)]
     listen: SocketAddr,
+    /// Relay TCP connections instead of UDP datagrams (bandwidth, delay, jitter and queue
+    /// applied to each direction's byte stream, shared by every connection; no loss).
+    #[arg(long)]
+    tcp: bool,
     /// Where datagrams are relayed to: `host:port` (a name is resolved once at start,
     /// retried for up to 30 s while it does not resolve yet, as when the upstream's
     /// container is still starting).
@@ -28,7 +34,7 @@ pub struct WanEmuArgs {
     /// Uniform jitter on the delay, ± milliseconds.
     #[arg(long, default_value_t = 0.0)]
     jitter_ms: f64,
-    /// Probability a datagram is lost, each way.
+    /// Probability a datagram is lost, each way (UDP only).
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
     /// Queue per direction, bytes (default: one bandwidth-delay product, at least 64 KiB).
@@ -60,6 +66,9 @@ pub fn run(args: WanEmuArgs) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     let upstream = rt.block_on(resolve(&args.upstream, Duration::from_secs(30)))?;
+    if args.tcp {
+        return rt.block_on(run_tcp(&args, upstream));
+    }
     let cfg = RelayConfig {
         listen: args.listen,
         upstream,
@@ -79,16 +88,45 @@ pub fn run(args: WanEmuArgs) -> Result<()> {
             args.jitter_ms,
             args.loss
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-            _ = term.recv() => {}
-        }
+        wait_for_shutdown().await?;
         eprintln!("client -> upstream: {}", relay.stats().up.summary());
         eprintln!("upstream -> client: {}", relay.stats().down.summary());
         Ok(())
     })
+}
+
+/// Runs the TCP relay until Ctrl-C or SIGTERM, then prints what it did.
+async fn run_tcp(args: &WanEmuArgs, upstream: SocketAddr) -> Result<()> {
+    let relay = crate::wan::tcp_relay::start(TcpRelayConfig {
+        listen: args.listen,
+        upstream,
+        up: shaping(args.mbps, args),
+        down: shaping(args.down_mbps.unwrap_or(args.mbps), args),
+        seed: args.seed,
+    })
+    .await?;
+    eprintln!(
+        "relaying TCP {} -> {} ({upstream}) at {} Mbit/s, {} ms one way (±{} ms)",
+        relay.local_addr(),
+        args.upstream,
+        args.mbps,
+        args.delay_ms,
+        args.jitter_ms,
+    );
+    wait_for_shutdown().await?;
+    eprintln!("{}", relay.stats().summary());
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn wait_for_shutdown() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
 
 /// Resolves `host:port` to its first address, retrying once a second until `patience` runs

@@ -13,5 +13,6 @@ pub mod inbound;
 pub mod link;
 pub mod relay;
 pub mod shaper;
+pub mod tcp_relay;
 pub mod telemetry;
 pub mod tls;

@@ -2,7 +2,8 @@
 //! big it is, says when it leaves the far end, or that it is dropped. Serialization at the
 //! link's bandwidth, a bounded queue (tail drop), one-way delay, uniform jitter (order kept)
 //! and random loss, all from a seeded generator and the caller's clock, so the same inputs
-//! give the same schedule in tests and in the relay.
+//! give the same schedule in tests and in the relays. A byte stream asks [`Shaper::room_at`]
+//! and waits instead of being dropped.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -100,6 +101,20 @@ impl Shaper {
         &self.shaping
     }
 
+    /// The earliest time, `now` or later, at which `len` bytes fit in the queue: a byte
+    /// stream waits for room (its sender is slowed, as TCP's flow control would slow it)
+    /// where a datagram would be dropped. `len` must be at most `queue_bytes`.
+    pub fn room_at(&self, now: f64, len: usize) -> f64 {
+        let s = self.shaping;
+        if s.bandwidth_bps == 0.0 || s.bandwidth_bps.is_infinite() {
+            return now;
+        }
+        // Bytes waiting at time t: (link_free_at − t) · bandwidth / 8; room when that plus
+        // `len` is at most the queue.
+        let spare = s.queue_bytes.saturating_sub(len) as f64;
+        (self.link_free_at - spare * 8.0 / s.bandwidth_bps).max(now)
+    }
+
     /// A datagram of `len` bytes arrives at `now` (seconds, non-decreasing).
     pub fn admit(&mut self, now: f64, len: usize) -> Fate {
         let s = self.shaping;
@@ -157,6 +172,27 @@ mod tests {
         assert_eq!(fates[4], Fate::QueueFull);
         // 3 ms later the queue has drained.
         assert!(matches!(s.admit(0.003, 1000), Fate::Deliver(_)));
+    }
+
+    #[test]
+    fn a_stream_waits_for_room_where_a_datagram_would_be_dropped() {
+        let mut shaping = Shaping::new(8.0, 10.0);
+        shaping.queue_bytes = 3000;
+        let mut s = Shaper::new(shaping, 0);
+        assert_eq!(s.room_at(0.0, 1000), 0.0);
+        for _ in 0..3 {
+            assert!(matches!(s.admit(0.0, 1000), Fate::Deliver(_)));
+        }
+        // Full: 1000 more bytes fit once the first 1000 have left (1 ms at 8 Mbit/s).
+        let t = s.room_at(0.0, 1000);
+        assert!((t - 0.001).abs() < 1e-12, "{t}");
+        assert!(matches!(s.admit(t, 1000), Fate::Deliver(_)));
+        // A later caller is never sent back in time.
+        assert_eq!(s.room_at(5.0, 1000), 5.0);
+        // An unlimited link always has room.
+        let mut open = Shaping::new(8.0, 10.0);
+        open.bandwidth_bps = 0.0;
+        assert_eq!(Shaper::new(open, 0).room_at(1.5, 1 << 20), 1.5);
     }
 
     #[test]
