@@ -204,6 +204,29 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     let bytes_to_target = real["real_wan_bytes_to_target"].as_f64().unwrap();
     assert!(bytes_to_target > 0.0 && bytes_to_target <= a, "{real}");
+    // The curve the real plots draw: the agents' evaluations on their common clock.
+    let curve = real["curve"].as_array().unwrap();
+    assert!(!curve.is_empty(), "{real}");
+    let seconds: Vec<f64> = curve
+        .iter()
+        .map(|p| p["virtual_seconds"].as_f64().unwrap())
+        .collect();
+    assert!(seconds.windows(2).all(|w| w[0] <= w[1]), "{seconds:?}");
+    assert!(
+        curve
+            .iter()
+            .any(|p| p["virtual_seconds"] == real["real_seconds_to_target"])
+    );
+    for svg in [
+        "real_accuracy_vs_time.svg",
+        "real_accuracy_vs_wan_bytes.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join("out").join(svg)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("full-sync") && text.contains("real agents"),
+            "{svg}"
+        );
+    }
     let agent =
         std::fs::read_to_string(dir.path().join("out/real/full-sync/us-east.toml")).unwrap();
     assert!(agent.contains("congestion = \"bbr\""), "{agent}");

@@ -1,7 +1,9 @@
-//! SVG plots of a bench run (plotters): accuracy against WAN bytes and against virtual
-//! time, one line per policy.
+//! SVG plots of a bench run (plotters): accuracy against WAN bytes and against time
+//! (virtual, or the real agents' clock), one line per policy.
 
 use super::BenchReport;
+use super::real::RealCheck;
+use crate::sim::EvalPoint;
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 use std::path::Path;
@@ -25,29 +27,54 @@ pub enum Axis {
     WanBytes,
     /// Virtual seconds.
     VirtualTime,
+    /// Real seconds on the agents' clock (`--real` runs).
+    RealTime,
 }
 
-/// Writes one SVG.
+/// One line: a name and (x, top-1 %) points.
+type Series<'a> = (&'a str, Vec<(f64, f64)>);
+
+fn series_of<'a>(name: &'a str, curve: &[EvalPoint], axis: Axis) -> Series<'a> {
+    let pts = curve
+        .iter()
+        .map(|p| {
+            let x = match axis {
+                Axis::WanBytes => p.wan_bytes.max(1) as f64,
+                Axis::VirtualTime | Axis::RealTime => p.virtual_seconds,
+            };
+            (x, p.min_accuracy * 100.0)
+        })
+        .collect();
+    (name, pts)
+}
+
+/// Writes one SVG of the simulated runs.
 pub fn accuracy_against(report: &BenchReport, axis: Axis, path: &Path) -> Result<()> {
-    let series: Vec<(&str, Vec<(f64, f64)>)> = report
+    let series: Vec<Series<'_>> = report
         .results
         .iter()
         .filter(|r| !matches!(axis, Axis::WanBytes) || r.wan_bytes > 0)
-        .map(|r| {
-            let pts = r
-                .curve
-                .iter()
-                .map(|p| {
-                    let x = match axis {
-                        Axis::WanBytes => p.wan_bytes.max(1) as f64,
-                        Axis::VirtualTime => p.virtual_seconds,
-                    };
-                    (x, p.min_accuracy * 100.0)
-                })
-                .collect();
-            (r.policy.as_str(), pts)
-        })
+        .map(|r| series_of(&r.policy, &r.curve, axis))
         .collect();
+    draw(&report.scenario, axis, &series, path)
+}
+
+/// Writes one SVG of the `--real` agents' runs (`axis` is [`Axis::RealTime`] or
+/// [`Axis::WanBytes`]).
+pub fn real_accuracy_against(
+    scenario: &str,
+    checks: &[RealCheck],
+    axis: Axis,
+    path: &Path,
+) -> Result<()> {
+    let series: Vec<Series<'_>> = checks
+        .iter()
+        .map(|c| series_of(&c.policy, &c.curve, axis))
+        .collect();
+    draw(&format!("{scenario}, real agents"), axis, &series, path)
+}
+
+fn draw(title: &str, axis: Axis, series: &[Series<'_>], path: &Path) -> Result<()> {
     let xs = series.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
     let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(l, h), x| (l.min(x), h.max(x)));
     if !lo.is_finite() {
@@ -56,11 +83,11 @@ pub fn accuracy_against(report: &BenchReport, axis: Axis, path: &Path) -> Result
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let caption = format!(
-        "{}: lowest-region top-1 (%) vs {}",
-        report.scenario,
+        "{title}: lowest-region top-1 (%) vs {}",
         match axis {
             Axis::WanBytes => "WAN bytes",
             Axis::VirtualTime => "virtual seconds",
+            Axis::RealTime => "seconds",
         }
     );
     let mut builder = ChartBuilder::on(&root);
@@ -104,6 +131,10 @@ pub fn accuracy_against(report: &BenchReport, axis: Axis, path: &Path) -> Result
         Axis::VirtualTime => finish!(
             builder.build_cartesian_2d(0.0..hi * 1.05, 0.0..100.0),
             "virtual seconds"
+        ),
+        Axis::RealTime => finish!(
+            builder.build_cartesian_2d(0.0..hi * 1.05, 0.0..100.0),
+            "seconds on the agents' clock"
         ),
     }
     root.present().map_err(|e| anyhow!("{e}"))?;

@@ -5,7 +5,7 @@
 
 use crate::config::Congestion;
 use crate::node::Evaluation;
-use crate::sim::{SimConfig, SimReport, run};
+use crate::sim::{EvalPoint, SimConfig, SimReport, run};
 use crate::train::DataSplit;
 use crate::train::dataset::DataSource;
 use crate::wan::relay::{self, Relay, RelayConfig};
@@ -60,6 +60,9 @@ pub struct RealCheck {
     /// outside the emulator, from an agent or the relay not reading in time. `None` where
     /// the counter cannot be read.
     pub host_receive_buffer_drops: Option<u64>,
+    /// The agents' evaluations on one clock ([`curve`]): `virtual_seconds` holds real
+    /// seconds from the earliest first round; no LAN bytes.
+    pub curve: Vec<EvalPoint>,
 }
 
 impl RealCheck {
@@ -227,36 +230,60 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     Ok(t)
 }
 
-/// The first evaluation round at which every agent's test top-1 was at least `target`,
-/// from the agents' reports (`training_started_unix` and `evaluations`): seconds from the
-/// earliest first round to the last agent's evaluation of that round, and the WAN bytes all
-/// agents had sent by their evaluations of it.
-pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64, u64)> {
-    let start = reports
+/// The agents' evaluations on one clock, from their reports (`training_started_unix` and
+/// `evaluations`): for each round every agent evaluated, the seconds from the earliest
+/// first round to the last agent's evaluation of it, the WAN bytes all agents had sent by
+/// their evaluations of it, and the lowest top-1. Empty when an agent never started a round
+/// (there is no common clock then).
+pub fn curve(reports: &[serde_json::Value]) -> Vec<EvalPoint> {
+    let Some(start) = reports
         .iter()
         .map(|r| r["training_started_unix"].as_f64())
-        .collect::<Option<Vec<f64>>>()?
-        .into_iter()
-        .fold(f64::INFINITY, f64::min);
+        .collect::<Option<Vec<f64>>>()
+        .map(|starts| starts.into_iter().fold(f64::INFINITY, f64::min))
+    else {
+        return Vec::new();
+    };
     // Written by this binary's agents: a report without them has no evaluations.
     let evaluations = |r: &serde_json::Value| -> Vec<Evaluation> {
         serde_json::from_value(r["evaluations"].clone()).unwrap_or_default()
     };
     let all: Vec<Vec<Evaluation>> = reports.iter().map(evaluations).collect();
-    let first = all.first()?;
-    first.iter().map(|e| e.round).find_map(|round| {
-        let at: Vec<&Evaluation> = all
-            .iter()
-            .map(|evals| evals.iter().find(|e| e.round == round))
-            .collect::<Option<_>>()?;
-        at.iter().all(|e| e.test_accuracy >= target).then(|| {
-            let when = at
+    let Some(first) = all.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter_map(|e| {
+            let at: Vec<&Evaluation> = all
                 .iter()
-                .map(|e| e.unix_seconds)
-                .fold(f64::NEG_INFINITY, f64::max);
-            (when - start, at.iter().map(|e| e.wan_bytes).sum())
+                .map(|evals| evals.iter().find(|x| x.round == e.round))
+                .collect::<Option<_>>()?;
+            Some(EvalPoint {
+                round: e.round,
+                virtual_seconds: at
+                    .iter()
+                    .map(|x| x.unix_seconds)
+                    .fold(f64::NEG_INFINITY, f64::max)
+                    - start,
+                wan_bytes: at.iter().map(|x| x.wan_bytes).sum(),
+                lan_bytes: 0,
+                min_accuracy: at
+                    .iter()
+                    .map(|x| x.test_accuracy)
+                    .fold(f64::INFINITY, f64::min),
+            })
         })
-    })
+        .collect()
+}
+
+/// The first point of the agents' [`curve`] at which every agent's test top-1 was at least
+/// `target`: its seconds on the agents' clock and the WAN bytes sent by then.
+pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64, u64)> {
+    curve(reports)
+        .into_iter()
+        .find(|p| p.min_accuracy >= target)
+        .map(|p| (p.virtual_seconds, p.wan_bytes))
 }
 
 /// Runs `policy` under `cfg` as real `agents`, each reading its shard of `source` (loaded
@@ -406,6 +433,7 @@ pub fn check(
     let sim = simulate(cfg, data, policy, busy)?;
     let real_to_target = first_reaching(&reports, target);
     Ok(RealCheck {
+        curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
         real_wan_bytes_to_target: real_to_target.map(|t| t.1),
         sim_seconds_to_target: sim.first_reaching(target).map(|p| p.virtual_seconds),
@@ -596,7 +624,24 @@ mod tests {
         assert_eq!(first_reaching(&reports, 0.96), None);
         // An agent that never started a round: no common clock, no time to target.
         let unstarted = serde_json::json!({"training_started_unix": null, "evaluations": []});
-        assert_eq!(first_reaching(&[reports[0].clone(), unstarted], 0.5), None);
+        assert_eq!(
+            first_reaching(&[reports[0].clone(), unstarted.clone()], 0.5),
+            None
+        );
+        // The curve the plots draw: every common round, lowest top-1, summed bytes.
+        let points: Vec<(u64, f64, u64, f64)> = curve(&reports)
+            .iter()
+            .map(|p| (p.round, p.virtual_seconds, p.wan_bytes, p.min_accuracy))
+            .collect();
+        assert_eq!(
+            points,
+            [
+                (10, 13.0, 11, 0.5),
+                (20, 26.0, 22, 0.89),
+                (30, 32.5, 33, 0.9)
+            ]
+        );
+        assert!(curve(&[reports[0].clone(), unstarted]).is_empty());
     }
 
     #[test]

@@ -312,6 +312,7 @@ mod tests {
             emulator_datagrams: 0,
             emulator_queue_drops: 0,
             host_receive_buffer_drops: None,
+            curve: Vec::new(),
         }
     }
 

@@ -168,6 +168,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 plot::Axis::VirtualTime,
                 &dir.join(format!("accuracy_vs_time{suffix}.svg")),
             )?;
+            if run.checks.iter().any(|c| !c.curve.is_empty()) {
+                plot::real_accuracy_against(
+                    &args.scenario,
+                    &run.checks,
+                    plot::Axis::WanBytes,
+                    &dir.join(format!("real_accuracy_vs_wan_bytes{suffix}.svg")),
+                )?;
+                plot::real_accuracy_against(
+                    &args.scenario,
+                    &run.checks,
+                    plot::Axis::RealTime,
+                    &dir.join(format!("real_accuracy_vs_time{suffix}.svg")),
+                )?;
+            }
         }
     }
     if args.json {
