@@ -7,6 +7,37 @@ use std::time::{Duration, Instant};
 use weightgrad_tests::binary;
 use weightgrad_tests::weightgrad;
 
+/// Starts `wan-emu` (with `mode`'s flags) from `listen` to `upstream` at `mbps`, 20 ms one
+/// way, its report kept for [`stop_and_report`].
+fn spawn_wan_emu(
+    mode: &[&str],
+    listen: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    mbps: &str,
+) -> std::process::Child {
+    Command::new(binary())
+        .arg("wan-emu")
+        .args(mode)
+        .args(["--listen", &listen.to_string()])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--mbps", mbps, "--delay-ms", "20"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Stops a running `wan-emu` with SIGTERM and returns what it reported; it must exit 0.
+fn stop_and_report(relay: std::process::Child) -> String {
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let out = relay.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
 #[test]
 fn relays_datagrams_and_reports_on_sigterm() {
     // An echo server the relay forwards to.
@@ -23,21 +54,7 @@ fn relays_datagrams_and_reports_on_sigterm() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let relay = Command::new(binary())
-        .args([
-            "wan-emu",
-            "--listen",
-            &listen.to_string(),
-            "--upstream",
-            &upstream.to_string(),
-            "--mbps",
-            "10",
-            "--delay-ms",
-            "20",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let relay = spawn_wan_emu(&[], listen, upstream, "10");
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -55,13 +72,7 @@ fn relays_datagrams_and_reports_on_sigterm() {
         }
     };
     assert!(rtt >= Duration::from_millis(40), "{rtt:?}");
-    Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    let out = relay.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = stop_and_report(relay);
     assert!(
         stderr.contains("client -> upstream:") && stderr.contains("delivered"),
         "{stderr}"
@@ -88,22 +99,7 @@ fn tcp_mode_relays_a_stream_through_the_link() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let relay = Command::new(binary())
-        .args([
-            "wan-emu",
-            "--tcp",
-            "--listen",
-            &listen.to_string(),
-            "--upstream",
-            &upstream.to_string(),
-            "--mbps",
-            "8",
-            "--delay-ms",
-            "20",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let relay = spawn_wan_emu(&["--tcp"], listen, upstream, "8");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut client = loop {
         assert!(Instant::now() < deadline, "the relay never listened");
@@ -130,13 +126,7 @@ fn tcp_mode_relays_a_stream_through_the_link() {
         "{:?}",
         started.elapsed()
     );
-    Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    let out = relay.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = stop_and_report(relay);
     assert!(
         stderr.contains("1 connections") && stderr.contains("100000 bytes client -> upstream"),
         "{stderr}"

@@ -197,43 +197,29 @@ fn policy_build_refuses_what_an_agent_would_refuse_and_says_why() {
     );
     edit(&lib, "bits: 9,", "bits: 32,");
 
-    // No export.
-    edit(
+    // No export; another SDK's contract version: each refused with its reason, then undone.
+    let refused_after = |file: &Path, from: &str, to: &str, reason: &str| {
+        edit(file, from, to);
+        let (out, written) = build(&bin, &dir);
+        assert!(!out.status.success() && !written, "{}", shown(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(reason),
+            "{reason}: {}",
+            shown(&out)
+        );
+        edit(file, to, from);
+    };
+    refused_after(
         &lib,
         "weightgrad_sdk::export_policy!(Gaia);",
         "// no export",
+        "exports nothing",
     );
-    let (out, written) = build(&bin, &dir);
-    assert!(!out.status.success() && !written, "{}", shown(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("exports nothing"),
-        "{}",
-        shown(&out)
-    );
-    edit(
-        &lib,
-        "// no export",
-        "weightgrad_sdk::export_policy!(Gaia);",
-    );
-
-    // Another SDK's contract version.
-    let wit = dir.join("weightgrad-sdk/wit/policy.wit");
-    edit(
-        &wit,
+    refused_after(
+        &dir.join("weightgrad-sdk/wit/policy.wit"),
         "package weightgrad:policy@2.0.0;",
         "package weightgrad:policy@1.0.0;",
-    );
-    let (out, written) = build(&bin, &dir);
-    assert!(!out.status.success() && !written, "{}", shown(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("contract version 1.0.0"),
-        "{}",
-        shown(&out)
-    );
-    edit(
-        &wit,
-        "package weightgrad:policy@1.0.0;",
-        "package weightgrad:policy@2.0.0;",
+        "contract version 1.0.0",
     );
 
     // Fixed, it builds; its core module is refused by `check` with the way out, and
