@@ -2,7 +2,10 @@
 //! digits MLP and the CIFAR-10 CNN, each beside a forward-only pass of the same batch
 //! measured in the same run (the baseline the step is reported against).
 //!
-//! Run: `cargo bench -p weightgrad --bench train_step`
+//! Adam's step alone and the whole step with its one-pass CPU update, each against candle's
+//! tensor operations in the same run.
+//!
+//! Run: `cargo bench -p weightgrad --bench train_step` (`-- adam` for the Adam groups)
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -32,9 +35,46 @@ fn bench_model(c: &mut Criterion, name: &str, spec: ModelSpec, sample: &[usize])
     group.finish();
 }
 
+/// Adam's step alone on a model's parameters, one pass over each (the default on CPU)
+/// against candle's tensor operations (the baseline, what other devices run), then the
+/// whole training step both ways.
+fn bench_adam(c: &mut Criterion, name: &str, spec: ModelSpec, sample: &[usize]) {
+    let dev = Device::Cpu;
+    let model = Model::new(&spec, sample, 10, 0, &dev).expect("model");
+    let grads: Vec<Tensor> = model
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().ones_like().expect("grad") * 1e-3)
+        .collect::<Result<_, _>>()
+        .expect("grads");
+    let mut shape = vec![BATCH];
+    shape.extend(sample);
+    let x = Tensor::rand(0f32, 1.0, shape, &dev).expect("input");
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let y = Tensor::from_vec(labels, BATCH, &dev).expect("labels");
+    let mut group = c.benchmark_group(name);
+    for (label, fused) in [("tensor ops (baseline)", false), ("fused", true)] {
+        let mut opt = Optimizer::new(OptimizerSpec::adam(), model.vars()).expect("optimizer");
+        opt.set_fused(fused);
+        group.bench_function(format!("adam step, {label}"), |b| {
+            b.iter(|| opt.step(model.vars(), &grads, 1e-3).expect("step"))
+        });
+        group.bench_function(format!("train step, {label}"), |b| {
+            b.iter(|| {
+                let (_, grads) = model.loss_and_grads(&x, &y).expect("grads");
+                opt.step(model.vars(), &grads, 1e-3).expect("step");
+            })
+        });
+    }
+    group.finish();
+}
+
 fn train_steps(c: &mut Criterion) {
     bench_model(c, "mlp-digits-b64", ModelSpec::default_mlp(), &[1, 8, 8]);
     bench_model(c, "cnn-cifar-b64", ModelSpec::Cnn, &[3, 32, 32]);
+    let wide = ModelSpec::parse("mlp:1024,1024").expect("the wide MLP");
+    bench_adam(c, "adam-mlp-1024-1024", wide, &[1, 8, 8]);
+    bench_adam(c, "adam-cnn-cifar", ModelSpec::Cnn, &[3, 32, 32]);
 }
 
 criterion_group! {

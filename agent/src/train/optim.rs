@@ -59,12 +59,131 @@ impl OptimizerSpec {
     }
 }
 
+/// One Adam step's constants, as the tensor path rounds them to f32, for the fused CPU
+/// path: the same scalar operations in the same order, so both give the same bits.
+#[derive(Debug, Clone, Copy)]
+struct AdamStep {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// `1 / (1 − β1^t)` and `1 / (1 − β2^t)`: candle divides by a scalar as a product
+    /// with its inverse.
+    unbias1: f32,
+    unbias2: f32,
+    eps: f32,
+    lr: f32,
+    /// `lr · weight decay`, applied when the decay is not zero.
+    decay: Option<f32>,
+}
+
+impl AdamStep {
+    fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64, lr: f64, t: i32) -> Self {
+        Self {
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            unbias1: (1.0 / (1.0 - beta1.powi(t))) as f32,
+            unbias2: (1.0 / (1.0 - beta2.powi(t))) as f32,
+            eps: eps as f32,
+            lr: lr as f32,
+            decay: (weight_decay != 0.0).then_some((lr * weight_decay) as f32),
+        }
+    }
+
+    /// One element: `(w', m', v')`. Each `x · s + 0` is candle's scalar product (an
+    /// affine map), kept as such so that −0 becomes +0 where the tensor path makes it so.
+    #[inline]
+    fn element(&self, w: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
+        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
+        let m_hat = m * self.unbias1 + 0.0;
+        let v_hat = v * self.unbias2 + 0.0;
+        let update = m_hat / (v_hat.sqrt() + self.eps);
+        let mut next = w - (update * self.lr + 0.0);
+        if let Some(decay) = self.decay {
+            next -= w * decay + 0.0;
+        }
+        (next, m, v)
+    }
+
+    /// The step in one pass over contiguous f32 CPU tensors: `(w', m', v')`; `None` for
+    /// any other (a GPU, another dtype or layout), which takes the tensor path.
+    fn fused(
+        &self,
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let held = [w, g, m, v].map(|t| t.storage_and_layout());
+        let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
+        for (storage, layout) in &held {
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &**storage else {
+                return Ok(None);
+            };
+            if !layout.is_contiguous() {
+                return Ok(None);
+            }
+            let start = layout.start_offset();
+            let Some(elements) = data.get(start..start + layout.shape().elem_count()) else {
+                return Ok(None);
+            };
+            slices.push(elements);
+        }
+        let [ws, gs, ms, vs] = slices[..] else {
+            return Ok(None);
+        };
+        if gs.len() != ws.len() || ms.len() != ws.len() || vs.len() != ws.len() {
+            return Ok(None);
+        }
+        let n = ws.len();
+        let (mut next, mut m_out, mut v_out) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for k in 0..n {
+            let (a, b, c) = self.element(ws[k], gs[k], ms[k], vs[k]);
+            next.push(a);
+            m_out.push(b);
+            v_out.push(c);
+        }
+        drop(held);
+        let tensor = |data: Vec<f32>| Tensor::from_vec(data, w.shape(), w.device());
+        Ok(Some((tensor(next)?, tensor(m_out)?, tensor(v_out)?)))
+    }
+}
+
+/// Adam's step with candle's tensor operations (any device): `[w, g, m, v]` to
+/// `(w', m', v')`, with `(β1, β2, ε, weight decay)`, at step `t`.
+fn adam_by_tensor_ops(
+    (beta1, beta2, eps, weight_decay): (f64, f64, f64, f64),
+    lr: f64,
+    t: i32,
+    [w, g, m, v]: [&Tensor; 4],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = ((m * beta1)? + (g * (1.0 - beta1))?)?;
+    let v = ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+    let m_hat = (&m / (1.0 - beta1.powi(t)))?;
+    let v_hat = (&v / (1.0 - beta2.powi(t)))?;
+    let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
+    let mut next = (w - (update * lr)?)?;
+    if weight_decay != 0.0 {
+        next = (next - (w * (lr * weight_decay))?)?;
+    }
+    Ok((next, m, v))
+}
+
 /// An optimizer bound to a fixed list of parameters.
 pub struct Optimizer {
     spec: OptimizerSpec,
     /// `slots[k][i]`: state slot `k` of parameter `i`.
     slots: Vec<Vec<Tensor>>,
     steps: u64,
+    /// Whether contiguous f32 CPU parameters take Adam's one-pass step.
+    fused: bool,
 }
 
 impl Optimizer {
@@ -79,7 +198,15 @@ impl Optimizer {
             spec,
             slots,
             steps: 0,
+            fused: true,
         })
+    }
+
+    /// Whether contiguous f32 CPU parameters take Adam's one-pass step (the default), or
+    /// candle's tensor operations as on other devices; both give the same bits, so this
+    /// only compares their speed.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     /// The hyper-parameters.
@@ -141,15 +268,22 @@ impl Optimizer {
                     eps,
                     weight_decay,
                 } => {
-                    let m = ((&self.slots[0][i] * beta1)? + (g * (1.0 - beta1))?)?;
-                    let v = ((&self.slots[1][i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-                    let m_hat = (&m / (1.0 - beta1.powi(t)))?;
-                    let v_hat = (&v / (1.0 - beta2.powi(t)))?;
-                    let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
-                    let mut next = (w - (update * lr)?)?;
-                    if weight_decay != 0.0 {
-                        next = (next - (w * (lr * weight_decay))?)?;
-                    }
+                    let adam = AdamStep::new(beta1, beta2, eps, weight_decay, lr, t);
+                    let (m, v) = (&self.slots[0][i], &self.slots[1][i]);
+                    let fused = if self.fused {
+                        adam.fused(w, g, m, v)?
+                    } else {
+                        None
+                    };
+                    let (next, m, v) = match fused {
+                        Some(fused) => fused,
+                        None => adam_by_tensor_ops(
+                            (beta1, beta2, eps, weight_decay),
+                            lr,
+                            t,
+                            [w, g, m, v],
+                        )?,
+                    };
                     self.slots[0][i] = m;
                     self.slots[1][i] = v;
                     next
@@ -206,6 +340,59 @@ impl Optimizer {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    /// The fused CPU step gives the tensor path's bits, step after step, with and without
+    /// weight decay, on values that include zeros and negative zeros.
+    #[test]
+    fn the_fused_adam_step_is_bit_for_bit_the_tensor_path() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let n = 4099;
+        let mut values = |scale: f32| -> Tensor {
+            let v: Vec<f32> = (0..n)
+                .map(|k| match k % 97 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    _ => rng.random_range(-1.0f32..1.0) * scale,
+                })
+                .collect();
+            Tensor::from_vec(v, (n, 1), &Device::Cpu).unwrap()
+        };
+        for weight_decay in [0.0, 0.01] {
+            let hyper = (0.9, 0.999, 1e-8, weight_decay);
+            let mut w = values(1.0);
+            let (mut m, mut v) = (w.zeros_like().unwrap(), w.zeros_like().unwrap());
+            for t in 1..=5 {
+                let g = values(1e-2);
+                let lr = 1e-3 * t as f64;
+                let adam = AdamStep::new(hyper.0, hyper.1, hyper.2, hyper.3, lr, t);
+                let fused = adam.fused(&w, &g, &m, &v).unwrap().expect("CPU f32");
+                let ops = adam_by_tensor_ops(hyper, lr, t, [&w, &g, &m, &v]).unwrap();
+                assert_eq!(
+                    bits(&fused.0),
+                    bits(&ops.0),
+                    "w, step {t}, decay {weight_decay}"
+                );
+                assert_eq!(bits(&fused.1), bits(&ops.1), "m, step {t}");
+                assert_eq!(bits(&fused.2), bits(&ops.2), "v, step {t}");
+                (w, m, v) = fused;
+            }
+        }
+        // Another dtype takes the tensor path.
+        let wide = Tensor::zeros(4, candle_core::DType::F64, &Device::Cpu).unwrap();
+        let adam = AdamStep::new(0.9, 0.999, 1e-8, 0.0, 1e-3, 1);
+        assert!(adam.fused(&wide, &wide, &wide, &wide).unwrap().is_none());
+    }
 
     fn quadratic_descent(spec: OptimizerSpec, lr: f64) -> f32 {
         // Minimise 0.5·|w - 3|² from w = 0: the gradient is w - 3.
