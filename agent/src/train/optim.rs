@@ -139,16 +139,12 @@ impl AdamStep {
             return Ok(None);
         }
         let n = ws.len();
-        let (mut next, mut m_out, mut v_out) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for k in 0..n {
-            let (a, b, c) = self.element(ws[k], gs[k], ms[k], vs[k]);
-            next.push(a);
-            m_out.push(b);
-            v_out.push(c);
+        let (mut next, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        // Equal-length slices zipped: no bounds checks, so the loop can vectorize.
+        let outputs = next.iter_mut().zip(&mut m_out).zip(&mut v_out);
+        let inputs = ws.iter().zip(gs).zip(ms).zip(vs);
+        for (((w_out, m_new), v_new), (((&w, &g), &m), &v)) in outputs.zip(inputs) {
+            (*w_out, *m_new, *v_new) = self.element(w, g, m, v);
         }
         drop(held);
         let tensor = |data: Vec<f32>| Tensor::from_vec(data, w.shape(), w.device());
