@@ -166,15 +166,12 @@ fn check(file: &Path, componentize: bool, output: Option<&Path>) -> Result<()> {
         }
         return admit_and_describe(&file.display().to_string(), &bytes);
     }
-    let exports = weightgrad_sdk_build::exported_interfaces(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    if !exports.iter().any(|e| e == weightgrad_sdk::EXPORT) {
-        bail!(
-            "{}: a core module, not a policy component: {}",
-            file.display(),
-            crate::policy::export_mismatch(&exports)
-        );
-    }
+    exports_the_contract(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: a core module, not a policy component: {e}",
+            file.display()
+        )
+    })?;
     if !componentize {
         bail!(
             "{file} is a core module carrying the {contract} contract, not a component: \
@@ -190,20 +187,35 @@ fn check(file: &Path, componentize: bool, output: Option<&Path>) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| file.with_extension("component.wasm"));
     admit_and_describe(&output.display().to_string(), &component)?;
-    crate::atomic_file::write(&output, &[&component])
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    print_written(&output, &component);
+    write_component(&output, &component)
+}
+
+/// Checks that a core module's component-type metadata exports the contract's interface;
+/// the error says what it exports instead and what to do about it.
+pub(super) fn exports_the_contract(core: &[u8]) -> Result<()> {
+    let exports = weightgrad_sdk_build::exported_interfaces(core)?;
+    if !exports.iter().any(|e| e == weightgrad_sdk::EXPORT) {
+        bail!("{}", crate::policy::export_mismatch(&exports));
+    }
     Ok(())
 }
 
-/// Says where a component was written, its size and digest.
-pub(super) fn print_written(path: &Path, component: &[u8]) {
+/// Writes an admitted component to `path` (atomically, creating its directory) and says
+/// where, with its size and digest.
+pub(super) fn write_component(path: &Path, component: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    crate::atomic_file::write(path, &[component])
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!(
         "wrote {} ({} bytes, sha256:{})",
         path.display(),
         component.len(),
         hex::encode(Sha256::digest(component))
     );
+    Ok(())
 }
 
 /// Admits a component in the agent's sandbox (contract, limits, self-test) and prints who

@@ -163,14 +163,7 @@ pub fn build(dir: &Path, output: Option<&Path>) -> Result<()> {
     let core_path = sdk_build::core_module_path(&krate.target_dir, &krate.lib);
     let core = std::fs::read(&core_path)
         .with_context(|| format!("the build left no module at {}", core_path.display()))?;
-    let exports = sdk_build::exported_interfaces(&core)?;
-    if !exports.iter().any(|e| e == weightgrad_sdk::EXPORT) {
-        bail!(
-            "{}: {}",
-            krate.package,
-            crate::policy::export_mismatch(&exports)
-        );
-    }
+    super::policy::exports_the_contract(&core).map_err(|e| anyhow!("{}: {e:#}", krate.package))?;
     let component = sdk_build::componentize(&core)?;
     let output = output.map(Path::to_path_buf).unwrap_or_else(|| {
         krate
@@ -181,14 +174,7 @@ pub fn build(dir: &Path, output: Option<&Path>) -> Result<()> {
     // Admitted before it is written: a refused build writes no component to push.
     super::policy::admit_and_describe(&krate.package, &component)
         .map_err(|e| anyhow!("{e:#} (refused at admission; nothing written)"))?;
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    crate::atomic_file::write(&output, &[&component])
-        .with_context(|| format!("cannot write {}", output.display()))?;
-    super::policy::print_written(&output, &component);
-    Ok(())
+    super::policy::write_component(&output, &component)
 }
 
 #[cfg(test)]
