@@ -84,7 +84,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn nothing_is_lost(acc in proptest::collection::vec(-1.0f32..1.0, 0..200), tau in 0.0f32..2.0) {
+        fn nothing_is_lost(acc in proptest::collection::vec(crate::test_strategies::uniform(-1.0, 1.0), 0..200), tau in crate::test_strategies::uniform(0.0, 2.0)) {
             let w: Vec<f32> = (0..acc.len()).map(|i| (i % 7) as f32 - 3.0).collect();
             let before = acc.clone();
             let mut after = acc.clone();

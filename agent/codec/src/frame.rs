@@ -523,7 +523,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_yields_exactly_what_the_encoder_reported(
-            x in proptest::collection::vec(-5.0f32..5.0, 1..500),
+            x in proptest::collection::vec(crate::test_strategies::uniform(-5.0, 5.0), 1..500),
             q in quantizers(),
             zstd in prop_oneof![Just(None), Just(Some(1)), Just(Some(3))],
             keep_every in 1usize..20,

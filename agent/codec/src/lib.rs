@@ -16,6 +16,8 @@ pub mod pack;
 pub mod quant;
 pub mod rng;
 pub mod sparse;
+#[cfg(test)]
+mod test_strategies;
 
 pub use error::CodecError;
 pub use filter::{Selection, significance_filter};

@@ -528,7 +528,7 @@ mod tests {
     }
 
     fn values() -> impl Strategy<Value = Vec<f32>> {
-        proptest::collection::vec(-1000.0f32..1000.0, 0..600)
+        proptest::collection::vec(crate::test_strategies::uniform(-1000.0, 1000.0), 0..600)
     }
 
     proptest! {

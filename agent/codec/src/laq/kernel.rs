@@ -681,7 +681,7 @@ mod tests {
 
     fn value() -> impl Strategy<Value = f32> {
         prop_oneof![
-            8 => -1.0f32..1.0,
+            8 => crate::test_strategies::uniform(-1.0, 1.0),
             1 => Just(0.0f32),
             1 => Just(-0.0f32),
             1 => Just(f32::NAN),
@@ -696,7 +696,7 @@ mod tests {
         (0usize..2600).prop_flat_map(|n| {
             (
                 proptest::collection::vec(value(), n),
-                proptest::collection::vec(1e-6f32..2.0, n),
+                proptest::collection::vec(crate::test_strategies::uniform(1e-6, 2.0), n),
             )
         })
     }
@@ -711,7 +711,7 @@ mod tests {
         #[test]
         fn the_avx2_passes_give_the_portable_bits(
             (w, d) in tensor(),
-            scale in 0.01f32..4.0,
+            scale in crate::test_strategies::uniform(0.01, 4.0),
             k in prop_oneof![Just(1.0f32), Just(3.0), Just(7.0), Just(127.0)],
         ) {
             #[cfg(target_arch = "x86_64")]

@@ -402,8 +402,8 @@ mod tests {
     fn small_problem() -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
         (2usize..=6).prop_flat_map(|n| {
             (
-                proptest::collection::vec(-2.0f32..2.0, n),
-                proptest::collection::vec(0.01f32..3.0, n),
+                proptest::collection::vec(crate::test_strategies::uniform(-2.0, 2.0), n),
+                proptest::collection::vec(crate::test_strategies::uniform(0.01, 3.0), n),
             )
         })
     }
@@ -573,14 +573,14 @@ mod tests {
             (
                 proptest::collection::vec(
                     prop_oneof![
-                        6 => -0.1f32..0.1,
+                        6 => crate::test_strategies::uniform(-0.1, 0.1),
                         1 => Just(0.0f32),
                         1 => (-8i32..=8).prop_map(|h| h as f32 * 0.0125),
-                        1 => -5.0f32..5.0,
+                        1 => crate::test_strategies::uniform(-5.0, 5.0),
                     ],
                     n,
                 ),
-                proptest::collection::vec(1e-8f32..2.0, n),
+                proptest::collection::vec(crate::test_strategies::uniform(1e-8, 2.0), n),
             )
         })
     }
@@ -602,7 +602,7 @@ mod tests {
     /// Values a broken upstream could hand the solver: non-finite, zero, negative, tiny.
     fn special_f32() -> impl Strategy<Value = f32> {
         prop_oneof![
-            3 => -1.0f32..1.0,
+            3 => crate::test_strategies::uniform(-1.0, 1.0),
             1 => Just(f32::NAN),
             1 => Just(f32::INFINITY),
             1 => Just(f32::NEG_INFINITY),
