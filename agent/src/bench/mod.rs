@@ -147,6 +147,9 @@ pub struct PolicyResult {
     pub speedup_vs_fastest_full_sync: Option<f64>,
     /// This policy's time to target over LAN-only's (1.0: as fast as one region).
     pub time_vs_lan_only: Option<f64>,
+    /// The full-sync row the `*_vs_full_sync` ratios compare with: full-sync at the same
+    /// bound, or for LAN-only the full-sync run that reached the target first.
+    pub full_sync_baseline: Option<String>,
     /// Whole-run WAN bytes.
     pub wan_bytes: u64,
     /// Whole-run virtual seconds.
@@ -191,6 +194,7 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
         speedup_vs_full_sync: None,
         speedup_vs_fastest_full_sync: None,
         time_vs_lan_only: None,
+        full_sync_baseline: None,
         wan_bytes: report.wan_bytes,
         virtual_seconds: report.virtual_seconds,
         curve: report.curve.clone(),
@@ -404,31 +408,35 @@ fn run_parallel(
 /// full-sync run that reached the target first (over every bound), and against LAN-only.
 fn fill_ratios(results: &mut [PolicyResult], jobs: &[Job]) {
     let to_target = |r: &PolicyResult| r.wan_bytes_to_target.zip(r.virtual_seconds_to_target);
-    let full_at = |bound: Option<u64>| {
+    let full_sync = || {
         jobs.iter()
             .zip(results.iter())
-            .find(|(j, _)| j.policy == "full-sync" && j.bound == bound)
-            .and_then(|(_, r)| to_target(r))
+            .filter(|(j, _)| j.policy == "full-sync")
     };
-    let fastest_full = jobs
-        .iter()
-        .zip(results.iter())
-        .filter(|(j, _)| j.policy == "full-sync")
-        .filter_map(|(_, r)| to_target(r))
-        .min_by(|a, b| a.1.total_cmp(&b.1));
-    let same_bound: Vec<Option<(u64, f64)>> = jobs
+    let fastest_full = full_sync()
+        .filter_map(|(_, r)| Some((r, to_target(r)?)))
+        .min_by(|a, b| a.1.1.total_cmp(&b.1.1));
+    // Each row's full-sync baseline (its name, and its bytes and time to target if it got
+    // there): at the row's bound, or the fastest for LAN-only.
+    type Baseline = (String, Option<(u64, f64)>);
+    let baselines: Vec<Option<Baseline>> = jobs
         .iter()
         .map(|j| match j.bound {
-            Some(b) => full_at(Some(b)),
-            None => fastest_full,
+            Some(b) => full_sync()
+                .find(|(f, _)| f.bound == Some(b))
+                .map(|(_, r)| (r.policy.clone(), to_target(r))),
+            None => fastest_full.map(|(r, at)| (r.policy.clone(), Some(at))),
         })
         .collect();
+    let fastest_full = fastest_full.map(|(_, at)| at);
     let lan_time = jobs
         .iter()
         .zip(results.iter())
         .find(|(j, _)| j.bound.is_none())
         .and_then(|(_, r)| r.virtual_seconds_to_target);
-    for (r, full) in results.iter_mut().zip(same_bound) {
+    for (r, baseline) in results.iter_mut().zip(baselines) {
+        let full = baseline.as_ref().and_then(|(_, at)| *at);
+        r.full_sync_baseline = baseline.map(|(name, _)| name);
         let Some((w, t)) = to_target(r) else { continue };
         if let Some((fw, ft)) = full {
             r.wan_bytes_vs_full_sync = (w > 0).then(|| fw as f64 / w as f64);

@@ -58,31 +58,14 @@ pub struct SeedRow {
     pub wan_bytes_to_target: Option<u64>,
 }
 
-/// A simulated bench's rows, each with full-sync at its bound as its baseline (LAN-only,
-/// which has no bound, with the full-sync run that reached the target first), as the
-/// bench's own ratios take them.
+/// A simulated bench's rows, each with the full-sync row its own ratios compare with.
 pub fn rows_of_report(report: &BenchReport) -> Vec<SeedRow> {
-    let full_sync = || {
-        report
-            .results
-            .iter()
-            .filter(|r| r.policy == "full-sync" || r.policy.starts_with("full-sync ("))
-    };
-    let full_sync_at = |bound: Option<u64>| match bound {
-        Some(_) => full_sync()
-            .find(|r| r.max_staleness == bound)
-            .map(|r| r.policy.clone()),
-        None => full_sync()
-            .filter_map(|r| Some((r, r.virtual_seconds_to_target?)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(r, _)| r.policy.clone()),
-    };
     report
         .results
         .iter()
         .map(|r| SeedRow {
             policy: r.policy.clone(),
-            baseline: full_sync_at(r.max_staleness),
+            baseline: r.full_sync_baseline.clone(),
             final_accuracy: r.final_accuracy,
             seconds_to_target: r.virtual_seconds_to_target,
             wan_bytes_to_target: r.wan_bytes_to_target,

@@ -158,29 +158,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             } else {
                 String::new()
             };
-            plot::accuracy_against(
-                &run.report,
-                plot::Axis::WanBytes,
-                &dir.join(format!("accuracy_vs_wan_bytes{suffix}.svg")),
-            )?;
-            plot::accuracy_against(
-                &run.report,
-                plot::Axis::VirtualTime,
-                &dir.join(format!("accuracy_vs_time{suffix}.svg")),
-            )?;
-            if run.checks.iter().any(|c| !c.curve.is_empty()) {
-                plot::real_accuracy_against(
-                    &args.scenario,
-                    &run.checks,
-                    plot::Axis::WanBytes,
-                    &dir.join(format!("real_accuracy_vs_wan_bytes{suffix}.svg")),
-                )?;
-                plot::real_accuracy_against(
-                    &args.scenario,
-                    &run.checks,
-                    plot::Axis::RealTime,
-                    &dir.join(format!("real_accuracy_vs_time{suffix}.svg")),
-                )?;
+            let real = run.checks.iter().any(|c| !c.curve.is_empty());
+            for (axis, real_axis, name) in [
+                (plot::Axis::WanBytes, plot::Axis::WanBytes, "wan_bytes"),
+                (plot::Axis::VirtualTime, plot::Axis::RealTime, "time"),
+            ] {
+                let file =
+                    |prefix: &str| dir.join(format!("{prefix}accuracy_vs_{name}{suffix}.svg"));
+                plot::accuracy_against(&run.report, axis, &file(""))?;
+                if real {
+                    plot::real_accuracy_against(
+                        &args.scenario,
+                        &run.checks,
+                        real_axis,
+                        &file("real_"),
+                    )?;
+                }
             }
         }
     }
