@@ -5,7 +5,8 @@
 //! Adam's step alone and the whole step with its one-pass CPU update, each against candle's
 //! tensor operations in the same run.
 //!
-//! Run: `cargo bench -p weightgrad --bench train_step` (`-- adam` for the Adam groups)
+//! Run: `cargo bench -p weightgrad --bench train_step` (`-- adam` for the Adam groups);
+//! `bench/peers/train_step_compare.py` runs the first two groups beside PyTorch.
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};

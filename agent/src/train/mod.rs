@@ -3,12 +3,15 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod conv;
 pub mod dataset;
 pub mod device;
 pub mod eval;
+pub mod gemm;
 pub mod manifest;
 pub mod model;
 pub mod optim;
+pub mod pool;
 pub mod rng;
 pub mod schedule;
 pub mod trainer;

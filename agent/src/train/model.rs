@@ -3,7 +3,9 @@
 //! Parameters are initialised from a seeded stream (not candle's global RNG), so a
 //! model is a pure function of its spec, input shape and seed.
 
+use crate::train::conv::conv2d;
 use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
+use crate::train::pool::max_pool_3x3_stride2;
 use crate::train::rng::seeded_rng;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, Device, Tensor, Var};
@@ -144,37 +146,6 @@ fn pooled(side: usize) -> usize {
     (side - 3) / 2 + 1
 }
 
-/// Max over windows of 3 at stride 2 along `dim`, built from differentiable ops.
-///
-/// Output `i` covers inputs `2i, 2i+1, 2i+2`. Splitting `dim` into pairs `(j, a)` with
-/// input `2j+a`, the window is `(i,0), (i,1), (i+1,0)`: three slices and two maxima.
-fn max_window3_stride2(x: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
-    let n = x.dim(dim)?;
-    let out = pooled(n);
-    let len = 2 * (out + 1);
-    // Input 2·out+1 is never inside a window, so its padding value does not matter.
-    let x = if n >= len {
-        x.narrow(dim, 0, len)?
-    } else {
-        x.pad_with_same(dim, 0, len - n)?
-    };
-    let mut shape = x.dims().to_vec();
-    shape[dim] = out + 1;
-    shape.insert(dim + 1, 2);
-    let pairs = x.reshape(shape)?;
-    let even = pairs.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?;
-    let odd = pairs.narrow(dim + 1, 1, 1)?.squeeze(dim + 1)?;
-    even.narrow(dim, 0, out)?
-        .maximum(&odd.narrow(dim, 0, out)?)?
-        .maximum(&even.narrow(dim, 1, out)?)
-}
-
-/// Overlapping 3×3 max-pool with stride 2 on `[B, C, H, W]`, with a backward pass
-/// (candle's own max-pool has none when the window exceeds the stride).
-fn max_pool_3x3_stride2(x: &Tensor) -> candle_core::Result<Tensor> {
-    max_window3_stride2(&max_window3_stride2(x, 2)?, 3)
-}
-
 impl Model {
     /// Builds `spec` for samples of `sample_shape` and `classes` outputs, initialised from `seed`.
     pub fn new(
@@ -293,11 +264,8 @@ impl Model {
                     if relu { y.relu()? } else { y }
                 }
                 Layer::ConvPool { w, b } => {
-                    let bias = self.vars[b].as_tensor().reshape((1, (), 1, 1))?;
-                    h.conv2d(self.vars[w].as_tensor(), 2, 1, 1, 1)?
-                        .broadcast_add(&bias)?
-                        .relu()
-                        .and_then(|h| max_pool_3x3_stride2(&h))?
+                    let (w, b) = (self.vars[w].as_tensor(), self.vars[b].as_tensor());
+                    max_pool_3x3_stride2(&conv2d(&h, w, b, 2, 1, true)?)?
                 }
                 Layer::Flatten => h.flatten_from(1)?,
             };
@@ -425,35 +393,6 @@ mod tests {
         assert_eq!(cnn.manifest().tensors[4].shape, vec![384, 64 * 7 * 7]);
         let x = Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &dev).unwrap();
         assert_eq!(cnn.forward(&x).unwrap().dims(), &[2, 10]);
-    }
-
-    #[test]
-    fn overlapping_max_pool_matches_candle_forward_and_has_gradients() {
-        let dev = Device::Cpu;
-        for (h, w) in [(8, 8), (7, 9), (32, 32), (15, 15)] {
-            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
-            let ours = max_pool_3x3_stride2(&x).unwrap();
-            let theirs = x.max_pool2d_with_stride(3, 2).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        }
-        let x = Var::from_slice(&[1f32, 5.0, 2.0, 0.0, 3.0, 4.0, 9.0], (1, 1, 1, 7), &dev).unwrap();
-        // Pool along width only: windows {1,5,2} {2,0,3} {3,4,9}.
-        let y = max_window3_stride2(x.as_tensor(), 3).unwrap();
-        assert_eq!(
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            [5.0, 3.0, 9.0]
-        );
-        let g = y.sum_all().unwrap().backward().unwrap();
-        let gx = g
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(gx, [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -1,0 +1,700 @@
+//! 2-D convolution on CPU as im2col plus one matrix product per sample, forward and backward.
+//!
+//! candle's CPU convolution computes its input gradient through a transposed convolution
+//! several times slower per FLOP than its forward pass, and its forward pass unfolds the
+//! whole batch into one buffer many megabytes large. Here every sample is unfolded into a
+//! buffer that stays in cache and multiplied there, on the threads of candle's pool:
+//!
+//! - forward: `y_b = W · cols(x_b)`, `W` the `[O, C·kh·kw]` weights;
+//! - input gradient: `dx_b = col2im(Wᵀ · dy_b)`, only when the input needs one;
+//! - weight gradient: `dW = Σ_b dy_b · cols(x_b)ᵀ`, summed in a fixed number of parts in a
+//!   fixed order, so the result does not depend on the thread count.
+//!
+//! [`conv2d`] runs this on CPU and candle's own convolution on other devices.
+
+use crate::train::gemm::{MatRef, matmul_into};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
+};
+use rayon::prelude::*;
+
+/// Parts the weight gradient's sum over the batch is split into (a constant, not the
+/// thread count, so the bits are the same on every machine).
+const WEIGHT_GRADIENT_PARTS: usize = 8;
+
+/// Same-sized dimensions of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_channels: usize,
+    kernel_h: usize,
+    kernel_w: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Geometry {
+    /// The geometry of input `[B, C, H, W]` and weights `[O, C, kh, kw]`.
+    fn new(input: &[usize], weight: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let (&[batch, channels, height, width], &[out_channels, wc, kernel_h, kernel_w]) =
+            (input, weight)
+        else {
+            bail!(
+                "conv2d wants input [B, C, H, W] and weights [O, C, kh, kw], got {input:?} and {weight:?}"
+            )
+        };
+        if wc != channels {
+            bail!("conv2d: input has {channels} channels, weights expect {wc}")
+        }
+        if stride == 0 {
+            bail!("conv2d: stride 0")
+        }
+        let (padded_h, padded_w) = (height + 2 * padding, width + 2 * padding);
+        if kernel_h == 0 || kernel_w == 0 || kernel_h > padded_h || kernel_w > padded_w {
+            bail!(
+                "conv2d: a {kernel_h}×{kernel_w} kernel does not fit a {height}×{width} input padded by {padding}"
+            )
+        }
+        Ok(Self {
+            batch,
+            channels,
+            height,
+            width,
+            out_channels,
+            kernel_h,
+            kernel_w,
+            stride,
+            padding,
+            out_h: (padded_h - kernel_h) / stride + 1,
+            out_w: (padded_w - kernel_w) / stride + 1,
+        })
+    }
+
+    /// Length of one unfolded column: `C·kh·kw`.
+    fn patch(&self) -> usize {
+        self.channels * self.kernel_h * self.kernel_w
+    }
+
+    /// Output positions per sample: `out_h·out_w`.
+    fn positions(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn input_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    fn output_len(&self) -> usize {
+        self.out_channels * self.positions()
+    }
+
+    /// For output column `ox` and kernel column `j`: the input column, if inside the image.
+    fn input_x(&self, ox: usize, j: usize) -> Option<usize> {
+        (ox * self.stride + j)
+            .checked_sub(self.padding)
+            .filter(|&ix| ix < self.width)
+    }
+
+    fn input_y(&self, oy: usize, i: usize) -> Option<usize> {
+        (oy * self.stride + i)
+            .checked_sub(self.padding)
+            .filter(|&iy| iy < self.height)
+    }
+
+    /// Output columns whose input column for kernel column `j` is inside the image, as a
+    /// range (they are contiguous).
+    fn valid_out_x(&self, j: usize) -> std::ops::Range<usize> {
+        let lo = (0..self.out_w)
+            .find(|&ox| self.input_x(ox, j).is_some())
+            .unwrap_or(self.out_w);
+        let hi = (lo..self.out_w)
+            .find(|&ox| self.input_x(ox, j).is_none())
+            .unwrap_or(self.out_w);
+        lo..hi
+    }
+
+    /// Unfolds one sample `[C, H, W]` into `cols`, `[C·kh·kw, out_h·out_w]` row-major.
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let positions = self.positions();
+        let mut rows = cols.chunks_exact_mut(positions);
+        for c in 0..self.channels {
+            let plane = &x[c * self.height * self.width..][..self.height * self.width];
+            for i in 0..self.kernel_h {
+                for j in 0..self.kernel_w {
+                    let row = rows.next().expect("one row per (c, i, j)");
+                    let valid = self.valid_out_x(j);
+                    for (oy, out) in row.chunks_exact_mut(self.out_w).enumerate() {
+                        let Some(iy) = self.input_y(oy, i) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let src = &plane[iy * self.width..][..self.width];
+                        out[..valid.start].fill(0.0);
+                        out[valid.end..].fill(0.0);
+                        if self.stride == 1 && !valid.is_empty() {
+                            let first = valid.start + j - self.padding;
+                            out[valid.clone()].copy_from_slice(&src[first..][..valid.len()]);
+                        } else {
+                            for ox in valid.clone() {
+                                out[ox] = src[ox * self.stride + j - self.padding];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds unfolded columns back onto one sample's input gradient (the adjoint of
+    /// [`Geometry::im2col`]).
+    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+        let positions = self.positions();
+        let mut rows = cols.chunks_exact(positions);
+        for c in 0..self.channels {
+            let plane = &mut dx[c * self.height * self.width..][..self.height * self.width];
+            for i in 0..self.kernel_h {
+                for j in 0..self.kernel_w {
+                    let row = rows.next().expect("one row per (c, i, j)");
+                    let valid = self.valid_out_x(j);
+                    for (oy, src) in row.chunks_exact(self.out_w).enumerate() {
+                        let Some(iy) = self.input_y(oy, i) else {
+                            continue;
+                        };
+                        let dst = &mut plane[iy * self.width..][..self.width];
+                        for ox in valid.clone() {
+                            dst[ox * self.stride + j - self.padding] += src[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's unfolding buffer, kept between calls: a fresh megabyte-sized buffer
+    /// per sample costs page faults and, freed, cross-thread TLB flushes.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `len` zeros, written rather than allocated zeroed. A zeroed allocation maps the shared
+/// zero page, so the first `+=` on each page would copy it and flush every thread's TLB;
+/// writing first costs a plain page fault instead.
+pub(crate) fn written_zeros(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// The contiguous `f32` elements of a custom op's operand.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("conv2d: {what} is not contiguous")
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// Convolution of `[B, C, H, W]` by `[O, C, kh, kw]` plus a bias `[O]`, optionally
+/// followed by ReLU, to `[B, O, out_h, out_w]`: the bias and ReLU are applied to each
+/// sample's product while it is still in cache.
+struct Conv2dIm2col {
+    stride: usize,
+    padding: usize,
+    relu: bool,
+}
+
+impl CustomOp3 for Conv2dIm2col {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let x = contiguous_f32(xs, xl, "the input")?;
+        let w = MatRef::row_major(
+            contiguous_f32(ws, wl, "the weights")?,
+            g.out_channels,
+            g.patch(),
+        );
+        let bias = contiguous_f32(bs, bl, "the bias")?;
+        if bias.len() != g.out_channels {
+            bail!(
+                "conv2d: {} bias values for {} output channels",
+                bias.len(),
+                g.out_channels
+            )
+        }
+        let mut y = written_zeros(g.batch * g.output_len());
+        if !y.is_empty() {
+            y.par_chunks_exact_mut(g.output_len())
+                .zip(x.par_chunks_exact(g.input_len()))
+                .for_each(|(y, x)| {
+                    with_scratch(g.patch() * g.positions(), |cols| {
+                        g.im2col(x, cols);
+                        let cols = MatRef::row_major(cols, g.patch(), g.positions());
+                        matmul_into(y, false, w, cols);
+                    });
+                    for (plane, &b) in y.chunks_exact_mut(g.positions()).zip(bias) {
+                        if self.relu {
+                            plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                        } else {
+                            plane.iter_mut().for_each(|v| *v += b);
+                        }
+                    }
+                });
+        }
+        let shape = Shape::from((g.batch, g.out_channels, g.out_h, g.out_w));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The gradient before ReLU: zero where the output was clamped.
+        let dz = if self.relu {
+            y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGradient)?
+        } else {
+            dy.contiguous()?
+        };
+        let geometry = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let db = dz.apply_op1_no_bwd(&ChannelSum)?;
+        let dw = x.apply_op2_no_bwd(&dz, &WeightGradient { geometry })?;
+        // Data batches carry no gradient: the input's is computed only when it is needed.
+        let dx = if x.track_op() {
+            Some(w.apply_op2_no_bwd(&dz, &InputGradient { geometry })?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// `dy` where the ReLU's output `y` is positive, 0 elsewhere.
+struct ReluGradient;
+
+impl CustomOp2 for ReluGradient {
+    fn name(&self) -> &'static str {
+        "relu-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(ys, yl, "the output")?;
+        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
+        if y.len() != dy.len() {
+            bail!("relu gradient: {} outputs, {} gradients", y.len(), dy.len())
+        }
+        let mut dz = written_zeros(y.len());
+        const CHUNK: usize = 1 << 14;
+        dz.par_chunks_mut(CHUNK)
+            .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(dz, (y, dy))| {
+                for ((dz, &y), &dy) in dz.iter_mut().zip(y).zip(dy) {
+                    *dz = if y > 0.0 { dy } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(dz), yl.shape().clone()))
+    }
+}
+
+/// Per-channel sums of `[B, O, ...]` to `[O]`, each in a fixed order.
+struct ChannelSum;
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let [batch, channels, ..] = *dims else {
+            bail!("channel sum wants [B, C, ...], got {dims:?}")
+        };
+        let values = contiguous_f32(s, l, "the gradient")?;
+        let plane: usize = dims[2..].iter().product();
+        let sums: Vec<f32> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                (0..batch)
+                    .map(|b| {
+                        values[(b * channels + c) * plane..][..plane]
+                            .iter()
+                            .sum::<f32>()
+                    })
+                    .sum()
+            })
+            .collect();
+        Ok((CpuStorage::F32(sums), Shape::from(channels)))
+    }
+}
+
+/// `dW = Σ_b dy_b · cols(x_b)ᵀ` from the input and the output gradient.
+struct WeightGradient {
+    geometry: Geometry,
+}
+
+impl CustomOp2 for WeightGradient {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-weight-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let x = contiguous_f32(xs, xl, "the input")?;
+        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
+        let weights = g.out_channels * g.patch();
+        let per_part = g.batch.div_ceil(WEIGHT_GRADIENT_PARTS).max(1);
+        let parts: Vec<Vec<f32>> = (0..g.batch.div_ceil(per_part))
+            .into_par_iter()
+            .map(|part| {
+                let mut dw = written_zeros(weights);
+                let samples = part * per_part..((part + 1) * per_part).min(g.batch);
+                with_scratch(g.patch() * g.positions(), |cols| {
+                    for b in samples {
+                        g.im2col(&x[b * g.input_len()..][..g.input_len()], cols);
+                        let dy_b = MatRef::row_major(
+                            &dy[b * g.output_len()..][..g.output_len()],
+                            g.out_channels,
+                            g.positions(),
+                        );
+                        let cols_t = MatRef::row_major(cols, g.patch(), g.positions()).t();
+                        matmul_into(&mut dw, true, dy_b, cols_t);
+                    }
+                });
+                dw
+            })
+            .collect();
+        let mut dw = written_zeros(weights);
+        for part in &parts {
+            dw.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
+        }
+        let shape = Shape::from((g.out_channels, g.channels, g.kernel_h, g.kernel_w));
+        Ok((CpuStorage::F32(dw), shape))
+    }
+}
+
+/// `dx_b = col2im(Wᵀ · dy_b)` from the weights and the output gradient.
+struct InputGradient {
+    geometry: Geometry,
+}
+
+impl CustomOp2 for InputGradient {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let w_t = MatRef::row_major(
+            contiguous_f32(ws, wl, "the weights")?,
+            g.out_channels,
+            g.patch(),
+        )
+        .t();
+        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
+        let mut dx = written_zeros(g.batch * g.input_len());
+        if !dx.is_empty() {
+            dx.par_chunks_exact_mut(g.input_len())
+                .zip(dy.par_chunks_exact(g.output_len()))
+                .for_each(|(dx, dy)| {
+                    with_scratch(g.patch() * g.positions(), |cols| {
+                        let dy = MatRef::row_major(dy, g.out_channels, g.positions());
+                        matmul_into(cols, false, w_t, dy);
+                        g.col2im(cols, dx);
+                    })
+                });
+        }
+        let shape = Shape::from((g.batch, g.channels, g.height, g.width));
+        Ok((CpuStorage::F32(dx), shape))
+    }
+}
+
+/// `x` `[B, C, H, W]` convolved with `w` `[O, C, kh, kw]` (no dilation, one group) plus
+/// `bias` `[O]`, then ReLU when `relu`, with a backward pass: im2col and one matrix product
+/// per sample on CPU, candle's `conv2d` and tensor operations elsewhere.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        let y = x
+            .conv2d(w, padding, stride, 1, 1)?
+            .broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        return if relu { y.relu() } else { Ok(y) };
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        Conv2dIm2col {
+            stride,
+            padding,
+            relu,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use proptest::prelude::*;
+
+    /// The definition, loop by loop: output, input gradient and weight gradient for output
+    /// gradient `dy`.
+    fn by_definition(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        g: Geometry,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut y = vec![0f32; g.batch * g.output_len()];
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; w.len()];
+        for b in 0..g.batch {
+            for o in 0..g.out_channels {
+                for oy in 0..g.out_h {
+                    for ox in 0..g.out_w {
+                        let yi = ((b * g.out_channels + o) * g.out_h + oy) * g.out_w + ox;
+                        for c in 0..g.channels {
+                            for i in 0..g.kernel_h {
+                                for j in 0..g.kernel_w {
+                                    let (Some(iy), Some(ix)) = (g.input_y(oy, i), g.input_x(ox, j))
+                                    else {
+                                        continue;
+                                    };
+                                    let xi = ((b * g.channels + c) * g.height + iy) * g.width + ix;
+                                    let wi =
+                                        ((o * g.channels + c) * g.kernel_h + i) * g.kernel_w + j;
+                                    y[yi] += x[xi] * w[wi];
+                                    dx[xi] += w[wi] * dy[yi];
+                                    dw[wi] += x[xi] * dy[yi];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
+        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
+        assert!(
+            worst <= 1e-5 * scale,
+            "{what}: off by {worst} at scale {scale}"
+        );
+    }
+
+    /// Ours against the definition and against candle's `conv2d`: output, input gradient
+    /// and weight gradient, to float tolerance relative to each tensor's largest magnitude.
+    /// Gradients compare with candle's at stride 1 only: at larger strides candle's own
+    /// backward pass errs or panics on shapes whose transposed convolution does not give back
+    /// the input's size.
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        o: usize,
+        k: (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+        let wt = Var::randn(0f32, 1.0, (o, c, k.0, k.1), &dev).unwrap();
+        let zero = Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap();
+        let ours = conv2d(x.as_tensor(), wt.as_tensor(), &zero, padding, stride, false).unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), padding, stride, 1, 1)
+            .unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        // A loss that weighs every output differently, so each gradient entry is distinct.
+        let dy = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let g = Geometry::new(x.dims(), wt.dims(), stride, padding).unwrap();
+        let (y_def, dx_def, dw_def) = by_definition(
+            &values(x.as_tensor()),
+            &values(wt.as_tensor()),
+            &values(&dy),
+            g,
+        );
+        assert_close(&values(&ours), &y_def, "forward");
+        assert_close(&values(&theirs), &y_def, "candle's forward");
+        let grads = (ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            &values(grads.get(x.as_tensor()).unwrap()),
+            &dx_def,
+            "input gradient",
+        );
+        assert_close(
+            &values(grads.get(wt.as_tensor()).unwrap()),
+            &dw_def,
+            "weight gradient",
+        );
+        if stride == 1 {
+            let candle = (theirs * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_close(
+                &values(grads.get(x.as_tensor()).unwrap()),
+                &values(candle.get(x.as_tensor()).unwrap()),
+                "input gradient against candle's",
+            );
+            assert_close(
+                &values(grads.get(wt.as_tensor()).unwrap()),
+                &values(candle.get(wt.as_tensor()).unwrap()),
+                "weight gradient against candle's",
+            );
+        }
+    }
+
+    #[test]
+    fn the_models_convolutions_match_candle() {
+        compare(3, 3, 32, 32, 8, (5, 5), 1, 2);
+        compare(2, 16, 15, 15, 8, (5, 5), 1, 2);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn random_shapes_strides_and_paddings_match_candle(
+            b in 1usize..4, c in 1usize..5, h in 1usize..12, w in 1usize..12, o in 1usize..5,
+            kh in 1usize..5, kw in 1usize..5, stride in 1usize..4, padding in 0usize..3,
+        ) {
+            prop_assume!(kh <= h + 2 * padding && kw <= w + 2 * padding);
+            compare(b, c, h, w, o, (kh, kw), stride, padding);
+        }
+    }
+
+    /// Bias and ReLU fused into the convolution against candle's convolution, broadcast
+    /// addition and ReLU: outputs and all three gradients.
+    #[test]
+    fn bias_and_relu_match_candles_composition() {
+        let dev = Device::Cpu;
+        for relu in [false, true] {
+            let x = Var::randn(0f32, 1.0, (3, 4, 9, 9), &dev).unwrap();
+            let w = Var::randn(0f32, 1.0, (5, 4, 3, 3), &dev).unwrap();
+            let b = Var::randn(0f32, 1.0, 5, &dev).unwrap();
+            let ours = conv2d(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1, 1, relu).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
+                .unwrap();
+            let theirs = if relu { theirs.relu().unwrap() } else { theirs };
+            assert_close(&values(&ours), &values(&theirs), "output");
+            if relu {
+                assert!(values(&ours).contains(&0.0), "some outputs are clamped");
+            }
+            let dy = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let g_ours = (ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (var, name) in [(&x, "input"), (&w, "weights"), (&b, "bias")] {
+                assert_close(
+                    &values(g_ours.get(var.as_tensor()).unwrap()),
+                    &values(g_theirs.get(var.as_tensor()).unwrap()),
+                    &format!("{name} gradient, relu {relu}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_data_batch_gets_no_input_gradient() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let b = Var::zeros(4, candle_core::DType::F32, &dev).unwrap();
+        let grads = conv2d(&x, w.as_tensor(), b.as_tensor(), 1, 1, true)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&x).is_none());
+        assert_eq!(grads.get(w.as_tensor()).unwrap().dims(), &[4, 3, 3, 3]);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_named() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
+        let err = conv2d(&x, &w, &b, 1, 1, false).unwrap_err().to_string();
+        assert!(err.contains("3 channels, weights expect 2"), "{err}");
+        let w = Tensor::zeros((4, 3, 9, 9), candle_core::DType::F32, &dev).unwrap();
+        let err = conv2d(&x, &w, &b, 0, 1, false).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+}
