@@ -24,23 +24,28 @@ const WEIGHT_GRADIENT_PARTS: usize = 8;
 
 /// Same-sized dimensions of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    out_channels: usize,
-    kernel_h: usize,
-    kernel_w: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
+pub(crate) struct Geometry {
+    pub(crate) batch: usize,
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) kernel_h: usize,
+    pub(crate) kernel_w: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
 }
 
 impl Geometry {
     /// The geometry of input `[B, C, H, W]` and weights `[O, C, kh, kw]`.
-    fn new(input: &[usize], weight: &[usize], stride: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn new(
+        input: &[usize],
+        weight: &[usize],
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let (&[batch, channels, height, width], &[out_channels, wc, kernel_h, kernel_w]) =
             (input, weight)
         else {
@@ -76,20 +81,20 @@ impl Geometry {
     }
 
     /// Length of one unfolded column: `C·kh·kw`.
-    fn patch(&self) -> usize {
+    pub(crate) fn patch(&self) -> usize {
         self.channels * self.kernel_h * self.kernel_w
     }
 
     /// Output positions per sample: `out_h·out_w`.
-    fn positions(&self) -> usize {
+    pub(crate) fn positions(&self) -> usize {
         self.out_h * self.out_w
     }
 
-    fn input_len(&self) -> usize {
+    pub(crate) fn input_len(&self) -> usize {
         self.channels * self.height * self.width
     }
 
-    fn output_len(&self) -> usize {
+    pub(crate) fn output_len(&self) -> usize {
         self.out_channels * self.positions()
     }
 
@@ -119,7 +124,7 @@ impl Geometry {
     }
 
     /// Unfolds one sample `[C, H, W]` into `cols`, `[C·kh·kw, out_h·out_w]` row-major.
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    pub(crate) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
         let positions = self.positions();
         let mut rows = cols.chunks_exact_mut(positions);
         for c in 0..self.channels {
@@ -150,9 +155,39 @@ impl Geometry {
         }
     }
 
+    /// At stride 1 with a square kernel and `padding < kernel`: the convolution that gives
+    /// one sample's input gradient from its output gradient, as its geometry and weights
+    /// (`[C, O·kh·kw]`, the kernel flipped and its channels swapped; the output gradient
+    /// padded by `kernel - 1 - padding`). It unfolds and multiplies, like the forward pass,
+    /// where [`Geometry::col2im`] scatters.
+    pub(crate) fn input_gradient_convolution(&self, w: &[f32]) -> Option<(Geometry, Vec<f32>)> {
+        let k = self.kernel_h;
+        if self.stride != 1 || self.kernel_w != k || self.padding >= k {
+            return None;
+        }
+        let g = Geometry::new(
+            &[1, self.out_channels, self.out_h, self.out_w],
+            &[self.channels, self.out_channels, k, k],
+            1,
+            k - 1 - self.padding,
+        )
+        .ok()?;
+        debug_assert_eq!((g.out_h, g.out_w), (self.height, self.width));
+        let mut flipped = Vec::with_capacity(w.len());
+        for c in 0..self.channels {
+            for o in 0..self.out_channels {
+                for i in (0..k).rev() {
+                    let row = ((o * self.channels + c) * k + i) * k;
+                    flipped.extend(w[row..][..k].iter().rev());
+                }
+            }
+        }
+        Some((g, flipped))
+    }
+
     /// Adds unfolded columns back onto one sample's input gradient (the adjoint of
     /// [`Geometry::im2col`]).
-    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+    pub(crate) fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         let positions = self.positions();
         let mut rows = cols.chunks_exact(positions);
         for c in 0..self.channels {
@@ -166,8 +201,17 @@ impl Geometry {
                             continue;
                         };
                         let dst = &mut plane[iy * self.width..][..self.width];
-                        for ox in valid.clone() {
-                            dst[ox * self.stride + j - self.padding] += src[ox];
+                        if self.stride == 1 && !valid.is_empty() {
+                            // Contiguous on both sides: a slice add, which vectorizes.
+                            let first = valid.start + j - self.padding;
+                            dst[first..][..valid.len()]
+                                .iter_mut()
+                                .zip(&src[valid.clone()])
+                                .for_each(|(d, s)| *d += s);
+                        } else {
+                            for ox in valid.clone() {
+                                dst[ox * self.stride + j - self.padding] += src[ox];
+                            }
                         }
                     }
                 }
@@ -192,7 +236,7 @@ pub(crate) fn written_zeros(len: usize) -> Vec<f32> {
 }
 
 /// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with_borrow_mut(|buf| {
         if buf.len() < len {
             buf.resize(len, 0.0);
@@ -202,7 +246,11 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 /// The contiguous `f32` elements of a custom op's operand.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("conv2d: {what} is not contiguous")
     };

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod conv;
+pub mod conv_pool;
 pub mod dataset;
 pub mod device;
 pub mod eval;

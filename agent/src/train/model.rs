@@ -3,9 +3,8 @@
 //! Parameters are initialised from a seeded stream (not candle's global RNG), so a
 //! model is a pure function of its spec, input shape and seed.
 
-use crate::train::conv::conv2d;
+use crate::train::conv_pool::conv_relu_pool;
 use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
-use crate::train::pool::max_pool_3x3_stride2;
 use crate::train::rng::seeded_rng;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, Device, Tensor, Var};
@@ -265,7 +264,7 @@ impl Model {
                 }
                 Layer::ConvPool { w, b } => {
                     let (w, b) = (self.vars[w].as_tensor(), self.vars[b].as_tensor());
-                    max_pool_3x3_stride2(&conv2d(&h, w, b, 2, 1, true)?)?
+                    conv_relu_pool(&h, w, b, 2, 1)?
                 }
                 Layer::Flatten => h.flatten_from(1)?,
             };

@@ -12,17 +12,17 @@ use rayon::prelude::*;
 
 /// Window and stride of one pooling, and the input it applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Window {
-    kernel: usize,
-    stride: usize,
-    height: usize,
-    width: usize,
-    out_h: usize,
-    out_w: usize,
+pub(crate) struct Window {
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
 }
 
 impl Window {
-    fn new(dims: &[usize], kernel: usize, stride: usize) -> Result<(usize, Self)> {
+    pub(crate) fn new(dims: &[usize], kernel: usize, stride: usize) -> Result<(usize, Self)> {
         let &[b, c, height, width] = dims else {
             bail!("max_pool2d wants [B, C, H, W], got {dims:?}")
         };
@@ -45,16 +45,16 @@ impl Window {
         ))
     }
 
-    fn plane(&self) -> usize {
+    pub(crate) fn plane(&self) -> usize {
         self.height * self.width
     }
 
-    fn out_plane(&self) -> usize {
+    pub(crate) fn out_plane(&self) -> usize {
         self.out_h * self.out_w
     }
 
     /// Index in the plane of the first maximum of window `(oy, ox)` (row-major).
-    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
+    pub(crate) fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
         let mut best = (
             oy * self.stride * self.width + ox * self.stride,
             f32::NEG_INFINITY,
@@ -70,9 +70,21 @@ impl Window {
         best.0
     }
 
+    /// Index in the plane of the first input of window `(oy, ox)` equal to `max`, the
+    /// window's maximum (row-major), found by comparing for equality and stopping there.
+    pub(crate) fn position_of(&self, plane: &[f32], oy: usize, ox: usize, max: f32) -> usize {
+        for i in 0..self.kernel {
+            let row = (oy * self.stride + i) * self.width + ox * self.stride;
+            if let Some(j) = plane[row..][..self.kernel].iter().position(|&v| v == max) {
+                return row + j;
+            }
+        }
+        self.argmax(plane, oy, ox)
+    }
+
     /// Pools one plane into `out`: each output row takes the maximum over its window's input
     /// rows (whole rows at a time, which vectorizes), then over each window of that row.
-    fn pool_plane(&self, plane: &[f32], out: &mut [f32], row_max: &mut [f32]) {
+    pub(crate) fn pool_plane(&self, plane: &[f32], out: &mut [f32], row_max: &mut [f32]) {
         for (oy, out) in out.chunks_exact_mut(self.out_w).enumerate() {
             let top = oy * self.stride;
             row_max.copy_from_slice(&plane[top * self.width..][..self.width]);

@@ -1,0 +1,417 @@
+//! The CNN's block on CPU as one op: convolution, bias, ReLU and overlapping max-pool, each
+//! sample's activations computed and pooled while they are in cache.
+//!
+//! As separate candle tensors the block's activations (16 MB for the CIFAR CNN's first
+//! layer at batch 64) are written, read back by the pool, given a zeroed gradient, masked by
+//! ReLU and summed per channel, a pass over memory each. Here the forward pass keeps the
+//! activations for its backward pass and returns only the pooled output; the backward pass
+//! works sample by sample: it routes each pooled gradient to its window's first maximum when
+//! that maximum is positive (where ReLU passes it), then takes the bias, weight and (when the
+//! input needs one) input gradients from that in-cache buffer, as [`crate::train::conv`] does.
+
+use crate::train::conv::{Geometry, contiguous_f32, with_scratch, written_zeros};
+use crate::train::gemm::{MatRef, matmul_into};
+use crate::train::pool::{Window, max_pool_3x3_stride2};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Parts the batch's weight and bias gradients are summed in (fixed, so the bits do not
+/// depend on the thread count).
+const GRADIENT_PARTS: usize = 8;
+
+/// Pool window and stride.
+const POOL: (usize, usize) = (3, 2);
+
+/// Convolution (no dilation, one group), bias, ReLU, then a 3×3 max-pool at stride 2.
+struct ConvReluPool {
+    stride: usize,
+    padding: usize,
+    /// The pre-ReLU activations `[B, O, out_h, out_w]` of the forward pass, for the
+    /// backward pass.
+    activations: Mutex<Vec<f32>>,
+}
+
+/// Activation buffers of finished ops, reused by the next forward passes: a fresh buffer
+/// of many megabytes costs a page fault per page every step.
+static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Spare buffers kept at most (one per block of a model, for a few models).
+const MAX_SPARE: usize = 8;
+
+/// A buffer of `len` elements, reused when one is spare (its contents are unspecified).
+fn spare_activations(len: usize) -> Vec<f32> {
+    let reused = {
+        let mut spare = SPARE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        spare
+            .iter()
+            .position(|v| v.capacity() >= len)
+            .map(|i| spare.swap_remove(i))
+    };
+    let mut v = reused.unwrap_or_default();
+    v.resize(len, 0.0);
+    v.truncate(len);
+    v
+}
+
+impl Drop for ConvReluPool {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(
+            self.activations
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if buffer.capacity() > 0 {
+            let mut spare = SPARE
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if spare.len() < MAX_SPARE {
+                spare.push(buffer);
+            }
+        }
+    }
+}
+
+impl ConvReluPool {
+    fn geometry(&self, input: &[usize], weight: &[usize]) -> Result<(Geometry, Window)> {
+        let g = Geometry::new(input, weight, self.stride, self.padding)?;
+        let (_, win) = Window::new(&[g.batch, g.out_channels, g.out_h, g.out_w], POOL.0, POOL.1)?;
+        Ok((g, win))
+    }
+}
+
+/// A CPU tensor's contiguous `f32` elements, borrowed while `f` runs.
+fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("conv-relu-pool: {what} is not on the CPU")
+    };
+    f(contiguous_f32(cpu, layout, what)?)
+}
+
+impl CustomOp3 for ConvReluPool {
+    fn name(&self) -> &'static str {
+        "conv-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, win) = self.geometry(xl.dims(), wl.dims())?;
+        let x = contiguous_f32(xs, xl, "the input")?;
+        let w = MatRef::row_major(
+            contiguous_f32(ws, wl, "the weights")?,
+            g.out_channels,
+            g.patch(),
+        );
+        let bias = contiguous_f32(bs, bl, "the bias")?;
+        if bias.len() != g.out_channels {
+            bail!(
+                "conv-relu-pool: {} bias values for {} output channels",
+                bias.len(),
+                g.out_channels
+            )
+        }
+        let pooled_len = g.out_channels * win.out_plane();
+        let mut activations = spare_activations(g.batch * g.output_len());
+        let mut pooled = written_zeros(g.batch * pooled_len);
+        if !pooled.is_empty() {
+            activations
+                .par_chunks_exact_mut(g.output_len())
+                .zip(pooled.par_chunks_exact_mut(pooled_len))
+                .zip(x.par_chunks_exact(g.input_len()))
+                .for_each(|((act, out), x)| {
+                    with_scratch(g.patch() * g.positions() + g.out_w, |scratch| {
+                        let (cols, row_max) = scratch.split_at_mut(g.patch() * g.positions());
+                        // The bias first, the product added to it: ReLU commutes with
+                        // the max-pool, so it is applied to the pooled values alone.
+                        for (plane, &b) in act.chunks_exact_mut(g.positions()).zip(bias) {
+                            plane.fill(b);
+                        }
+                        g.im2col(x, cols);
+                        matmul_into(
+                            act,
+                            true,
+                            w,
+                            MatRef::row_major(cols, g.patch(), g.positions()),
+                        );
+                        for (plane, out) in act
+                            .chunks_exact_mut(g.positions())
+                            .zip(out.chunks_exact_mut(win.out_plane()))
+                        {
+                            win.pool_plane(plane, out, row_max);
+                            out.iter_mut().for_each(|v| *v = v.max(0.0));
+                        }
+                    })
+                });
+        }
+        *self.activations.lock().expect("activations lock") = activations;
+        let shape = Shape::from((g.batch, g.out_channels, win.out_h, win.out_w));
+        Ok((CpuStorage::F32(pooled), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        pooled: &Tensor,
+        d_pooled: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (g, win) = self.geometry(x.dims(), w.dims())?;
+        let activations = self.activations.lock().expect("activations lock");
+        if activations.len() != g.batch * g.output_len() {
+            bail!("conv-relu-pool: no activations kept from a forward pass of this shape")
+        }
+        let d_pooled = d_pooled.contiguous()?;
+        let need_dx = x.track_op();
+        let pooled_len = g.out_channels * win.out_plane();
+        let weights = g.out_channels * g.patch();
+        let per_part = g.batch.div_ceil(GRADIENT_PARTS).max(1);
+        let mut dx = if need_dx {
+            written_zeros(g.batch * g.input_len())
+        } else {
+            Vec::new()
+        };
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = with_cpu_f32(x, "the input", |x| {
+            with_cpu_f32(w, "the weights", |w| {
+                with_cpu_f32(pooled, "the output", |pooled| {
+                    with_cpu_f32(&d_pooled, "the output gradient", |dp| {
+                        let transposed = g.input_gradient_convolution(w).filter(|_| need_dx);
+                        let w = MatRef::row_major(w, g.out_channels, g.patch());
+                        // Each part owns its samples' input gradients (none when not needed).
+                        let dx_parts: Vec<&mut [f32]> = if need_dx {
+                            dx.chunks_mut(per_part * g.input_len()).collect()
+                        } else {
+                            (0..g.batch.div_ceil(per_part))
+                                .map(|_| &mut [][..])
+                                .collect()
+                        };
+                        Ok(dx_parts
+                            .into_par_iter()
+                            .enumerate()
+                            .map(|(part, dx_part)| {
+                                let mut dw = written_zeros(weights);
+                                let mut db = written_zeros(g.out_channels);
+                                let samples = part * per_part..((part + 1) * per_part).min(g.batch);
+                                let cols_len = match &transposed {
+                                    Some((gt, _)) => gt.patch() * gt.positions(),
+                                    None => 0,
+                                }
+                                .max(g.patch() * g.positions());
+                                with_scratch(cols_len + g.output_len(), |scratch| {
+                                    let (cols, dz) = scratch.split_at_mut(cols_len);
+                                    for (i, b) in samples.enumerate() {
+                                        let act =
+                                            &activations[b * g.output_len()..][..g.output_len()];
+                                        let out = &pooled[b * pooled_len..][..pooled_len];
+                                        let d_out = &dp[b * pooled_len..][..pooled_len];
+                                        // The gradient before ReLU: each pooled gradient at its
+                                        // window's first maximum, where that maximum is positive.
+                                        dz.fill(0.0);
+                                        for (o, db) in db.iter_mut().enumerate() {
+                                            let plane = &act[o * g.positions()..][..g.positions()];
+                                            let dz = &mut dz[o * g.positions()..][..g.positions()];
+                                            for oy in 0..win.out_h {
+                                                for ox in 0..win.out_w {
+                                                    let k =
+                                                        o * win.out_plane() + oy * win.out_w + ox;
+                                                    if out[k] > 0.0 {
+                                                        dz[win
+                                                            .position_of(plane, oy, ox, out[k])] +=
+                                                            d_out[k];
+                                                        *db += d_out[k];
+                                                    }
+                                                }
+                                            }
+                                        }
+                                        g.im2col(&x[b * g.input_len()..][..g.input_len()], cols);
+                                        let dz_b =
+                                            MatRef::row_major(dz, g.out_channels, g.positions());
+                                        let cols_t =
+                                            MatRef::row_major(cols, g.patch(), g.positions()).t();
+                                        matmul_into(&mut dw, true, dz_b, cols_t);
+                                        // Empty when the input needs no gradient.
+                                        let dx_len = if need_dx { g.input_len() } else { 0 };
+                                        let dx_b = &mut dx_part[i * dx_len..][..dx_len];
+                                        if let Some((gt, flipped)) = &transposed {
+                                            let cols = &mut cols[..gt.patch() * gt.positions()];
+                                            gt.im2col(dz, cols);
+                                            matmul_into(
+                                                dx_b,
+                                                false,
+                                                MatRef::row_major(flipped, g.channels, gt.patch()),
+                                                MatRef::row_major(cols, gt.patch(), gt.positions()),
+                                            );
+                                        } else if need_dx {
+                                            matmul_into(cols, false, w.t(), dz_b);
+                                            g.col2im(cols, dx_b);
+                                        }
+                                    }
+                                });
+                                (dw, db)
+                            })
+                            .collect())
+                    })
+                })
+            })
+        })?;
+        let mut dw = written_zeros(weights);
+        let mut db = written_zeros(g.out_channels);
+        for (part_dw, part_db) in &parts {
+            dw.iter_mut().zip(part_dw).for_each(|(sum, v)| *sum += v);
+            db.iter_mut().zip(part_db).for_each(|(sum, v)| *sum += v);
+        }
+        let device = x.device();
+        let dw = Tensor::from_vec(
+            dw,
+            (g.out_channels, g.channels, g.kernel_h, g.kernel_w),
+            device,
+        )?;
+        let db = Tensor::from_vec(db, g.out_channels, device)?;
+        let dx = if need_dx {
+            Some(Tensor::from_vec(
+                dx,
+                (g.batch, g.channels, g.height, g.width),
+                device,
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// `max_pool_3x3_stride2(relu(conv2d(x, w) + bias))`, with a backward pass: one fused op on
+/// CPU, the separate ops ([`crate::train::conv::conv2d`], [`max_pool_3x3_stride2`]) elsewhere.
+pub fn conv_relu_pool(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        let y = crate::train::conv::conv2d(x, w, bias, padding, stride, true)?;
+        return max_pool_3x3_stride2(&y);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        ConvReluPool {
+            stride,
+            padding,
+            activations: Mutex::new(Vec::new()),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::conv::conv2d;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
+        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
+        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-5 * scale,
+            "{what}: off by {worst} at scale {scale}"
+        );
+    }
+
+    /// The fused op against the separate convolution and pool: output and every gradient.
+    #[test]
+    fn matches_the_separate_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (b, c, h, w, o, stride, padding) in [
+            (3, 3, 32, 32, 8, 1, 2),
+            (2, 5, 15, 15, 4, 1, 2),
+            (2, 2, 11, 9, 3, 2, 1),
+        ] {
+            let x = Var::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+            let wt = Var::randn(0f32, 0.1, (o, c, 5, 5), &dev).unwrap();
+            // Biases from -4 (a channel ReLU clamps almost everywhere) to +1.
+            let biases: Vec<f32> = (0..o)
+                .map(|i| -4.0 + 5.0 * i as f32 / (o - 1) as f32)
+                .collect();
+            let bias = Var::from_vec(biases, o, &dev).unwrap();
+            let fused = conv_relu_pool(
+                x.as_tensor(),
+                wt.as_tensor(),
+                bias.as_tensor(),
+                padding,
+                stride,
+            )
+            .unwrap();
+            let separate = max_pool_3x3_stride2(
+                &conv2d(
+                    x.as_tensor(),
+                    wt.as_tensor(),
+                    bias.as_tensor(),
+                    padding,
+                    stride,
+                    true,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(fused.dims(), separate.dims());
+            assert_close(&values(&fused), &values(&separate), "output");
+            assert!(
+                values(&fused).contains(&0.0),
+                "some windows are clamped by ReLU"
+            );
+            let dy = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
+            let g_fused = (fused * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_separate = (separate * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (var, name) in [(&x, "input"), (&wt, "weights"), (&bias, "bias")] {
+                assert_close(
+                    &values(g_fused.get(var.as_tensor()).unwrap()),
+                    &values(g_separate.get(var.as_tensor()).unwrap()),
+                    &format!("{name} gradient ({h}×{w}, stride {stride})"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_data_batch_gets_no_input_gradient() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (4, 3, 5, 5), &dev).unwrap();
+        let b = Var::zeros(4, candle_core::DType::F32, &dev).unwrap();
+        let y = conv_relu_pool(&x, w.as_tensor(), b.as_tensor(), 2, 1).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 3, 3]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        assert_eq!(grads.get(w.as_tensor()).unwrap().dims(), &[4, 3, 5, 5]);
+    }
+}
