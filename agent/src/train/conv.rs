@@ -12,6 +12,7 @@
 //!
 //! [`conv2d`] runs this on CPU and candle's own convolution on other devices.
 
+use crate::train::cpu_buffers::{contiguous_f32, with_scratch, written_zeros};
 use crate::train::gemm::{MatRef, matmul_into};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
@@ -218,43 +219,6 @@ impl Geometry {
             }
         }
     }
-}
-
-thread_local! {
-    /// Each thread's unfolding buffer, kept between calls: a fresh megabyte-sized buffer
-    /// per sample costs page faults and, freed, cross-thread TLB flushes.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `len` zeros, written rather than allocated zeroed. A zeroed allocation maps the shared
-/// zero page, so the first `+=` on each page would copy it and flush every thread's TLB;
-/// writing first costs a plain page fault instead.
-pub(crate) fn written_zeros(len: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    v.resize(len, 0.0);
-    v
-}
-
-/// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified).
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with_borrow_mut(|buf| {
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        f(&mut buf[..len])
-    })
-}
-
-/// The contiguous `f32` elements of a custom op's operand.
-pub(crate) fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("conv2d: {what} is not contiguous")
-    };
-    Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
 /// Convolution of `[B, C, H, W]` by `[O, C, kh, kw]` plus a bias `[O]`, optionally

@@ -9,10 +9,11 @@
 //! that maximum is positive (where ReLU passes it), then takes the bias, weight and (when the
 //! input needs one) input gradients from that in-cache buffer, as [`crate::train::conv`] does.
 
-use crate::train::conv::{Geometry, contiguous_f32, with_scratch, written_zeros};
+use crate::train::conv::Geometry;
+use crate::train::cpu_buffers::{contiguous_f32, with_cpu_f32, with_scratch, written_zeros};
 use crate::train::gemm::{MatRef, matmul_into};
 use crate::train::pool::{Window, max_pool_3x3_stride2};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -80,15 +81,6 @@ impl ConvReluPool {
         let (_, win) = Window::new(&[g.batch, g.out_channels, g.out_h, g.out_w], POOL.0, POOL.1)?;
         Ok((g, win))
     }
-}
-
-/// A CPU tensor's contiguous `f32` elements, borrowed while `f` runs.
-fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("conv-relu-pool: {what} is not on the CPU")
-    };
-    f(contiguous_f32(cpu, layout, what)?)
 }
 
 impl CustomOp3 for ConvReluPool {

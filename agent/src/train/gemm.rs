@@ -58,11 +58,36 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// Multiply-adds from which [`matmul_into_parallel`] uses every thread of the pool.
+const PARALLEL_FROM: usize = 1 << 22;
+
 /// `dst = a · b`, or `dst += a · b` when `accumulate`; `dst` is row-major `a.rows × b.cols`.
 /// Runs on the calling thread: callers parallelize over independent products.
 ///
 /// Panics if the shapes disagree or a view reaches outside its slice.
 pub fn matmul_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'_>) {
+    product(dst, accumulate, a, b, gemm::Parallelism::None)
+}
+
+/// [`matmul_into`] on every thread of rayon's pool when the product is large enough to
+/// gain from it (for a whole batch at once, outside any parallel loop).
+pub fn matmul_into_parallel(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'_>) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if a.rows * a.cols * b.cols >= PARALLEL_FROM && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    product(dst, accumulate, a, b, parallelism)
+}
+
+fn product(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    parallelism: gemm::Parallelism,
+) {
     assert_eq!(a.cols, b.rows, "inner dimensions of a matrix product");
     assert_eq!(
         dst.len(),
@@ -103,7 +128,7 @@ pub fn matmul_into(dst: &mut [f32], accumulate: bool, a: MatRef<'_>, b: MatRef<'
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

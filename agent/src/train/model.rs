@@ -4,6 +4,8 @@
 //! model is a pure function of its spec, input shape and seed.
 
 use crate::train::conv_pool::conv_relu_pool;
+use crate::train::linear::linear;
+use crate::train::loss::cross_entropy;
 use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
 use crate::train::rng::seeded_rng;
 use anyhow::{Context, Result, bail, ensure};
@@ -257,10 +259,7 @@ impl Model {
         for layer in &self.layers {
             h = match *layer {
                 Layer::Linear { w, b, relu } => {
-                    let y = h
-                        .matmul(&self.vars[w].as_tensor().t()?)?
-                        .broadcast_add(self.vars[b].as_tensor())?;
-                    if relu { y.relu()? } else { y }
+                    linear(&h, self.vars[w].as_tensor(), self.vars[b].as_tensor(), relu)?
                 }
                 Layer::ConvPool { w, b } => {
                     let (w, b) = (self.vars[w].as_tensor(), self.vars[b].as_tensor());
@@ -275,7 +274,7 @@ impl Model {
     /// Mean cross-entropy on the batch and its gradient for every parameter, in manifest order.
     pub fn loss_and_grads(&self, x: &Tensor, y: &Tensor) -> Result<(f32, Vec<Tensor>)> {
         let logits = self.forward(x)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+        let loss = cross_entropy(&logits, y)?;
         let grads = loss.backward()?;
         let per_param = self
             .vars
@@ -294,7 +293,7 @@ impl Model {
     /// Mean cross-entropy and number of correct top-1 predictions on a batch.
     pub fn loss_and_correct(&self, x: &Tensor, y: &Tensor) -> Result<(f32, usize)> {
         let logits = self.forward(x)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, y)?.to_scalar::<f32>()?;
+        let loss = cross_entropy(&logits, y)?.to_scalar::<f32>()?;
         let pred = logits.argmax(D::Minus1)?;
         let correct = pred
             .eq(y)?

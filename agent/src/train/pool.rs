@@ -6,7 +6,7 @@
 //! (row-major order, as PyTorch does). [`max_pool2d`] runs this on CPU and a slice-and-maximum
 //! composition, differentiable on every device, elsewhere.
 
-use crate::train::conv::written_zeros;
+use crate::train::cpu_buffers::{contiguous_f32, written_zeros};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -105,13 +105,6 @@ impl Window {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("max_pool2d: the operand is not contiguous")
-    };
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 struct MaxPool2d {
     kernel: usize,
     stride: usize,
@@ -124,7 +117,7 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (planes, win) = Window::new(l.dims(), self.kernel, self.stride)?;
-        let x = contiguous_f32(s, l)?;
+        let x = contiguous_f32(s, l, "the max-pool's input")?;
         let mut y = written_zeros(planes * win.out_plane());
         if !y.is_empty() {
             y.par_chunks_exact_mut(win.out_plane())
@@ -168,8 +161,8 @@ impl CustomOp2 for MaxPool2dGradient {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (planes, win) = Window::new(xl.dims(), self.kernel, self.stride)?;
-        let x = contiguous_f32(xs, xl)?;
-        let dy = contiguous_f32(dys, dyl)?;
+        let x = contiguous_f32(xs, xl, "the max-pool's input")?;
+        let dy = contiguous_f32(dys, dyl, "the max-pool's output gradient")?;
         if dy.len() != planes * win.out_plane() {
             bail!(
                 "max_pool2d: {} output gradients for {} outputs",

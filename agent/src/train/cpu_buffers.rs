@@ -1,0 +1,72 @@
+//! Slices and buffers for the CPU custom ops (convolution, pooling, linear layers, loss):
+//! operands' contiguous elements, outputs written once, per-thread scratch space.
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType, bail};
+
+/// `len` zeros, written rather than allocated zeroed. A zeroed allocation maps the shared
+/// zero page, so the first `+=` on each page would copy it and flush every thread's TLB;
+/// writing first costs a plain page fault instead.
+pub(crate) fn written_zeros(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, 0.0);
+    v
+}
+
+thread_local! {
+    /// Each thread's unfolding buffer, kept between calls: a fresh megabyte-sized buffer
+    /// per sample costs page faults and, freed, cross-thread TLB flushes.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// The contiguous elements of a custom op's operand.
+pub(crate) fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{what} is not contiguous")
+    };
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// The contiguous `f32` elements of a custom op's operand.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    contiguous(storage, layout, what)
+}
+
+/// A CPU tensor's contiguous elements, borrowed while `f` runs.
+pub(crate) fn with_cpu<T: WithDType, R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{what} is not on the CPU")
+    };
+    f(contiguous(cpu, layout, what)?)
+}
+
+/// A CPU tensor's contiguous `f32` elements, borrowed while `f` runs.
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    with_cpu(t, what, f)
+}
