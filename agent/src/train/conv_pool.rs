@@ -164,121 +164,158 @@ impl CustomOp3 for ConvReluPool {
             bail!("conv-relu-pool: no activations kept from a forward pass of this shape")
         }
         let d_pooled = d_pooled.contiguous()?;
+        // Data batches carry no gradient: the input's is computed only when it is needed.
         let need_dx = x.track_op();
-        let pooled_len = g.out_channels * win.out_plane();
-        let weights = g.out_channels * g.patch();
         let per_part = g.batch.div_ceil(GRADIENT_PARTS).max(1);
-        let mut dx = if need_dx {
-            written_zeros(g.batch * g.input_len())
-        } else {
-            Vec::new()
-        };
+        let mut dx = written_zeros(if need_dx { g.batch * g.input_len() } else { 0 });
         let parts: Vec<(Vec<f32>, Vec<f32>)> = with_cpu_f32(x, "the input", |x| {
             with_cpu_f32(w, "the weights", |w| {
                 with_cpu_f32(pooled, "the output", |pooled| {
-                    with_cpu_f32(&d_pooled, "the output gradient", |dp| {
-                        let transposed = g.input_gradient_convolution(w).filter(|_| need_dx);
-                        let w = MatRef::row_major(w, g.out_channels, g.patch());
-                        // Each part owns its samples' input gradients (none when not needed).
-                        let dx_parts: Vec<&mut [f32]> = if need_dx {
-                            dx.chunks_mut(per_part * g.input_len()).collect()
-                        } else {
-                            (0..g.batch.div_ceil(per_part))
-                                .map(|_| &mut [][..])
-                                .collect()
+                    with_cpu_f32(&d_pooled, "the output gradient", |d_pooled| {
+                        let inputs = BackwardInputs {
+                            g,
+                            win,
+                            x,
+                            w,
+                            pooled,
+                            d_pooled,
+                            activations: &activations,
+                            flipped: g.input_gradient_convolution(w).filter(|_| need_dx),
+                            need_dx,
                         };
+                        // Each part owns its samples' input gradients (none when not needed).
+                        let mut dx_parts: Vec<&mut [f32]> =
+                            dx.chunks_mut((per_part * g.input_len()).max(1)).collect();
+                        dx_parts.resize_with(g.batch.div_ceil(per_part), Default::default);
                         Ok(dx_parts
                             .into_par_iter()
                             .enumerate()
                             .map(|(part, dx_part)| {
-                                let mut dw = written_zeros(weights);
-                                let mut db = written_zeros(g.out_channels);
                                 let samples = part * per_part..((part + 1) * per_part).min(g.batch);
-                                let cols_len = match &transposed {
-                                    Some((gt, _)) => gt.patch() * gt.positions(),
-                                    None => 0,
-                                }
-                                .max(g.patch() * g.positions());
-                                with_scratch(cols_len + g.output_len(), |scratch| {
-                                    let (cols, dz) = scratch.split_at_mut(cols_len);
-                                    for (i, b) in samples.enumerate() {
-                                        let act =
-                                            &activations[b * g.output_len()..][..g.output_len()];
-                                        let out = &pooled[b * pooled_len..][..pooled_len];
-                                        let d_out = &dp[b * pooled_len..][..pooled_len];
-                                        // The gradient before ReLU: each pooled gradient at its
-                                        // window's first maximum, where that maximum is positive.
-                                        dz.fill(0.0);
-                                        for (o, db) in db.iter_mut().enumerate() {
-                                            let plane = &act[o * g.positions()..][..g.positions()];
-                                            let dz = &mut dz[o * g.positions()..][..g.positions()];
-                                            for oy in 0..win.out_h {
-                                                for ox in 0..win.out_w {
-                                                    let k =
-                                                        o * win.out_plane() + oy * win.out_w + ox;
-                                                    if out[k] > 0.0 {
-                                                        dz[win
-                                                            .position_of(plane, oy, ox, out[k])] +=
-                                                            d_out[k];
-                                                        *db += d_out[k];
-                                                    }
-                                                }
-                                            }
-                                        }
-                                        g.im2col(&x[b * g.input_len()..][..g.input_len()], cols);
-                                        let dz_b =
-                                            MatRef::row_major(dz, g.out_channels, g.positions());
-                                        let cols_t =
-                                            MatRef::row_major(cols, g.patch(), g.positions()).t();
-                                        matmul_into(&mut dw, true, dz_b, cols_t);
-                                        // Empty when the input needs no gradient.
-                                        let dx_len = if need_dx { g.input_len() } else { 0 };
-                                        let dx_b = &mut dx_part[i * dx_len..][..dx_len];
-                                        if let Some((gt, flipped)) = &transposed {
-                                            let cols = &mut cols[..gt.patch() * gt.positions()];
-                                            gt.im2col(dz, cols);
-                                            matmul_into(
-                                                dx_b,
-                                                false,
-                                                MatRef::row_major(flipped, g.channels, gt.patch()),
-                                                MatRef::row_major(cols, gt.patch(), gt.positions()),
-                                            );
-                                        } else if need_dx {
-                                            matmul_into(cols, false, w.t(), dz_b);
-                                            g.col2im(cols, dx_b);
-                                        }
-                                    }
-                                });
-                                (dw, db)
+                                inputs.part(samples, dx_part)
                             })
                             .collect())
                     })
                 })
             })
         })?;
-        let mut dw = written_zeros(weights);
+        let mut dw = written_zeros(g.out_channels * g.patch());
         let mut db = written_zeros(g.out_channels);
         for (part_dw, part_db) in &parts {
             dw.iter_mut().zip(part_dw).for_each(|(sum, v)| *sum += v);
             db.iter_mut().zip(part_db).for_each(|(sum, v)| *sum += v);
         }
         let device = x.device();
-        let dw = Tensor::from_vec(
-            dw,
-            (g.out_channels, g.channels, g.kernel_h, g.kernel_w),
-            device,
-        )?;
-        let db = Tensor::from_vec(db, g.out_channels, device)?;
-        let dx = if need_dx {
-            Some(Tensor::from_vec(
-                dx,
-                (g.batch, g.channels, g.height, g.width),
-                device,
-            )?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), Some(db)))
+        let w_shape = (g.out_channels, g.channels, g.kernel_h, g.kernel_w);
+        let dx = need_dx
+            .then(|| Tensor::from_vec(dx, (g.batch, g.channels, g.height, g.width), device))
+            .transpose()?;
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w_shape, device)?),
+            Some(Tensor::from_vec(db, g.out_channels, device)?),
+        ))
+    }
+}
+
+/// What the backward pass reads, borrowed from the op's tensors.
+struct BackwardInputs<'a> {
+    g: Geometry,
+    win: Window,
+    x: &'a [f32],
+    w: &'a [f32],
+    pooled: &'a [f32],
+    d_pooled: &'a [f32],
+    activations: &'a [f32],
+    /// The input gradient's own convolution (geometry, flipped kernel), where it applies.
+    flipped: Option<(Geometry, Vec<f32>)>,
+    need_dx: bool,
+}
+
+impl BackwardInputs<'_> {
+    /// The weight and bias gradients summed over `samples`, whose input gradients are
+    /// written to `dx_part` (empty when the input needs none).
+    fn part(&self, samples: std::ops::Range<usize>, dx_part: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+        let g = &self.g;
+        let mut dw = written_zeros(g.out_channels * g.patch());
+        let mut db = written_zeros(g.out_channels);
+        let cols_len = match &self.flipped {
+            Some((gt, _)) => gt.patch() * gt.positions(),
+            None => 0,
+        }
+        .max(g.patch() * g.positions());
+        let dx_len = if self.need_dx { g.input_len() } else { 0 };
+        with_scratch(cols_len + g.output_len(), |scratch| {
+            let (cols, dz) = scratch.split_at_mut(cols_len);
+            for (i, b) in samples.enumerate() {
+                self.route_to_maxima(b, dz, &mut db);
+                let dx_b = &mut dx_part[i * dx_len..][..dx_len];
+                self.sample_gradients(b, dz, cols, &mut dw, dx_b);
+            }
+        });
+        (dw, db)
+    }
+
+    /// Sample `b`'s gradient before ReLU into `dz` `[O, out_h·out_w]`: each pooled gradient
+    /// at its window's first maximum where that maximum is positive (elsewhere ReLU passes
+    /// nothing), added per channel to `db`.
+    fn route_to_maxima(&self, b: usize, dz: &mut [f32], db: &mut [f32]) {
+        let (g, win) = (&self.g, &self.win);
+        let pooled_len = g.out_channels * win.out_plane();
+        let act = &self.activations[b * g.output_len()..][..g.output_len()];
+        let out = &self.pooled[b * pooled_len..][..pooled_len];
+        let d_out = &self.d_pooled[b * pooled_len..][..pooled_len];
+        dz.fill(0.0);
+        for (o, db) in db.iter_mut().enumerate() {
+            let plane = &act[o * g.positions()..][..g.positions()];
+            let dz = &mut dz[o * g.positions()..][..g.positions()];
+            for oy in 0..win.out_h {
+                for ox in 0..win.out_w {
+                    let k = o * win.out_plane() + oy * win.out_w + ox;
+                    if out[k] > 0.0 {
+                        dz[win.position_of(plane, oy, ox, out[k])] += d_out[k];
+                        *db += d_out[k];
+                    }
+                }
+            }
+        }
+    }
+
+    /// From sample `b`'s gradient before ReLU: `dw += dz · cols(x_b)ᵀ`, and its input
+    /// gradient into `dx_b` when needed; `cols` is scratch space.
+    fn sample_gradients(
+        &self,
+        b: usize,
+        dz: &[f32],
+        cols: &mut [f32],
+        dw: &mut [f32],
+        dx_b: &mut [f32],
+    ) {
+        let g = &self.g;
+        g.im2col(&self.x[b * g.input_len()..][..g.input_len()], cols);
+        let dz = MatRef::row_major(dz, g.out_channels, g.positions());
+        let cols_t = MatRef::row_major(cols, g.patch(), g.positions()).t();
+        matmul_into(dw, true, dz, cols_t);
+        if !self.need_dx {
+            return;
+        }
+        match &self.flipped {
+            Some((gt, flipped)) => {
+                let cols = &mut cols[..gt.patch() * gt.positions()];
+                gt.im2col(dz.data, cols);
+                matmul_into(
+                    dx_b,
+                    false,
+                    MatRef::row_major(flipped, g.channels, gt.patch()),
+                    MatRef::row_major(cols, gt.patch(), gt.positions()),
+                );
+            }
+            None => {
+                let w = MatRef::row_major(self.w, g.out_channels, g.patch());
+                matmul_into(cols, false, w.t(), dz);
+                g.col2im(cols, dx_b);
+            }
+        }
     }
 }
 
