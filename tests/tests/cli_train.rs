@@ -191,3 +191,49 @@ fn logreg_trains_on_a_csv_file() {
     ]);
     assert!(last_json_line(&out)["test_accuracy"].as_f64().unwrap() > 0.95);
 }
+
+/// Where Debian's `dataset-fashion-mnist` installs the set (`.ci/run` installs it), or
+/// `WEIGHTGRAD_FASHION_MNIST`; `None` (the test then skips) when it is absent, unless
+/// `WEIGHTGRAD_REQUIRE_TOOLS=1`.
+fn fashion_mnist() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("WEIGHTGRAD_FASHION_MNIST")
+        .map(Into::into)
+        .unwrap_or_else(|| "/usr/share/datasets/fashion-mnist".into());
+    let present = Path::new(&dir).join("train-images-idx3-ubyte.gz").is_file()
+        || Path::new(&dir).join("train-images-idx3-ubyte").is_file();
+    if !present {
+        assert!(
+            std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "Fashion-MNIST is not at {dir:?} (.ci/run installs Debian's dataset-fashion-mnist)"
+        );
+        eprintln!("skipped: Fashion-MNIST is not at {dir:?}");
+        return None;
+    }
+    Some(dir)
+}
+
+#[test]
+fn fashion_mnist_from_its_gzipped_files_trains() {
+    let Some(dir) = fashion_mnist() else { return };
+    let out = weightgrad_ok(&[
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data",
+        dir.to_str().unwrap(),
+        "--model",
+        "logreg",
+        "--epochs",
+        "1",
+        "--seed",
+        "0",
+        "--json",
+    ]);
+    let v = last_json_line(&out);
+    // 60,000 training images of 28×28 (784 inputs) in 10 classes; one epoch of logistic
+    // regression reaches about 83% (chance is 10%). Logistic regression keeps the test to a
+    // few seconds in the unoptimized test build.
+    assert_eq!(v["params"], 784 * 10 + 10);
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.8, "test top-1 {acc} < 0.8 after one epoch");
+}

@@ -1,7 +1,8 @@
 //! MNIST IDX files (MNIST, Fashion-MNIST, the digits set): `u8` images and labels.
 
 use super::{DataError, DataSplit, Dataset};
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 /// Which IDX payload a file is expected to hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +150,34 @@ fn read(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|e| DataError::io(path, e))
 }
 
-/// Loads `train-{images-idx3,labels-idx1}-ubyte` and `t10k-…` from `dir`.
+/// Largest decompressed IDX file accepted (full MNIST's training images are 47 MB).
+const MAX_DECOMPRESSED: u64 = 1 << 30;
+
+/// Reads `dir/name`, or else `dir/name.gz` decompressed (the form MNIST and Fashion-MNIST are
+/// distributed in, and Debian's `dataset-fashion-mnist` installs); returns the path read.
+fn read_plain_or_gz(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), DataError> {
+    let plain = dir.join(name);
+    let gz = dir.join(format!("{name}.gz"));
+    if plain.exists() || !gz.exists() {
+        return read(&plain).map(|bytes| (plain, bytes));
+    }
+    let file = std::fs::File::open(&gz).map_err(|e| DataError::io(&gz, e))?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .take(MAX_DECOMPRESSED + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| DataError::format(&gz, format!("not a readable gzip file: {e}")))?;
+    if bytes.len() as u64 > MAX_DECOMPRESSED {
+        return Err(DataError::format(
+            &gz,
+            format!("decompresses to more than {MAX_DECOMPRESSED} bytes"),
+        ));
+    }
+    Ok((gz, bytes))
+}
+
+/// Loads `train-{images-idx3,labels-idx1}-ubyte` and `t10k-…` from `dir`, each file plain or
+/// gzipped (`….gz`).
 pub fn load_idx_dir(dir: &Path) -> Result<DataSplit, DataError> {
     let names = [
         "train-images-idx3-ubyte",
@@ -157,11 +185,12 @@ pub fn load_idx_dir(dir: &Path) -> Result<DataSplit, DataError> {
         "t10k-images-idx3-ubyte",
         "t10k-labels-idx1-ubyte",
     ];
-    let paths: Vec<_> = names.iter().map(|n| dir.join(n)).collect();
-    let files = paths
+    let (paths, files): (Vec<_>, Vec<_>) = names
         .iter()
-        .map(|p| read(p))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|n| read_plain_or_gz(dir, n))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let (train, scale) = idx_dataset(&files[0], &paths[0], &files[1], &paths[1], None)?;
     let (test, _) = idx_dataset(&files[2], &paths[2], &files[3], &paths[3], Some(scale))?;
     DataSplit::new(dir.display().to_string(), train, test)
@@ -240,5 +269,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// A 2-image training set and 1-image test set of 2×2 pixels, as IDX files.
+    fn tiny_set() -> [(&'static str, Vec<u8>); 4] {
+        let images = |n: u32| {
+            let mut f = header(0x803, &[n, 2, 2]);
+            f.extend((0..4 * n).map(|i| (i * 20) as u8));
+            f
+        };
+        let labels = |l: &[u8]| {
+            let mut f = header(0x801, &[l.len() as u32]);
+            f.extend(l);
+            f
+        };
+        [
+            ("train-images-idx3-ubyte", images(2)),
+            ("train-labels-idx1-ubyte", labels(&[0, 1])),
+            ("t10k-images-idx3-ubyte", images(1)),
+            ("t10k-labels-idx1-ubyte", labels(&[1])),
+        ]
+    }
+
+    #[test]
+    fn gzipped_files_load_like_plain_ones() {
+        let plain = tempfile::tempdir().unwrap();
+        let gz = tempfile::tempdir().unwrap();
+        for (name, bytes) in tiny_set() {
+            std::fs::write(plain.path().join(name), &bytes).unwrap();
+            std::fs::write(gz.path().join(format!("{name}.gz")), gzip(&bytes)).unwrap();
+        }
+        let a = load_idx_dir(plain.path()).unwrap();
+        let b = load_idx_dir(gz.path()).unwrap();
+        assert_eq!(a.train.features, b.train.features);
+        assert_eq!(a.train.labels, b.train.labels);
+        assert_eq!(a.test.labels, b.test.labels);
+        assert_eq!(b.train.len(), 2);
+    }
+
+    #[test]
+    fn a_corrupt_or_truncated_gzip_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in tiny_set() {
+            std::fs::write(dir.path().join(format!("{name}.gz")), gzip(&bytes)).unwrap();
+        }
+        let labels = dir.path().join("t10k-labels-idx1-ubyte.gz");
+        std::fs::write(&labels, b"not gzip at all").unwrap();
+        let err = load_idx_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("t10k-labels-idx1-ubyte.gz"), "{err}");
+        assert!(err.contains("not a readable gzip file"), "{err}");
+        let whole = gzip(&tiny_set()[0].1);
+        std::fs::write(&labels, &whole[..whole.len() / 2]).unwrap();
+        let err = load_idx_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a readable gzip file"), "{err}");
+        // Decompressing fine but holding the wrong payload is the IDX check's to name.
+        std::fs::write(&labels, gzip(&tiny_set()[0].1)).unwrap();
+        let err = load_idx_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("t10k-labels-idx1-ubyte.gz"), "{err}");
     }
 }
