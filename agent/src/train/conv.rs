@@ -81,6 +81,32 @@ impl Geometry {
         })
     }
 
+    /// A convolution op's input, weights as the matrix `[O, C·kh·kw]` and bias (its length
+    /// checked), from the op's operands; `op` names it in errors.
+    pub(crate) fn operands<'a>(
+        &self,
+        op: &str,
+        (xs, xl): (&'a CpuStorage, &Layout),
+        (ws, wl): (&'a CpuStorage, &Layout),
+        (bs, bl): (&'a CpuStorage, &Layout),
+    ) -> Result<(&'a [f32], MatRef<'a>, &'a [f32])> {
+        let x = contiguous_f32(xs, xl, "the input")?;
+        let w = contiguous_f32(ws, wl, "the weights")?;
+        let bias = contiguous_f32(bs, bl, "the bias")?;
+        if bias.len() != self.out_channels {
+            bail!(
+                "{op}: {} bias values for {} output channels",
+                bias.len(),
+                self.out_channels
+            )
+        }
+        Ok((
+            x,
+            MatRef::row_major(w, self.out_channels, self.patch()),
+            bias,
+        ))
+    }
+
     /// Length of one unfolded column: `C·kh·kw`.
     pub(crate) fn patch(&self) -> usize {
         self.channels * self.kernel_h * self.kernel_w
@@ -245,20 +271,7 @@ impl CustomOp3 for Conv2dIm2col {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
-        let x = contiguous_f32(xs, xl, "the input")?;
-        let w = MatRef::row_major(
-            contiguous_f32(ws, wl, "the weights")?,
-            g.out_channels,
-            g.patch(),
-        );
-        let bias = contiguous_f32(bs, bl, "the bias")?;
-        if bias.len() != g.out_channels {
-            bail!(
-                "conv2d: {} bias values for {} output channels",
-                bias.len(),
-                g.out_channels
-            )
-        }
+        let (x, w, bias) = g.operands("conv2d", (xs, xl), (ws, wl), (bs, bl))?;
         let mut y = written_zeros(g.batch * g.output_len());
         if !y.is_empty() {
             y.par_chunks_exact_mut(g.output_len())
@@ -497,6 +510,7 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::op_checks::{assert_close, assert_same_outputs_and_gradients, values};
     use candle_core::{Device, Var};
     use proptest::prelude::*;
 
@@ -537,23 +551,6 @@ mod tests {
             }
         }
         (y, dx, dw)
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
-        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(reference)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
-        assert!(
-            worst <= 1e-5 * scale,
-            "{what}: off by {worst} at scale {scale}"
-        );
     }
 
     /// Ours against the definition and against candle's `conv2d`: output, input gradient
@@ -659,25 +656,11 @@ mod tests {
                 .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
                 .unwrap();
             let theirs = if relu { theirs.relu().unwrap() } else { theirs };
-            assert_close(&values(&ours), &values(&theirs), "output");
             if relu {
                 assert!(values(&ours).contains(&0.0), "some outputs are clamped");
             }
-            let dy = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-            let g_ours = (ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &dy)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (var, name) in [(&x, "input"), (&w, "weights"), (&b, "bias")] {
-                assert_close(
-                    &values(g_ours.get(var.as_tensor()).unwrap()),
-                    &values(g_theirs.get(var.as_tensor()).unwrap()),
-                    &format!("{name} gradient, relu {relu}"),
-                );
-            }
+            let vars = [(&x, "input"), (&w, "weights"), (&b, "bias")];
+            assert_same_outputs_and_gradients(ours, theirs, &vars, &format!("relu {relu}"));
         }
     }
 

@@ -10,7 +10,7 @@
 //! input needs one) input gradients from that in-cache buffer, as [`crate::train::conv`] does.
 
 use crate::train::conv::Geometry;
-use crate::train::cpu_buffers::{contiguous_f32, with_cpu_f32, with_scratch, written_zeros};
+use crate::train::cpu_buffers::{with_cpu_f32, with_scratch, written_zeros};
 use crate::train::gemm::{MatRef, matmul_into};
 use crate::train::pool::{Window, max_pool_3x3_stride2};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
@@ -98,20 +98,7 @@ impl CustomOp3 for ConvReluPool {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, win) = self.geometry(xl.dims(), wl.dims())?;
-        let x = contiguous_f32(xs, xl, "the input")?;
-        let w = MatRef::row_major(
-            contiguous_f32(ws, wl, "the weights")?,
-            g.out_channels,
-            g.patch(),
-        );
-        let bias = contiguous_f32(bs, bl, "the bias")?;
-        if bias.len() != g.out_channels {
-            bail!(
-                "conv-relu-pool: {} bias values for {} output channels",
-                bias.len(),
-                g.out_channels
-            )
-        }
+        let (x, w, bias) = g.operands("conv-relu-pool", (xs, xl), (ws, wl), (bs, bl))?;
         let pooled_len = g.out_channels * win.out_plane();
         let mut activations = spare_activations(g.batch * g.output_len());
         let mut pooled = written_zeros(g.batch * pooled_len);
@@ -347,24 +334,8 @@ pub fn conv_relu_pool(
 mod tests {
     use super::*;
     use crate::train::conv::conv2d;
+    use crate::train::op_checks::{assert_same_outputs_and_gradients, values};
     use candle_core::{Device, Var};
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
-        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
-        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(reference)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            worst <= 1e-5 * scale,
-            "{what}: off by {worst} at scale {scale}"
-        );
-    }
 
     /// The fused op against the separate convolution and pool: output and every gradient.
     #[test]
@@ -402,32 +373,13 @@ mod tests {
                 .unwrap(),
             )
             .unwrap();
-            assert_eq!(fused.dims(), separate.dims());
-            assert_close(&values(&fused), &values(&separate), "output");
             assert!(
                 values(&fused).contains(&0.0),
                 "some windows are clamped by ReLU"
             );
-            let dy = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
-            let g_fused = (fused * &dy)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_separate = (separate * &dy)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (var, name) in [(&x, "input"), (&wt, "weights"), (&bias, "bias")] {
-                assert_close(
-                    &values(g_fused.get(var.as_tensor()).unwrap()),
-                    &values(g_separate.get(var.as_tensor()).unwrap()),
-                    &format!("{name} gradient ({h}×{w}, stride {stride})"),
-                );
-            }
+            let vars = [(&x, "input"), (&wt, "weights"), (&bias, "bias")];
+            let context = format!("{h}×{w}, stride {stride}");
+            assert_same_outputs_and_gradients(fused, separate, &vars, &context);
         }
     }
 

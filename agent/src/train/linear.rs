@@ -129,24 +129,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::op_checks::{assert_same_outputs_and_gradients, values};
     use candle_core::{Device, Var};
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
-        assert_eq!(ours.len(), reference.len(), "{what}: lengths");
-        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(reference)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            worst <= 1e-5 * scale,
-            "{what}: off by {worst} at scale {scale}"
-        );
-    }
 
     /// Against candle's matmul, broadcast addition and ReLU: output and every gradient, at
     /// a small size and at one large enough to use every thread.
@@ -166,25 +150,12 @@ mod tests {
                     .broadcast_add(b.as_tensor())
                     .unwrap();
                 let theirs = if relu { theirs.relu().unwrap() } else { theirs };
-                assert_close(&values(&ours), &values(&theirs), "output");
                 if relu {
                     assert!(values(&ours).contains(&0.0), "some outputs are clamped");
                 }
-                let dy = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-                let g_ours = (ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-                let g_theirs = (theirs * &dy)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (var, name) in [(&x, "input"), (&w, "weights"), (&b, "bias")] {
-                    assert_close(
-                        &values(g_ours.get(var.as_tensor()).unwrap()),
-                        &values(g_theirs.get(var.as_tensor()).unwrap()),
-                        &format!("{name} gradient, {batch}x{inputs}x{outputs}, relu {relu}"),
-                    );
-                }
+                let vars = [(&x, "input"), (&w, "weights"), (&b, "bias")];
+                let context = format!("{batch}x{inputs}x{outputs}, relu {relu}");
+                assert_same_outputs_and_gradients(ours, theirs, &vars, &context);
             }
         }
     }

@@ -106,6 +106,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::op_checks::values;
     use candle_core::{Device, Var};
 
     #[test]
@@ -130,20 +131,8 @@ mod tests {
             // Scaled so the incoming gradient is not 1.
             let g_ours = (ours * 3.0).unwrap().backward().unwrap();
             let g_theirs = (theirs * 3.0).unwrap().backward().unwrap();
-            let ours: Vec<f32> = g_ours
-                .get(logits.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let theirs: Vec<f32> = g_theirs
-                .get(logits.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ours = values(g_ours.get(logits.as_tensor()).unwrap());
+            let theirs = values(g_theirs.get(logits.as_tensor()).unwrap());
             for (a, b) in ours.iter().zip(&theirs) {
                 assert!((a - b).abs() <= 1e-6, "gradient {a} against {b}");
             }

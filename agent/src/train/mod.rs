@@ -14,6 +14,8 @@ pub mod linear;
 pub mod loss;
 pub mod manifest;
 pub mod model;
+#[cfg(test)]
+mod op_checks;
 pub mod optim;
 pub mod pool;
 pub mod rng;
