@@ -6,17 +6,16 @@
 //! buffer that stays in cache and multiplied there, on the threads of candle's pool:
 //!
 //! - forward: `y_b = W · cols(x_b)`, `W` the `[O, C·kh·kw]` weights;
-//! - input gradient: `dx_b = col2im(Wᵀ · dy_b)`, only when the input needs one;
+//! - input gradient, only when the input needs one: at stride 1 a convolution of `dy_b`
+//!   with the flipped kernel, elsewhere `dx_b = col2im(Wᵀ · dy_b)`;
 //! - weight gradient: `dW = Σ_b dy_b · cols(x_b)ᵀ`, summed in a fixed number of parts in a
 //!   fixed order, so the result does not depend on the thread count.
 //!
 //! [`conv2d`] runs this on CPU and candle's own convolution on other devices.
 
-use crate::train::cpu_buffers::{contiguous_f32, with_scratch, written_zeros};
+use crate::train::cpu_buffers::{contiguous_f32, with_cpu_f32, with_scratch, written_zeros};
 use crate::train::gemm::{MatRef, matmul_into};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// Parts the weight gradient's sum over the batch is split into (a constant, not the
@@ -303,179 +302,163 @@ impl CustomOp3 for Conv2dIm2col {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The gradient before ReLU: zero where the output was clamped.
-        let dz = if self.relu {
-            y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGradient)?
-        } else {
-            dy.contiguous()?
-        };
-        let geometry = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
-        let db = dz.apply_op1_no_bwd(&ChannelSum)?;
-        let dw = x.apply_op2_no_bwd(&dz, &WeightGradient { geometry })?;
-        // Data batches carry no gradient: the input's is computed only when it is needed.
-        let dx = if x.track_op() {
-            Some(w.apply_op2_no_bwd(&dz, &InputGradient { geometry })?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), Some(db)))
-    }
-}
-
-/// `dy` where the ReLU's output `y` is positive, 0 elsewhere.
-struct ReluGradient;
-
-impl CustomOp2 for ReluGradient {
-    fn name(&self) -> &'static str {
-        "relu-gradient"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        dys: &CpuStorage,
-        dyl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(ys, yl, "the output")?;
-        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
-        if y.len() != dy.len() {
-            bail!("relu gradient: {} outputs, {} gradients", y.len(), dy.len())
-        }
-        let mut dz = written_zeros(y.len());
-        const CHUNK: usize = 1 << 14;
-        dz.par_chunks_mut(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(dz, (y, dy))| {
-                for ((dz, &y), &dy) in dz.iter_mut().zip(y).zip(dy) {
-                    *dz = if y > 0.0 { dy } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(dz), yl.shape().clone()))
-    }
-}
-
-/// Per-channel sums of `[B, O, ...]` to `[O]`, each in a fixed order.
-struct ChannelSum;
-
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel-sum"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = l.dims();
-        let [batch, channels, ..] = *dims else {
-            bail!("channel sum wants [B, C, ...], got {dims:?}")
-        };
-        let values = contiguous_f32(s, l, "the gradient")?;
-        let plane: usize = dims[2..].iter().product();
-        let sums: Vec<f32> = (0..channels)
-            .into_par_iter()
-            .map(|c| {
-                (0..batch)
-                    .map(|b| {
-                        values[(b * channels + c) * plane..][..plane]
-                            .iter()
-                            .sum::<f32>()
+        let g = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let dy = dy.contiguous()?;
+        with_cpu_f32(x, "the input", |xs| {
+            with_cpu_f32(w, "the weights", |ws| {
+                with_cpu_f32(y, "the output", |ys| {
+                    with_cpu_f32(&dy, "the output gradient", |dys| {
+                        let backward = ConvBackward {
+                            g,
+                            x: xs,
+                            w: ws,
+                            // Data batches carry no gradient: the input's is computed only
+                            // when it is needed.
+                            need_dx: x.track_op(),
+                        };
+                        let grads = backward.run(|b, dz, db| {
+                            let len = g.output_len();
+                            let (y, dy) = (&ys[b * len..][..len], &dys[b * len..][..len]);
+                            // The gradient before ReLU: zero where the output was clamped.
+                            for ((dz, &y), &d) in dz.iter_mut().zip(y).zip(dy) {
+                                *dz = if !self.relu || y > 0.0 { d } else { 0.0 };
+                            }
+                            for (db, plane) in db.iter_mut().zip(dz.chunks_exact(g.positions())) {
+                                *db += plane.iter().sum::<f32>();
+                            }
+                        });
+                        backward.tensors(grads, x.device())
                     })
-                    .sum()
+                })
             })
-            .collect();
-        Ok((CpuStorage::F32(sums), Shape::from(channels)))
+        })
     }
 }
 
-/// `dW = Σ_b dy_b · cols(x_b)ᵀ` from the input and the output gradient.
-struct WeightGradient {
-    geometry: Geometry,
+/// A convolution's bias, weight and input gradients, computed sample by sample from each
+/// sample's gradient at the convolution's output (for [`conv2d`] and the fused block of
+/// [`crate::train::conv_pool`]).
+pub(crate) struct ConvBackward<'a> {
+    pub(crate) g: Geometry,
+    /// The input `[B, C, H, W]`.
+    pub(crate) x: &'a [f32],
+    /// The weights `[O, C, kh, kw]`.
+    pub(crate) w: &'a [f32],
+    /// Whether the input gradient is wanted.
+    pub(crate) need_dx: bool,
 }
 
-impl CustomOp2 for WeightGradient {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col-weight-gradient"
-    }
+/// Input (empty when not wanted), weight and bias gradients.
+pub(crate) type ConvGradients = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-    fn cpu_fwd(
+impl ConvBackward<'_> {
+    /// The gradients, where `output_gradient(b, dz, db)` writes all of sample `b`'s
+    /// gradient at the output, `[O, out_h·out_w]`, into `dz` and adds its per-channel sums
+    /// to `db`. The batch is split into a fixed number of parts summed in a fixed order,
+    /// so the bits do not depend on the thread count.
+    pub(crate) fn run(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        dys: &CpuStorage,
-        dyl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
-        let x = contiguous_f32(xs, xl, "the input")?;
-        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
-        let weights = g.out_channels * g.patch();
+        output_gradient: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+    ) -> ConvGradients {
+        let g = &self.g;
+        let flipped = g
+            .input_gradient_convolution(self.w)
+            .filter(|_| self.need_dx);
         let per_part = g.batch.div_ceil(WEIGHT_GRADIENT_PARTS).max(1);
-        let parts: Vec<Vec<f32>> = (0..g.batch.div_ceil(per_part))
+        let dx_len = if self.need_dx { g.input_len() } else { 0 };
+        let mut dx = written_zeros(g.batch * dx_len);
+        // Each part owns its samples' input gradients (none when not needed).
+        let mut dx_parts: Vec<&mut [f32]> = dx.chunks_mut((per_part * dx_len).max(1)).collect();
+        dx_parts.resize_with(g.batch.div_ceil(per_part), Default::default);
+        let cols_len = match &flipped {
+            Some((gt, _)) => gt.patch() * gt.positions(),
+            None => 0,
+        }
+        .max(g.patch() * g.positions());
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = dx_parts
             .into_par_iter()
-            .map(|part| {
-                let mut dw = written_zeros(weights);
+            .enumerate()
+            .map(|(part, dx_part)| {
+                let mut dw = written_zeros(g.out_channels * g.patch());
+                let mut db = written_zeros(g.out_channels);
                 let samples = part * per_part..((part + 1) * per_part).min(g.batch);
-                with_scratch(g.patch() * g.positions(), |cols| {
-                    for b in samples {
-                        g.im2col(&x[b * g.input_len()..][..g.input_len()], cols);
-                        let dy_b = MatRef::row_major(
-                            &dy[b * g.output_len()..][..g.output_len()],
-                            g.out_channels,
-                            g.positions(),
-                        );
-                        let cols_t = MatRef::row_major(cols, g.patch(), g.positions()).t();
-                        matmul_into(&mut dw, true, dy_b, cols_t);
+                with_scratch(cols_len + g.output_len(), |scratch| {
+                    let (cols, dz) = scratch.split_at_mut(cols_len);
+                    for (i, b) in samples.enumerate() {
+                        output_gradient(b, dz, &mut db);
+                        let dx_b = &mut dx_part[i * dx_len..][..dx_len];
+                        self.sample(b, dz, flipped.as_ref(), cols, &mut dw, dx_b);
                     }
                 });
-                dw
+                (dw, db)
             })
             .collect();
-        let mut dw = written_zeros(weights);
-        for part in &parts {
-            dw.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
+        let mut dw = written_zeros(g.out_channels * g.patch());
+        let mut db = written_zeros(g.out_channels);
+        for (part_dw, part_db) in &parts {
+            dw.iter_mut().zip(part_dw).for_each(|(sum, v)| *sum += v);
+            db.iter_mut().zip(part_db).for_each(|(sum, v)| *sum += v);
         }
-        let shape = Shape::from((g.out_channels, g.channels, g.kernel_h, g.kernel_w));
-        Ok((CpuStorage::F32(dw), shape))
-    }
-}
-
-/// `dx_b = col2im(Wᵀ · dy_b)` from the weights and the output gradient.
-struct InputGradient {
-    geometry: Geometry,
-}
-
-impl CustomOp2 for InputGradient {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col-input-gradient"
+        (dx, dw, db)
     }
 
-    fn cpu_fwd(
+    /// From sample `b`'s gradient at the output: `dw += dz · cols(x_b)ᵀ`, and its input
+    /// gradient into `dx_b` when needed (through the flipped-kernel convolution where it
+    /// applies, else by scattering `Wᵀ · dz`); `cols` is scratch space.
+    fn sample(
         &self,
-        ws: &CpuStorage,
-        wl: &Layout,
-        dys: &CpuStorage,
-        dyl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
-        let w_t = MatRef::row_major(
-            contiguous_f32(ws, wl, "the weights")?,
-            g.out_channels,
-            g.patch(),
-        )
-        .t();
-        let dy = contiguous_f32(dys, dyl, "the output gradient")?;
-        let mut dx = written_zeros(g.batch * g.input_len());
-        if !dx.is_empty() {
-            dx.par_chunks_exact_mut(g.input_len())
-                .zip(dy.par_chunks_exact(g.output_len()))
-                .for_each(|(dx, dy)| {
-                    with_scratch(g.patch() * g.positions(), |cols| {
-                        let dy = MatRef::row_major(dy, g.out_channels, g.positions());
-                        matmul_into(cols, false, w_t, dy);
-                        g.col2im(cols, dx);
-                    })
-                });
+        b: usize,
+        dz: &[f32],
+        flipped: Option<&(Geometry, Vec<f32>)>,
+        cols: &mut [f32],
+        dw: &mut [f32],
+        dx_b: &mut [f32],
+    ) {
+        let g = &self.g;
+        g.im2col(&self.x[b * g.input_len()..][..g.input_len()], cols);
+        let dz = MatRef::row_major(dz, g.out_channels, g.positions());
+        let cols_t = MatRef::row_major(cols, g.patch(), g.positions()).t();
+        matmul_into(dw, true, dz, cols_t);
+        if !self.need_dx {
+            return;
         }
-        let shape = Shape::from((g.batch, g.channels, g.height, g.width));
-        Ok((CpuStorage::F32(dx), shape))
+        match flipped {
+            Some((gt, flipped)) => {
+                let cols = &mut cols[..gt.patch() * gt.positions()];
+                gt.im2col(dz.data, cols);
+                matmul_into(
+                    dx_b,
+                    false,
+                    MatRef::row_major(flipped, g.channels, gt.patch()),
+                    MatRef::row_major(cols, gt.patch(), gt.positions()),
+                );
+            }
+            None => {
+                let w = MatRef::row_major(self.w, g.out_channels, g.patch());
+                matmul_into(cols, false, w.t(), dz);
+                g.col2im(cols, dx_b);
+            }
+        }
+    }
+
+    /// The gradients as tensors for a custom op's backward pass: input (when wanted),
+    /// weights, bias.
+    pub(crate) fn tensors(
+        &self,
+        (dx, dw, db): ConvGradients,
+        device: &candle_core::Device,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = &self.g;
+        let dx = self
+            .need_dx
+            .then(|| Tensor::from_vec(dx, (g.batch, g.channels, g.height, g.width), device))
+            .transpose()?;
+        let w_shape = (g.out_channels, g.channels, g.kernel_h, g.kernel_w);
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w_shape, device)?),
+            Some(Tensor::from_vec(db, g.out_channels, device)?),
+        ))
     }
 }
 

@@ -9,17 +9,13 @@
 //! that maximum is positive (where ReLU passes it), then takes the bias, weight and (when the
 //! input needs one) input gradients from that in-cache buffer, as [`crate::train::conv`] does.
 
-use crate::train::conv::Geometry;
+use crate::train::conv::{ConvBackward, Geometry};
 use crate::train::cpu_buffers::{with_cpu_f32, with_scratch, written_zeros};
 use crate::train::gemm::{MatRef, matmul_into};
 use crate::train::pool::{Window, max_pool_3x3_stride2};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
-
-/// Parts the batch's weight and bias gradients are summed in (fixed, so the bits do not
-/// depend on the thread count).
-const GRADIENT_PARTS: usize = 8;
 
 /// Pool window and stride.
 const POOL: (usize, usize) = (3, 2);
@@ -151,102 +147,48 @@ impl CustomOp3 for ConvReluPool {
             bail!("conv-relu-pool: no activations kept from a forward pass of this shape")
         }
         let d_pooled = d_pooled.contiguous()?;
-        // Data batches carry no gradient: the input's is computed only when it is needed.
-        let need_dx = x.track_op();
-        let per_part = g.batch.div_ceil(GRADIENT_PARTS).max(1);
-        let mut dx = written_zeros(if need_dx { g.batch * g.input_len() } else { 0 });
-        let parts: Vec<(Vec<f32>, Vec<f32>)> = with_cpu_f32(x, "the input", |x| {
-            with_cpu_f32(w, "the weights", |w| {
+        with_cpu_f32(x, "the input", |xs| {
+            with_cpu_f32(w, "the weights", |ws| {
                 with_cpu_f32(pooled, "the output", |pooled| {
                     with_cpu_f32(&d_pooled, "the output gradient", |d_pooled| {
-                        let inputs = BackwardInputs {
+                        let backward = ConvBackward {
+                            g,
+                            x: xs,
+                            w: ws,
+                            // Data batches carry no gradient: the input's is computed only
+                            // when it is needed.
+                            need_dx: x.track_op(),
+                        };
+                        let routing = Routing {
                             g,
                             win,
-                            x,
-                            w,
+                            activations: &activations,
                             pooled,
                             d_pooled,
-                            activations: &activations,
-                            flipped: g.input_gradient_convolution(w).filter(|_| need_dx),
-                            need_dx,
                         };
-                        // Each part owns its samples' input gradients (none when not needed).
-                        let mut dx_parts: Vec<&mut [f32]> =
-                            dx.chunks_mut((per_part * g.input_len()).max(1)).collect();
-                        dx_parts.resize_with(g.batch.div_ceil(per_part), Default::default);
-                        Ok(dx_parts
-                            .into_par_iter()
-                            .enumerate()
-                            .map(|(part, dx_part)| {
-                                let samples = part * per_part..((part + 1) * per_part).min(g.batch);
-                                inputs.part(samples, dx_part)
-                            })
-                            .collect())
+                        let grads = backward.run(|b, dz, db| routing.to_maxima(b, dz, db));
+                        backward.tensors(grads, x.device())
                     })
                 })
             })
-        })?;
-        let mut dw = written_zeros(g.out_channels * g.patch());
-        let mut db = written_zeros(g.out_channels);
-        for (part_dw, part_db) in &parts {
-            dw.iter_mut().zip(part_dw).for_each(|(sum, v)| *sum += v);
-            db.iter_mut().zip(part_db).for_each(|(sum, v)| *sum += v);
-        }
-        let device = x.device();
-        let w_shape = (g.out_channels, g.channels, g.kernel_h, g.kernel_w);
-        let dx = need_dx
-            .then(|| Tensor::from_vec(dx, (g.batch, g.channels, g.height, g.width), device))
-            .transpose()?;
-        Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w_shape, device)?),
-            Some(Tensor::from_vec(db, g.out_channels, device)?),
-        ))
+        })
     }
 }
 
-/// What the backward pass reads, borrowed from the op's tensors.
-struct BackwardInputs<'a> {
+/// What routes the pooled gradients back to the convolution's output.
+struct Routing<'a> {
     g: Geometry,
     win: Window,
-    x: &'a [f32],
-    w: &'a [f32],
+    activations: &'a [f32],
     pooled: &'a [f32],
     d_pooled: &'a [f32],
-    activations: &'a [f32],
-    /// The input gradient's own convolution (geometry, flipped kernel), where it applies.
-    flipped: Option<(Geometry, Vec<f32>)>,
-    need_dx: bool,
 }
 
-impl BackwardInputs<'_> {
-    /// The weight and bias gradients summed over `samples`, whose input gradients are
-    /// written to `dx_part` (empty when the input needs none).
-    fn part(&self, samples: std::ops::Range<usize>, dx_part: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
-        let g = &self.g;
-        let mut dw = written_zeros(g.out_channels * g.patch());
-        let mut db = written_zeros(g.out_channels);
-        let cols_len = match &self.flipped {
-            Some((gt, _)) => gt.patch() * gt.positions(),
-            None => 0,
-        }
-        .max(g.patch() * g.positions());
-        let dx_len = if self.need_dx { g.input_len() } else { 0 };
-        with_scratch(cols_len + g.output_len(), |scratch| {
-            let (cols, dz) = scratch.split_at_mut(cols_len);
-            for (i, b) in samples.enumerate() {
-                self.route_to_maxima(b, dz, &mut db);
-                let dx_b = &mut dx_part[i * dx_len..][..dx_len];
-                self.sample_gradients(b, dz, cols, &mut dw, dx_b);
-            }
-        });
-        (dw, db)
-    }
-
+impl Routing<'_> {
     /// Sample `b`'s gradient before ReLU into `dz` `[O, out_h·out_w]`: each pooled gradient
     /// at its window's first maximum where that maximum is positive (elsewhere ReLU passes
     /// nothing), added per channel to `db`.
-    fn route_to_maxima(&self, b: usize, dz: &mut [f32], db: &mut [f32]) {
+    fn to_maxima(&self, b: usize, dz: &mut [f32], db: &mut [f32]) {
         let (g, win) = (&self.g, &self.win);
         let pooled_len = g.out_channels * win.out_plane();
         let act = &self.activations[b * g.output_len()..][..g.output_len()];
@@ -264,43 +206,6 @@ impl BackwardInputs<'_> {
                         *db += d_out[k];
                     }
                 }
-            }
-        }
-    }
-
-    /// From sample `b`'s gradient before ReLU: `dw += dz · cols(x_b)ᵀ`, and its input
-    /// gradient into `dx_b` when needed; `cols` is scratch space.
-    fn sample_gradients(
-        &self,
-        b: usize,
-        dz: &[f32],
-        cols: &mut [f32],
-        dw: &mut [f32],
-        dx_b: &mut [f32],
-    ) {
-        let g = &self.g;
-        g.im2col(&self.x[b * g.input_len()..][..g.input_len()], cols);
-        let dz = MatRef::row_major(dz, g.out_channels, g.positions());
-        let cols_t = MatRef::row_major(cols, g.patch(), g.positions()).t();
-        matmul_into(dw, true, dz, cols_t);
-        if !self.need_dx {
-            return;
-        }
-        match &self.flipped {
-            Some((gt, flipped)) => {
-                let cols = &mut cols[..gt.patch() * gt.positions()];
-                gt.im2col(dz.data, cols);
-                matmul_into(
-                    dx_b,
-                    false,
-                    MatRef::row_major(flipped, g.channels, gt.patch()),
-                    MatRef::row_major(cols, gt.patch(), gt.positions()),
-                );
-            }
-            None => {
-                let w = MatRef::row_major(self.w, g.out_channels, g.patch());
-                matmul_into(cols, false, w.t(), dz);
-                g.col2im(cols, dx_b);
             }
         }
     }
