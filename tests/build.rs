@@ -52,13 +52,13 @@ fn main() {
 }
 
 /// A component that exports the policy interface under the previous contract version,
-/// 1.0.0 (functions that only trap).
+/// 2.0.0 (functions that only trap).
 fn wrong_version_component(root: &Path) -> Vec<u8> {
     let wit_path = root.join("sdk/wit/policy.wit");
     let wit = std::fs::read_to_string(&wit_path).expect("read the contract");
     let other = wit.replace(
+        "package weightgrad:policy@3.0.0;",
         "package weightgrad:policy@2.0.0;",
-        "package weightgrad:policy@1.0.0;",
     );
     assert_ne!(
         wit, other,
@@ -67,7 +67,7 @@ fn wrong_version_component(root: &Path) -> Vec<u8> {
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve
         .push_str(&wit_path, &other)
-        .expect("parse the 1.0.0 contract");
+        .expect("parse the 2.0.0 contract");
     let world = resolve
         .select_world(&[package], Some("guest"))
         .expect("the guest world");
@@ -79,6 +79,6 @@ fn wrong_version_component(root: &Path) -> Vec<u8> {
         world,
         wit_component::StringEncoding::UTF8,
     )
-    .expect("embed the 1.0.0 metadata");
-    weightgrad_sdk_build::componentize(&module).expect("encode the 1.0.0 fixture")
+    .expect("embed the 2.0.0 metadata");
+    weightgrad_sdk_build::componentize(&module).expect("encode the 2.0.0 fixture")
 }

@@ -4,6 +4,7 @@
 //! codec ([`codec`], re-exported from `weightgrad-codec`) and the `weightgrad` CLI ([`cli`]).
 
 pub mod admin;
+pub mod alloc_tuning;
 pub mod atomic_file;
 pub mod bench;
 pub mod cli;

@@ -4,6 +4,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    weightgrad::alloc_tuning::keep_freed_memory();
     let cli = weightgrad::cli::Cli::parse();
     // Logs go to stderr; WEIGHTGRAD_LOG (tracing's filter syntax) overrides the default.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIGHTGRAD_LOG")

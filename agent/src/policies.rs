@@ -52,3 +52,85 @@ pub fn builtin(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
         )),
     }
 }
+
+/// A built-in policy, or for the bench a variant of the weightgrad policy with its knobs
+/// changed: `weightgrad:every=N:budget=F:bits=B:tau=F` (any of them, in any order; the
+/// rest keep their defaults). Variants run natively in the simulator only: to deploy one,
+/// write it as a policy (`weightgrad policy new mine --from weightgrad`).
+pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
+    let Some(knobs) = name.strip_prefix("weightgrad:") else {
+        return builtin(name);
+    };
+    let mut p = WeightGrad::default();
+    for knob in knobs.split(':') {
+        let (key, value) = knob
+            .split_once('=')
+            .ok_or_else(|| format!("{name:?}: {knob:?} is not KNOB=VALUE"))?;
+        let bad = |what: &str| format!("{name:?}: {key}={value:?} is not {what}");
+        match key {
+            "every" => {
+                p.sync_every = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad("a positive integer"))?
+            }
+            "budget" => {
+                p.weight_budget = value
+                    .parse()
+                    .ok()
+                    .filter(|f: &f32| *f > 0.0 && *f <= 1.0)
+                    .ok_or_else(|| bad("a fraction in (0, 1]"))?
+            }
+            "bits" => {
+                p.weight_bits = value
+                    .parse()
+                    .ok()
+                    .filter(|b| matches!(b, 1..=8 | 16 | 32))
+                    .ok_or_else(|| bad("1..8, 16 or 32"))?
+            }
+            "tau" => {
+                p.tau0 = value
+                    .parse()
+                    .ok()
+                    .filter(|t: &f32| t.is_finite() && *t >= 0.0)
+                    .ok_or_else(|| bad("a threshold >= 0"))?
+            }
+            _ => {
+                return Err(format!(
+                    "{name:?}: unknown knob {key:?}; the weightgrad policy's are every, budget, \
+                     bits and tau"
+                ));
+            }
+        }
+    }
+    Ok(Box::new(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weightgrad_variants_change_only_the_knobs_named() {
+        let input = weightgrad_sdk::golden_input();
+        let default = builtin("weightgrad").unwrap().decide(&input);
+        let same = builtin_or_variant("weightgrad:every=3")
+            .unwrap()
+            .decide(&input);
+        assert_eq!(default, same);
+        let wider = builtin_or_variant("weightgrad:budget=0.5:bits=4")
+            .unwrap()
+            .decide(&input);
+        let weight_plan = &wider.links[0].tensors[0];
+        assert_eq!((weight_plan.bits, weight_plan.top_fraction), (4, 0.5));
+        for bad in [
+            "weightgrad:every=0",
+            "weightgrad:speed=2",
+            "weightgrad:bits",
+            "gaia:every=2",
+        ] {
+            assert!(builtin_or_variant(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -176,7 +176,7 @@ pub const CATALOGUE: &[MetricDef] = &[
         BITS_CHOSEN,
         Histogram,
         ["peer", "kind"],
-        "Bit-width the policy chose per tensor and round for tensors it sent (kind: weight or bias)",
+        "Bit-width the policy chose per tensor and round for tensors it sent (kind: the tensor's role: weight, bias, embedding, attention or norm)",
         BITS
     ),
     metric!(

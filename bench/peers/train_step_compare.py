@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """CPU training steps of this project against PyTorch's, both measured in one run.
 
-Runs `cargo bench -p weightgrad --bench train_step` for the digits MLP and the CIFAR-10 CNN
-(criterion's median of each, read from target/criterion), then the same models, batch and
+Runs `cargo bench -p weightgrad --bench train_step` for the digits MLP, the CIFAR-10 CNN, the
+residual CNN and the transformer (criterion's median of each, read from target/criterion),
+then the same models, batch and
 thread count in PyTorch (`train_step_torch.py`, imported), and prints a markdown table of
 milliseconds and the ratio candle / PyTorch for the forward pass and the training step.
 
@@ -24,7 +25,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step_torch  # noqa: E402
 
-GROUPS = {"mlp-digits-b64": "digits MLP 64-256-10", "cnn-cifar-b64": "CIFAR-10 CNN"}
+GROUPS = {
+    "mlp-digits-b64": "digits MLP 64-256-10",
+    "cnn-cifar-b64": "CIFAR-10 CNN",
+    "resnet16-cifar-b64": "residual CNN resnet:16 (CIFAR-10 shape)",
+    "transformer-2x64-b32x64": "transformer 2x64, 32 windows of 64 bytes",
+}
 STEPS = {"forward (baseline)": "forward_ms", "train step": "train_step_ms"}
 
 
@@ -59,9 +65,15 @@ def main() -> None:
         "cnn-cifar-b64": train_step_torch.measure(
             "cnn-cifar-b64", train_step_torch.cnn(), (3, 32, 32), torch_args
         ),
+        "resnet16-cifar-b64": train_step_torch.measure(
+            "resnet16-cifar-b64", train_step_torch.resnet(), (3, 32, 32), torch_args
+        ),
+        "transformer-2x64-b32x64": train_step_torch.measure_transformer(
+            "transformer-2x64-b32x64", torch_args
+        ),
     }
     root = pathlib.Path(args.target_dir)
-    print(f"\ntorch {train_step_torch.torch.__version__}, {args.threads} threads, batch 64\n")
+    print(f"\ntorch {train_step_torch.torch.__version__}, {args.threads} threads\n")
     print("| model | step | candle (this project) | PyTorch | candle / PyTorch |")
     print("| --- | --- | ---: | ---: | ---: |")
     for group, label in GROUPS.items():

@@ -20,6 +20,9 @@ fn role(r: t::TensorRole) -> crate::TensorRole {
     match r {
         t::TensorRole::Weight => crate::TensorRole::Weight,
         t::TensorRole::Bias => crate::TensorRole::Bias,
+        t::TensorRole::Embedding => crate::TensorRole::Embedding,
+        t::TensorRole::Attention => crate::TensorRole::Attention,
+        t::TensorRole::Norm => crate::TensorRole::Norm,
     }
 }
 
@@ -122,7 +125,7 @@ pub fn info_to_wit(i: crate::PolicyInfo) -> t::PolicyInfo {
 }
 
 /// Exports a policy type (implementing [`crate::Policy`] and [`Default`]) as the
-/// component's `weightgrad:policy/policy@2.0.0` interface. Use it once per policy crate,
+/// component's `weightgrad:policy/policy@3.0.0` interface. Use it once per policy crate,
 /// under `#[cfg(target_arch = "wasm32")]`.
 #[macro_export]
 macro_rules! export_policy {

@@ -18,10 +18,10 @@ pub mod guest;
 pub const WIT: &str = include_str!("../wit/policy.wit");
 
 /// The WIT package and version policies must export.
-pub const CONTRACT: &str = "weightgrad:policy@2.0.0";
+pub const CONTRACT: &str = "weightgrad:policy@3.0.0";
 
 /// The interface a policy component exports, as the component model names it.
-pub const EXPORT: &str = "weightgrad:policy/policy@2.0.0";
+pub const EXPORT: &str = "weightgrad:policy/policy@3.0.0";
 
 /// What role a tensor plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -31,6 +31,33 @@ pub enum TensorRole {
     Weight,
     /// Bias vector.
     Bias,
+    /// Lookup table (token or position embedding): a step changes only the rows it read,
+    /// so its updates are sparse.
+    Embedding,
+    /// Attention projection (queries, keys and values, or the output).
+    Attention,
+    /// A normalization's gain or shift: a small vector the model is sensitive to.
+    Norm,
+}
+
+impl TensorRole {
+    /// True for the matrices (weights, embeddings, attention projections); false for the
+    /// per-channel vectors (biases, norms), which are small and usually sent whole.
+    pub fn is_matrix(self) -> bool {
+        matches!(self, Self::Weight | Self::Embedding | Self::Attention)
+    }
+
+    /// The role's name as the contract spells it (`weight`, `bias`, `embedding`,
+    /// `attention`, `norm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Weight => "weight",
+            Self::Bias => "bias",
+            Self::Embedding => "embedding",
+            Self::Attention => "attention",
+            Self::Norm => "norm",
+        }
+    }
 }
 
 /// The round being planned.

@@ -122,7 +122,21 @@ fn bad_bench_options_are_named() {
     let out = weightgrad(&["bench", "--policies", "nope", "--epochs", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy \"nope\""));
     let out = weightgrad(&["bench", "--target-accuracy", "95"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a fraction"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"95\" is neither a fraction in 0..=1 nor full-sync"),
+        "{err}"
+    );
+    // A language model needs text, and text a language model.
+    let out = weightgrad(&["bench", "--model", "transformer:1,8,2,8", "--epochs", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is a language model"),
+        "{err}"
+    );
+    let out = weightgrad(&["bench", "--policies", "weightgrad:speed=2", "--epochs", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown knob \"speed\""), "{err}");
 }
 
 /// Two well-separated classes in four features, `rows` rows with a header.

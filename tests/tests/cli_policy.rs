@@ -35,7 +35,7 @@ fn unfit_files_exit_non_zero_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
-        err.contains("junk.wasm") && err.contains("not a valid weightgrad:policy@2.0.0 component"),
+        err.contains("junk.wasm") && err.contains("not a valid weightgrad:policy@3.0.0 component"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");

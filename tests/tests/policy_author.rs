@@ -217,7 +217,7 @@ fn policy_build_refuses_what_an_agent_would_refuse_and_says_why() {
     );
     refused_after(
         &dir.join("weightgrad-sdk/wit/policy.wit"),
-        "package weightgrad:policy@2.0.0;",
+        "package weightgrad:policy@3.0.0;",
         "package weightgrad:policy@1.0.0;",
         "contract version 1.0.0",
     );

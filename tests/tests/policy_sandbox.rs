@@ -42,11 +42,14 @@ fn random_input(rng: &mut ChaCha8Rng) -> PolicyInput {
                 tensors: (0..tensors)
                     .map(|t| TensorStats {
                         numel: rng.random_range(1..1 << 20),
-                        role: if t % 2 == 0 {
-                            TensorRole::Weight
-                        } else {
-                            TensorRole::Bias
-                        },
+                        // Every role crosses the sandbox's boundary.
+                        role: [
+                            TensorRole::Weight,
+                            TensorRole::Bias,
+                            TensorRole::Embedding,
+                            TensorRole::Attention,
+                            TensorRole::Norm,
+                        ][t % 5],
                         update_l2: rng.random_range(0.0..10.0),
                         weight_l2: rng.random_range(0.0..10.0),
                         max_relative: rng.random_range(0.0..5.0),
@@ -206,17 +209,17 @@ fn bad_components_are_refused_and_nothing_changes() {
     // An empty component: valid WebAssembly that exports nothing.
     let empty_component = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
     let err = rt.swap(&empty_component).unwrap_err().to_string();
-    assert!(err.contains("weightgrad:policy@2.0.0"), "{err}");
-    // A component of the previous contract version, 1.0.0: refused by version, before any call.
+    assert!(err.contains("weightgrad:policy@3.0.0"), "{err}");
+    // A component of the previous contract version, 2.0.0: refused by version, before any call.
     let err = rt
         .swap(weightgrad_tests::guests::WRONG_VERSION)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("not a valid weightgrad:policy@2.0.0 component"),
+        err.contains("not a valid weightgrad:policy@3.0.0 component"),
         "{err}"
     );
-    assert!(err.contains("policy/policy@2.0.0"), "{err}");
+    assert!(err.contains("policy/policy@3.0.0"), "{err}");
     // Oversized.
     let small = Sandbox::new(SandboxLimits {
         max_component_bytes: 1000,

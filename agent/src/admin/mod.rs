@@ -7,9 +7,8 @@ pub mod auth;
 use crate::node::status::{Status, now_rfc3339};
 use crate::policy::{CompiledPolicy, PolicyFailure, PolicyRuntime};
 use auth::Token;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::handler::Handler;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -161,27 +160,49 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     }
 }
 
+/// How far past the limit an oversized policy body is still read (and dropped) before the
+/// 413: a client that writes its whole body before reading the answer (most do, without
+/// `Expect: 100-continue`) then reads the refusal instead of a reset connection.
+const OVERSIZED_DRAIN_BYTES: usize = 64 << 20;
+
+/// The request body if it holds at most `limit` bytes; otherwise a 413, sent once the body
+/// has been read to its end (or [`OVERSIZED_DRAIN_BYTES`] past the limit).
+async fn read_policy_body(mut body: Body, limit: usize) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > limit.saturating_add(OVERSIZED_DRAIN_BYTES) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the policy exceeds the {limit}-byte limit"),
+        ));
+    }
+    Ok(Bytes::from(kept))
+}
+
 /// Behind [`require_token`].
 async fn push_policy(
     State(s): State<Arc<AdminState>>,
     uri: axum::http::Uri,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let force = forced(&uri);
-    // The body limit's refusal, as JSON like every other error.
-    let body = match body {
+    let body = match read_policy_body(body, s.max_body).await {
         Ok(b) => b,
-        Err(e) => {
-            let status = e.status();
-            return error(
-                status,
-                if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    format!("the policy exceeds the {}-byte limit", s.max_body)
-                } else {
-                    format!("unreadable body: {e}")
-                },
-            );
-        }
+        Err(refusal) => return refusal,
     };
     if body.is_empty() {
         return error(
@@ -258,4 +279,27 @@ pub async fn serve(listen: std::net::SocketAddr, state: Arc<AdminState>) -> anyh
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_policy_body_over_the_limit_is_refused_with_413() {
+        let ok = read_policy_body(Body::from(vec![7u8; 1000]), 1000)
+            .await
+            .unwrap();
+        assert_eq!(ok.len(), 1000);
+        // The end-to-end side (the sender still writing when the answer comes) is
+        // tests/tests/agent_admin.rs's 9 MiB push.
+        let refused = read_policy_body(Body::from(vec![7u8; 1001]), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let far_over = read_policy_body(Body::from(vec![7u8; 70 << 20]), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(far_over.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }

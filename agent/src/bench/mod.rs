@@ -7,7 +7,7 @@ pub mod real;
 pub mod seeds;
 
 use crate::lan::RegionTrainer;
-use crate::policies::{builtin, merge_mode_for};
+use crate::policies::{builtin_or_variant, merge_mode_for};
 use crate::sim::{EvalPoint, LinkDrop, SimConfig, SimReport, run, topology::Topology};
 use crate::train::dataset::{DataSource, ShardStrategy};
 use crate::train::schedule::LrSchedule;
@@ -61,9 +61,11 @@ pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
 }
 
 /// The model a data set is benchmarked with unless another is named: the CIFAR CNN on
-/// CIFAR-10, logistic regression on a CSV, the MLP on digits and other IDX image sets.
+/// CIFAR-10, logistic regression on a CSV, the MLP on digits and other IDX image sets, the
+/// default transformer (its context the window) on text.
 pub fn default_model(source: &DataSource) -> ModelSpec {
     match source {
+        DataSource::Text { window, .. } => ModelSpec::default_transformer(*window),
         DataSource::Cifar10 { .. } => ModelSpec::Cnn,
         DataSource::Csv { .. } => ModelSpec::Logreg,
         DataSource::Digits | DataSource::Idx { .. } => ModelSpec::default_mlp(),
@@ -87,6 +89,8 @@ pub struct BenchSetup {
     pub compute_seconds_per_step: f64,
     /// The staleness bounds every policy runs at.
     pub staleness_bounds: Vec<u64>,
+    /// Whether the model is a language model (its rows then report perplexity).
+    pub language_model: bool,
 }
 
 impl BenchSetup {
@@ -114,6 +118,7 @@ impl BenchSetup {
             fp32_bytes: params * 4,
             compute_seconds_per_step: cfg.compute_s,
             staleness_bounds: staleness_bounds.to_vec(),
+            language_model: cfg.model.is_language_model(),
         })
     }
 }
@@ -126,8 +131,16 @@ pub struct PolicyResult {
     pub policy: String,
     /// The staleness bound this run used (none for LAN-only, which has no WAN).
     pub max_staleness: Option<u64>,
-    /// Final top-1, lowest region.
+    /// Final top-1, lowest region (per token for a language model).
     pub final_accuracy: f64,
+    /// Final test loss, highest region (per token for a language model; its perplexity is
+    /// `exp` of it).
+    pub final_loss: f64,
+    /// This run's final perplexity over full-sync's at the same bound (language models).
+    pub perplexity_vs_full_sync: Option<f64>,
+    /// full-sync's whole-run WAN bytes (same bound, same number of rounds) over this run's:
+    /// the saving at equal steps.
+    pub whole_run_wan_bytes_vs_full_sync: Option<f64>,
     /// Whether every region reached the target at some evaluation.
     pub reached_target: bool,
     /// WAN bytes spent by the first evaluation at which every region had the target.
@@ -165,8 +178,10 @@ pub struct BenchReport {
     pub scenario: String,
     /// Data set, model and compute cost.
     pub setup: BenchSetup,
-    /// Target top-1.
+    /// Target top-1 (with a full-sync target, full-sync's final top-1 at the first bound).
     pub target_accuracy: f64,
+    /// Whether the target is full-sync's final top-1 (at each run's bound) rather than fixed.
+    pub target_is_full_sync_final: bool,
     /// Seed.
     pub seed: u64,
     /// Rounds per run.
@@ -185,6 +200,13 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
             .iter()
             .map(|r| r.test_accuracy)
             .fold(1.0, f64::min),
+        final_loss: report
+            .regions
+            .iter()
+            .map(|r| r.test_loss)
+            .fold(f64::NEG_INFINITY, f64::max),
+        perplexity_vs_full_sync: None,
+        whole_run_wan_bytes_vs_full_sync: None,
         reached_target: at.is_some(),
         wan_bytes_to_target: at.map(|p| p.wan_bytes),
         virtual_seconds_to_target: at.map(|p| p.virtual_seconds),
@@ -257,6 +279,34 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
     })
 }
 
+/// The accuracy a run's time and bytes to target are measured to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BenchTarget {
+    /// This top-1 (a fraction) in every region.
+    Accuracy(f64),
+    /// The final top-1 (lowest region) of full-sync at the same bound in the same run:
+    /// what it costs each policy to match full-sync's result. LAN-only is measured to the
+    /// first bound's.
+    FullSyncFinal,
+}
+
+impl std::str::FromStr for BenchTarget {
+    type Err = String;
+
+    /// A fraction in `0..=1`, or `full-sync`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "full-sync" {
+            return Ok(Self::FullSyncFinal);
+        }
+        match s.parse::<f64>() {
+            Ok(t) if (0.0..=1.0).contains(&t) => Ok(Self::Accuracy(t)),
+            _ => Err(format!(
+                "{s:?} is neither a fraction in 0..=1 nor full-sync (its final top-1)"
+            )),
+        }
+    }
+}
+
 /// What a bench compares: which policies, at which staleness bounds, to which target.
 #[derive(Debug, Clone)]
 pub struct BenchPlan {
@@ -268,7 +318,7 @@ pub struct BenchPlan {
     /// the slowest peer).
     pub staleness_bounds: Vec<u64>,
     /// Top-1 every region must reach.
-    pub target: f64,
+    pub target: BenchTarget,
     /// Runs at a time. Each run is deterministic and independent of the others, so the
     /// figures do not depend on this.
     pub jobs: usize,
@@ -301,7 +351,7 @@ pub fn run_all(
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<BenchReport> {
     for p in &plan.policies {
-        builtin(p).map_err(anyhow::Error::msg)?;
+        builtin_or_variant(p).map_err(anyhow::Error::msg)?;
     }
     if plan.staleness_bounds.is_empty() {
         bail!("a bench needs at least one staleness bound");
@@ -327,7 +377,7 @@ pub fn run_all(
             progress(&label, 0, 1);
             return lan_only(cfg, data);
         };
-        let policy = builtin(&job.policy).map_err(anyhow::Error::msg)?;
+        let policy = builtin_or_variant(&job.policy).map_err(anyhow::Error::msg)?;
         let mut c = cfg.clone();
         c.sync.merge = merge_mode_for(&job.policy);
         c.sync.max_staleness = bound;
@@ -338,20 +388,43 @@ pub fn run_all(
     };
     let reports = run_parallel(&jobs, plan.jobs, &run_job)?;
     let rounds = reports.first().map_or(0, |r| r.rounds);
+    // Each run's target: fixed, or full-sync's final top-1 at the run's bound.
+    let lowest = |r: &SimReport| {
+        r.regions
+            .iter()
+            .map(|g| g.test_accuracy)
+            .fold(1.0, f64::min)
+    };
+    let full_sync_final = |bound: Option<u64>| {
+        let bound = bound.or(plan.staleness_bounds.first().copied());
+        jobs.iter()
+            .zip(&reports)
+            .find(|(j, _)| j.policy == "full-sync" && j.bound == bound)
+            .map(|(_, r)| lowest(r))
+    };
+    let target_of = |job: &Job| -> Result<f64> {
+        match plan.target {
+            BenchTarget::Accuracy(t) => Ok(t),
+            BenchTarget::FullSyncFinal => full_sync_final(job.bound)
+                .context("the target full-sync needs full-sync among the policies"),
+        }
+    };
     let mut results: Vec<PolicyResult> = jobs
         .iter()
         .zip(&reports)
         .map(|(job, report)| {
-            let mut r = result_from(&job.label(several), report, plan.target);
+            let mut r = result_from(&job.label(several), report, target_of(job)?);
             r.max_staleness = job.bound;
-            r
+            Ok(r)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     fill_ratios(&mut results, &jobs);
+    let lan_only = jobs.last().expect("the LAN-only job is always there");
     Ok(BenchReport {
         scenario: plan.scenario.clone(),
         setup,
-        target_accuracy: plan.target,
+        target_accuracy: target_of(lan_only)?,
+        target_is_full_sync_final: plan.target == BenchTarget::FullSyncFinal,
         seed: cfg.seed,
         rounds,
         results,
@@ -416,18 +489,20 @@ fn fill_ratios(results: &mut [PolicyResult], jobs: &[Job]) {
     let fastest_full = full_sync()
         .filter_map(|(_, r)| Some((r, to_target(r)?)))
         .min_by(|a, b| a.1.1.total_cmp(&b.1.1));
-    // Each row's full-sync baseline (its name, and its bytes and time to target if it got
-    // there): at the row's bound, or the fastest for LAN-only.
-    type Baseline = (String, Option<(u64, f64)>);
-    let baselines: Vec<Option<Baseline>> = jobs
-        .iter()
-        .map(|j| match j.bound {
-            Some(b) => full_sync()
-                .find(|(f, _)| f.bound == Some(b))
-                .map(|(_, r)| (r.policy.clone(), to_target(r))),
-            None => fastest_full.map(|(r, at)| (r.policy.clone(), Some(at))),
-        })
-        .collect();
+    // Each row's full-sync baseline (its name, its bytes and time to target if it got
+    // there, its final loss and its whole-run bytes): at the row's bound, or the fastest for
+    // LAN-only.
+    type Baseline = (String, Option<(u64, f64)>, f64, u64);
+    let baselines: Vec<Option<Baseline>> =
+        jobs.iter()
+            .map(|j| match j.bound {
+                Some(b) => full_sync()
+                    .find(|(f, _)| f.bound == Some(b))
+                    .map(|(_, r)| (r.policy.clone(), to_target(r), r.final_loss, r.wan_bytes)),
+                None => fastest_full
+                    .map(|(r, at)| (r.policy.clone(), Some(at), r.final_loss, r.wan_bytes)),
+            })
+            .collect();
     let fastest_full = fastest_full.map(|(_, at)| at);
     let lan_time = jobs
         .iter()
@@ -435,8 +510,13 @@ fn fill_ratios(results: &mut [PolicyResult], jobs: &[Job]) {
         .find(|(j, _)| j.bound.is_none())
         .and_then(|(_, r)| r.virtual_seconds_to_target);
     for (r, baseline) in results.iter_mut().zip(baselines) {
-        let full = baseline.as_ref().and_then(|(_, at)| *at);
-        r.full_sync_baseline = baseline.map(|(name, _)| name);
+        let full = baseline.as_ref().and_then(|(_, at, _, _)| *at);
+        if let Some((_, _, loss, bytes)) = &baseline {
+            r.perplexity_vs_full_sync = Some((r.final_loss - loss).exp());
+            r.whole_run_wan_bytes_vs_full_sync =
+                (r.wan_bytes > 0).then(|| *bytes as f64 / r.wan_bytes as f64);
+        }
+        r.full_sync_baseline = baseline.map(|(name, _, _, _)| name);
         let Some((w, t)) = to_target(r) else { continue };
         if let Some((fw, ft)) = full {
             r.wan_bytes_vs_full_sync = (w > 0).then(|| fw as f64 / w as f64);
@@ -462,7 +542,7 @@ pub fn markdown(report: &BenchReport) -> String {
     let bounds: Vec<String> = w.staleness_bounds.iter().map(ToString::to_string).collect();
     let mut out = format!(
         "Scenario `{}` on {}, model `{}` ({}, {} parameters, {} bytes in fp32), {:.1} ms of \
-         virtual compute per step, staleness {} {}; target top-1 {:.1}% (lowest region), seed {}, \
+         virtual compute per step, staleness {} {}; target top-1 {} (lowest region), seed {}, \
          {} rounds per run.\n\n\
          | policy | final top-1 | reached | rounds to target | WAN bytes to target | virtual s to target | LAN bytes to target | WAN bytes: full-sync / this | speedup vs full-sync |{} time vs LAN-only |\n\
          | --- | ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: |{} ---: |\n",
@@ -475,7 +555,15 @@ pub fn markdown(report: &BenchReport) -> String {
         w.compute_seconds_per_step * 1e3,
         if several { "bounds" } else { "bound" },
         bounds.join(", "),
-        report.target_accuracy * 100.0,
+        if report.target_is_full_sync_final {
+            format!(
+                "full-sync's final, {:.2}%{}",
+                report.target_accuracy * 100.0,
+                if several { " at the first bound" } else { "" }
+            )
+        } else {
+            format!("{:.1}%", report.target_accuracy * 100.0)
+        },
         report.seed,
         report.rounds,
         if several {
@@ -485,6 +573,16 @@ pub fn markdown(report: &BenchReport) -> String {
         },
         if several { " ---: |" } else { "" },
     );
+    if w.language_model {
+        // Perplexity columns after the policy's name (top-1 is then per next token).
+        out = out.replacen(
+            "| policy | final top-1 |",
+            "| policy | final perplexity | perplexity: this / full-sync | whole-run WAN bytes: \
+             full-sync / this | final top-1 (next token) |",
+            1,
+        );
+        out = out.replacen("| --- | ---: |", "| --- | ---: | ---: | ---: | ---: |", 1);
+    }
     let ratio = |v: Option<f64>, digits: usize| opt(v.map(|v| format!("{v:.digits$}×")));
     for r in &report.results {
         let fastest = if several {
@@ -492,8 +590,18 @@ pub fn markdown(report: &BenchReport) -> String {
         } else {
             String::new()
         };
+        let perplexity = if w.language_model {
+            format!(
+                " {:.3} | {} | {} |",
+                r.final_loss.exp(),
+                opt(r.perplexity_vs_full_sync.map(|v| format!("{v:.4}"))),
+                ratio(r.whole_run_wan_bytes_vs_full_sync, 1)
+            )
+        } else {
+            String::new()
+        };
         out += &format!(
-            "| {} | {:.2}% | {} | {} | {} | {} | {} | {} | {} |{fastest} {} |\n",
+            "| {} |{perplexity} {:.2}% | {} | {} | {} | {} | {} | {} | {} |{fastest} {} |\n",
             r.policy,
             r.final_accuracy * 100.0,
             if r.reached_target { "yes" } else { "no" },
@@ -516,6 +624,7 @@ pub fn markdown(report: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policies::builtin;
     use crate::train::dataset::embedded_digits;
 
     #[test]
@@ -557,7 +666,7 @@ mod tests {
             scenario: "test".into(),
             policies: policies.iter().map(|p| p.to_string()).collect(),
             staleness_bounds: bounds.to_vec(),
-            target: 0.5,
+            target: BenchTarget::Accuracy(0.5),
             jobs,
         }
     }
@@ -595,6 +704,35 @@ mod tests {
         );
         assert!(md.contains("staleness bound 1;"), "{md}");
         assert!(!md.contains("fastest full-sync"), "{md}");
+
+        // To full-sync's own final top-1: full-sync gets there at its last evaluation.
+        let mut p = plan(&["full-sync", "weightgrad"], &[1], 1);
+        p.target = BenchTarget::FullSyncFinal;
+        let setup = BenchSetup::describe(&cfg, "digits", &data, &[1]).unwrap();
+        let to_final = run_all(&cfg, &p, setup, &data, &|_, _, _| {}).unwrap();
+        let full = &to_final.results[0];
+        assert_eq!(to_final.target_accuracy, full.final_accuracy);
+        assert!(full.reached_target);
+        assert!(markdown(&to_final).contains("target top-1 full-sync's final, "));
+        let refused = run_all(
+            &cfg,
+            &BenchPlan {
+                policies: vec!["weightgrad".into()],
+                ..p
+            },
+            BenchSetup::describe(&cfg, "digits", &data, &[1]).unwrap(),
+            &data,
+            &|_, _, _| {},
+        );
+        assert!(
+            refused.unwrap_err().to_string().contains("needs full-sync"),
+            "a full-sync target without full-sync is refused"
+        );
+        assert_eq!(
+            "full-sync".parse::<BenchTarget>(),
+            Ok(BenchTarget::FullSyncFinal)
+        );
+        assert!("1.5".parse::<BenchTarget>().is_err());
     }
 
     #[test]

@@ -135,6 +135,12 @@ fn data_keys(source: &DataSource) -> String {
             }
             t
         }
+        DataSource::Text { path, window } => {
+            format!(
+                "kind = \"text\"\npath = {}\nwindow = {window}\n",
+                toml_path(path)
+            )
+        }
     }
 }
 

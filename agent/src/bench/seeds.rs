@@ -56,6 +56,10 @@ pub struct SeedRow {
     pub seconds_to_target: Option<f64>,
     /// WAN bytes to the target, if reached.
     pub wan_bytes_to_target: Option<u64>,
+    /// A language model's final test loss per token, highest region (none for classifiers).
+    pub final_loss: Option<f64>,
+    /// WAN bytes over the whole run (none where not recorded).
+    pub wan_bytes: Option<u64>,
 }
 
 /// A simulated bench's rows, each with the full-sync row its own ratios compare with.
@@ -69,6 +73,8 @@ pub fn rows_of_report(report: &BenchReport) -> Vec<SeedRow> {
             final_accuracy: r.final_accuracy,
             seconds_to_target: r.virtual_seconds_to_target,
             wan_bytes_to_target: r.wan_bytes_to_target,
+            final_loss: report.setup.language_model.then_some(r.final_loss),
+            wan_bytes: Some(r.wan_bytes),
         })
         .collect()
 }
@@ -87,6 +93,8 @@ pub fn rows_of_real(checks: &[RealCheck]) -> Vec<SeedRow> {
             final_accuracy: c.real_accuracy,
             seconds_to_target: c.real_seconds_to_target,
             wan_bytes_to_target: c.real_wan_bytes_to_target,
+            final_loss: None,
+            wan_bytes: None,
         })
         .collect()
 }
@@ -112,6 +120,12 @@ pub struct SeedSummary {
     pub wan_bytes_vs_full_sync: Option<Spread>,
     /// full-sync's time to target over this one's, seed by seed where both reached it.
     pub speedup_vs_full_sync: Option<Spread>,
+    /// A language model's final validation perplexity.
+    pub final_perplexity: Option<Spread>,
+    /// Its final perplexity over full-sync's, seed by seed.
+    pub perplexity_vs_full_sync: Option<Spread>,
+    /// full-sync's whole-run WAN bytes over this one's, seed by seed.
+    pub whole_run_wan_bytes_vs_full_sync: Option<Spread>,
 }
 
 /// Each row name's summary over the seeds (`per_seed[i]` holds seed i's rows), in the
@@ -164,6 +178,14 @@ pub fn summarize(per_seed: &[Vec<SeedRow>]) -> Vec<SeedSummary> {
                 speedup_vs_full_sync: Spread::of(&values(&|r, b| {
                     ratio(b.and_then(|b| b.seconds_to_target), r.seconds_to_target)
                 })),
+                final_perplexity: Spread::of(&values(&|r, _| r.final_loss.map(f64::exp))),
+                perplexity_vs_full_sync: Spread::of(&values(&|r, b| {
+                    Some((r.final_loss? - b?.final_loss?).exp())
+                })),
+                whole_run_wan_bytes_vs_full_sync: Spread::of(&values(&|r, b| {
+                    let whole = |r: &SeedRow| r.wan_bytes.map(|b| b as f64);
+                    ratio(b.and_then(whole), whole(r))
+                })),
             }
         })
         .collect()
@@ -212,6 +234,29 @@ pub fn markdown(summaries: &[SeedSummary], seeds: &[u64], clock: &str) -> String
             pm(s.speedup_vs_full_sync, 1.0, 2, "×"),
         );
     }
+    if summaries.iter().any(|s| s.final_perplexity.is_some()) {
+        out += "\nValidation perplexity (per token, highest region), its ratio to full-sync's \
+                of the same seed, and full-sync's WAN bytes over the whole run (the same number \
+                of rounds) over this one's:\n\n\
+                | policy | final perplexity | perplexity: this / full-sync | whole-run WAN \
+                bytes: full-sync / this |\n\
+                | --- | ---: | ---: | ---: |\n";
+        for s in summaries {
+            let pm = |v: Option<Spread>, digits: usize, unit: &str| {
+                v.map_or_else(
+                    || "—".to_string(),
+                    |v| format!("{:.digits$}{unit} ± {:.digits$}", v.mean, v.std),
+                )
+            };
+            out += &format!(
+                "| {} | {} | {} | {} |\n",
+                s.policy,
+                pm(s.final_perplexity, 4, ""),
+                pm(s.perplexity_vs_full_sync, 4, ""),
+                pm(s.whole_run_wan_bytes_vs_full_sync, 1, "×")
+            );
+        }
+    }
     out
 }
 
@@ -226,7 +271,40 @@ mod tests {
             final_accuracy: acc,
             seconds_to_target: secs,
             wan_bytes_to_target: bytes,
+            final_loss: None,
+            wan_bytes: None,
         }
+    }
+
+    #[test]
+    fn perplexity_is_compared_with_full_sync_seed_by_seed() {
+        let lm = |policy: &str, loss: f64, bytes: u64| SeedRow {
+            final_loss: Some(loss),
+            wan_bytes: Some(bytes),
+            ..row(policy, 0.5, None, None)
+        };
+        let per_seed = vec![
+            vec![
+                lm("full-sync", 1.0, 1000),
+                lm("weightgrad", 1.0 + 1.02f64.ln(), 10),
+            ],
+            vec![lm("full-sync", 2.0, 3000), lm("weightgrad", 2.0, 60)],
+        ];
+        let s = summarize(&per_seed);
+        let ratio = s[1].perplexity_vs_full_sync.unwrap();
+        assert!((ratio.mean - 1.01).abs() < 1e-12, "{ratio:?}");
+        let perplexity = s[1].final_perplexity.unwrap();
+        assert!((perplexity.mean - (1.02 * 1f64.exp() + 2f64.exp()) / 2.0).abs() < 1e-9);
+        assert_eq!(s[1].whole_run_wan_bytes_vs_full_sync.unwrap().mean, 75.0);
+        let table = markdown(&s, &[0, 1], "virtual s");
+        assert!(
+            table.contains("| weightgrad | ") && table.contains("1.0100 ± "),
+            "{table}"
+        );
+        // Classifiers' rows carry no loss: no perplexity table.
+        let plain = summarize(&[vec![row("full-sync", 0.9, None, None)]]);
+        assert!(plain[0].final_perplexity.is_none());
+        assert!(!markdown(&plain, &[0], "s").contains("perplexity"));
     }
 
     #[test]

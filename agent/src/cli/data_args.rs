@@ -8,10 +8,10 @@ use std::path::PathBuf;
 /// Which data set to load (`--dataset`, `--data`, `--test-data`, `--label-column`).
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// Data set: digits (embedded), idx, mnist, fashion-mnist, cifar10 or csv.
+    /// Data set: digits (embedded), idx, mnist, fashion-mnist, cifar10, csv or text.
     #[arg(long, default_value = "digits")]
     dataset: String,
-    /// Directory (idx, cifar10) or file (csv) holding the data.
+    /// Directory (idx, cifar10) or file (csv, text) holding the data.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Test CSV; without it a seeded 20% of --data is held out.
@@ -20,6 +20,9 @@ pub struct DataArgs {
     /// CSV label column, by header name or zero-based index (default: last).
     #[arg(long)]
     label_column: Option<String>,
+    /// Bytes per sample of a text corpus (default 64); the transformer's context must hold it.
+    #[arg(long)]
+    window: Option<usize>,
 }
 
 impl DataArgs {
@@ -30,6 +33,7 @@ impl DataArgs {
             self.data.clone(),
             self.test_data.clone(),
             self.label_column.clone(),
+            self.window,
         )
         .map_err(anyhow::Error::msg)
     }

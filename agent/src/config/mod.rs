@@ -132,15 +132,17 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `digits` (embedded), `idx`, `cifar10` or `csv`.
+    /// `digits` (embedded), `idx`, `cifar10`, `csv` or `text`.
     #[serde(default = "default_data_kind")]
     pub kind: String,
-    /// Directory (idx, cifar10) or training CSV file.
+    /// Directory (idx, cifar10), training CSV file or text file.
     pub path: Option<PathBuf>,
     /// Test CSV (csv only; default: hold out 20% of `path`).
     pub test: Option<PathBuf>,
     /// Label column of a CSV (name or index; default: the last).
     pub label_column: Option<String>,
+    /// Bytes per sample of a text corpus (text only; default 64).
+    pub window: Option<usize>,
     /// Which shard of the data this region trains on.
     #[serde(default)]
     pub shard: ShardConfig,
@@ -157,6 +159,7 @@ impl Default for DataConfig {
             path: None,
             test: None,
             label_column: None,
+            window: None,
             shard: ShardConfig::default(),
         }
     }
@@ -437,7 +440,10 @@ impl AgentConfig {
         }
         self.shard_strategy()?;
         let t = &self.training;
-        self.model_spec()?;
+        let model = self.model_spec()?;
+        self.data_source()?
+            .check_model(&model)
+            .map_err(|e| format!("training.model: {e}"))?;
         for (key, v) in [
             ("training.workers", t.workers),
             ("training.batch_size", t.batch_size),
@@ -499,6 +505,12 @@ impl AgentConfig {
                 d.kind
             ));
         }
+        if d.window.is_some() && d.kind != "text" {
+            return Err(format!(
+                "data.window: only text data has a window, not {:?}",
+                d.kind
+            ));
+        }
         match d.kind.as_str() {
             "digits" if d.path.is_none() => Ok(DataSource::Digits),
             "digits" | "idx" | "mnist" | "fashion-mnist" => Ok(DataSource::Idx {
@@ -512,8 +524,15 @@ impl AgentConfig {
                 test: d.test.clone(),
                 label_column: d.label_column.clone(),
             }),
+            "text" => match d.window.unwrap_or(crate::train::dataset::DEFAULT_WINDOW) {
+                0 => Err("data.window: must be at least 1 byte".into()),
+                window => Ok(DataSource::Text {
+                    path: need("a UTF-8 text file")?,
+                    window,
+                }),
+            },
             other => Err(format!(
-                "data.kind: unknown kind {other:?}; expected digits, idx, mnist, fashion-mnist, cifar10 or csv"
+                "data.kind: unknown kind {other:?}; expected digits, idx, mnist, fashion-mnist, cifar10, csv or text"
             )),
         }
     }
@@ -561,6 +580,7 @@ impl AgentConfig {
             file("policy.source", &p);
         }
         match self.data_source() {
+            Ok(DataSource::Text { path, .. }) => file("data.path", &path),
             Ok(DataSource::Csv { train, test, .. }) => {
                 file("data.path", &train);
                 if let Some(t) = test {

@@ -19,7 +19,7 @@ use weightgrad_codec::pack::packed_len;
 use weightgrad_codec::{
     DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode, encode,
 };
-use weightgrad_sdk::{DataPlan, LanInput, LanMode, LanPlan, TensorRole};
+use weightgrad_sdk::{DataPlan, LanInput, LanMode, LanPlan};
 
 /// One worker: its shard and its own replica of ŵ.
 struct Worker {
@@ -171,10 +171,7 @@ impl RegionTrainer {
             .iter()
             .map(|t| TensorMeta {
                 numel: t.numel(),
-                role: match t.kind {
-                    crate::train::TensorKind::Weight => TensorRole::Weight,
-                    crate::train::TensorKind::Bias => TensorRole::Bias,
-                },
+                role: t.kind.role(),
             })
             .collect();
         let workers = shards
@@ -203,15 +200,18 @@ impl RegionTrainer {
             steps: 0,
             lan_bytes: 0,
             seed,
-            data_mode_allowed: true,
+            // Token ids are not features: quantizing them would change the text.
+            data_mode_allowed: !spec.is_language_model(),
             quantizing: Vec::new(),
         })
     }
 
     /// Where this region's workers sit (default: beside the aggregator). Data mode is
-    /// refused when they reach it over a WAN unless the operator allowed data over it.
+    /// refused when they reach it over a WAN unless the operator allowed data over it, and
+    /// always for a language model (its samples are token ids).
     pub fn set_placement(&mut self, placement: LanPlacement) {
-        self.data_mode_allowed = placement.data_mode_allowed();
+        self.data_mode_allowed =
+            placement.data_mode_allowed() && !self.model.spec().is_language_model();
     }
 
     /// The LAN as a policy's cost model sees it.
@@ -260,7 +260,7 @@ impl RegionTrainer {
         let mut bytes = 0u64;
         let mut w_hat = Vec::with_capacity(self.weights.len());
         for (i, (w, meta)) in self.weights.iter().zip(&self.metas).enumerate() {
-            if bits == 32 || meta.role == TensorRole::Bias {
+            if bits == 32 || !meta.role.is_matrix() {
                 bytes += 4 * w.len() as u64;
                 w_hat.push(w.clone());
                 continue;

@@ -1254,8 +1254,7 @@ fn encode_and_send(
         metrics::gauge!(m::SIGNIFICANCE_RATIO, "peer" => peer.clone())
             .set(elements as f64 / numel.max(1) as f64);
         for f in &o.frames {
-            let kind = if f.bias { "bias" } else { "weight" };
-            metrics::histogram!(m::BITS_CHOSEN, "peer" => peer.clone(), "kind" => kind)
+            metrics::histogram!(m::BITS_CHOSEN, "peer" => peer.clone(), "kind" => f.role.name())
                 .record(f64::from(f.bits));
             if f.compressed > 0 {
                 metrics::histogram!(m::ZSTD_RATIO).record(f.packed as f64 / f.compressed as f64);

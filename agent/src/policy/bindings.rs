@@ -13,6 +13,9 @@ fn role(r: weightgrad_sdk::TensorRole) -> t::TensorRole {
     match r {
         weightgrad_sdk::TensorRole::Weight => t::TensorRole::Weight,
         weightgrad_sdk::TensorRole::Bias => t::TensorRole::Bias,
+        weightgrad_sdk::TensorRole::Embedding => t::TensorRole::Embedding,
+        weightgrad_sdk::TensorRole::Attention => t::TensorRole::Attention,
+        weightgrad_sdk::TensorRole::Norm => t::TensorRole::Norm,
     }
 }
 

@@ -458,7 +458,7 @@ mod tests {
         let other = export_mismatch(&["weightgrad:policy/policy@1.0.0".into()]);
         assert!(
             other.contains(
-                "exports weightgrad:policy/policy@1.0.0, not weightgrad:policy/policy@2.0.0"
+                "exports weightgrad:policy/policy@1.0.0, not weightgrad:policy/policy@3.0.0"
             ) && other.contains("contract version 1.0.0")
                 && other.contains("weightgrad policy new"),
             "{other}"

@@ -1,4 +1,4 @@
-//! The policy system's host: WebAssembly components that speak `weightgrad:policy@2.0.0`,
+//! The policy system's host: WebAssembly components that speak `weightgrad:policy@3.0.0`,
 //! run sandboxed (memory cap, per-call deadline), validated, with fallback and hot swap.
 
 pub mod bindings;

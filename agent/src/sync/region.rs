@@ -162,8 +162,8 @@ pub struct Outgoing {
 pub struct FrameStats {
     /// Tensor index.
     pub tensor: u32,
-    /// Whether the tensor is a bias.
-    pub bias: bool,
+    /// The tensor's role.
+    pub role: TensorRole,
     /// Bit-width the plan chose.
     pub bits: u8,
     /// Elements carried.
@@ -744,7 +744,7 @@ impl RegionSync {
                 elements_sent += update.value_count() as u64;
                 frames.push(FrameStats {
                     tensor: t as u32,
-                    bias: self.tensors[t].role == TensorRole::Bias,
+                    role: self.tensors[t].role,
                     bits: tensor_plan.bits,
                     elements: update.value_count() as u64,
                     packed: enc.packed_len as u64,

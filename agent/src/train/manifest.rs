@@ -13,6 +13,26 @@ pub enum TensorKind {
     Weight,
     /// A bias vector.
     Bias,
+    /// A lookup table (token or position embedding); a step touches only the rows it reads.
+    Embedding,
+    /// An attention projection (queries, keys and values, or the output).
+    Attention,
+    /// A normalization's gain or shift.
+    Norm,
+}
+
+impl TensorKind {
+    /// The role a policy sees for this kind of tensor.
+    pub fn role(self) -> weightgrad_sdk::TensorRole {
+        use weightgrad_sdk::TensorRole;
+        match self {
+            Self::Weight => TensorRole::Weight,
+            Self::Bias => TensorRole::Bias,
+            Self::Embedding => TensorRole::Embedding,
+            Self::Attention => TensorRole::Attention,
+            Self::Norm => TensorRole::Norm,
+        }
+    }
 }
 
 /// One trainable tensor.

@@ -18,9 +18,11 @@ pub mod model;
 mod op_checks;
 pub mod optim;
 pub mod pool;
+pub mod resnet;
 pub mod rng;
 pub mod schedule;
 pub mod trainer;
+pub mod transformer;
 
 pub use checkpoint::Checkpoint;
 pub use dataset::{DataSplit, Dataset};

@@ -1,4 +1,5 @@
-//! Candle models: MLP, the CIFAR-10 tutorial CNN and logistic regression.
+//! Candle models: MLP, the CIFAR-10 tutorial CNN, a small residual CNN, logistic regression
+//! and a small transformer language model.
 //!
 //! Parameters are initialised from a seeded stream (not candle's global RNG), so a
 //! model is a pure function of its spec, input shape and seed.
@@ -7,7 +8,9 @@ use crate::train::conv_pool::conv_relu_pool;
 use crate::train::linear::linear;
 use crate::train::loss::cross_entropy;
 use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
+use crate::train::resnet::ResNet;
 use crate::train::rng::seeded_rng;
+use crate::train::transformer::{Transformer, TransformerShape, next_tokens};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, Device, Tensor, Var};
 use rand::Rng;
@@ -26,6 +29,22 @@ pub enum ModelSpec {
     Cnn,
     /// One linear layer and softmax.
     Logreg,
+    /// A residual CNN with group norm (see [`crate::train::resnet`]).
+    Resnet {
+        /// Channels of the first stage (the others have 2× and 4×).
+        width: usize,
+    },
+    /// A decoder-only transformer over byte tokens (see [`crate::train::transformer`]).
+    Transformer {
+        /// Number of blocks.
+        layers: usize,
+        /// Width of the residual stream.
+        dim: usize,
+        /// Attention heads per block.
+        heads: usize,
+        /// Longest window it reads.
+        context: usize,
+    },
 }
 
 impl ModelSpec {
@@ -34,10 +53,55 @@ impl ModelSpec {
         ModelSpec::Mlp { hidden: vec![256] }
     }
 
-    /// Parses `mlp`, `mlp:256,128`, `cnn` or `logreg`.
+    /// The default transformer for windows of `context` tokens: 2 blocks of width 64 with
+    /// 4 heads.
+    pub fn default_transformer(context: usize) -> Self {
+        ModelSpec::Transformer {
+            layers: 2,
+            dim: 64,
+            heads: 4,
+            context,
+        }
+    }
+
+    /// True for a language model: its samples are token windows and every position is
+    /// predicted.
+    pub fn is_language_model(&self) -> bool {
+        matches!(self, ModelSpec::Transformer { .. })
+    }
+
+    /// Parses `mlp`, `mlp:256,128`, `cnn`, `resnet`, `resnet:WIDTH`, `logreg`,
+    /// `transformer` or `transformer:LAYERS,DIM,HEADS,CONTEXT`.
     pub fn parse(s: &str) -> Result<Self> {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
         match (name, arg) {
+            ("resnet", "") => Ok(Self::Resnet { width: 16 }),
+            ("resnet", width) => match width.trim().parse::<usize>() {
+                Ok(width) if width > 0 => Ok(Self::Resnet { width }),
+                _ => bail!("resnet width {width:?} in {s:?} is not a positive integer"),
+            },
+            ("transformer", "") => Ok(Self::default_transformer(64)),
+            ("transformer", dims) => {
+                let numbers = dims
+                    .split(',')
+                    .map(|n| match n.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => bail!("transformer size {n:?} in {s:?} is not a positive integer"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let &[layers, dim, heads, context] = numbers.as_slice() else {
+                    bail!(
+                        "{s:?}: a transformer is transformer:LAYERS,DIM,HEADS,CONTEXT, \
+                         e.g. transformer:2,64,4,64"
+                    );
+                };
+                Ok(Self::Transformer {
+                    layers,
+                    dim,
+                    heads,
+                    context,
+                })
+            }
             ("mlp", "") => Ok(Self::default_mlp()),
             ("mlp", widths) => {
                 let hidden = widths
@@ -51,7 +115,10 @@ impl ModelSpec {
             }
             ("cnn", "") => Ok(Self::Cnn),
             ("logreg", "") => Ok(Self::Logreg),
-            _ => bail!("unknown model {s:?}; expected mlp, mlp:W1,W2,..., cnn or logreg"),
+            _ => bail!(
+                "unknown model {s:?}; expected mlp, mlp:W1,W2,..., cnn, resnet[:WIDTH], logreg \
+                 or transformer:LAYERS,DIM,HEADS,CONTEXT"
+            ),
         }
     }
 }
@@ -68,6 +135,13 @@ impl std::fmt::Display for ModelSpec {
             }
             Self::Cnn => f.write_str("cnn"),
             Self::Logreg => f.write_str("logreg"),
+            Self::Resnet { width } => write!(f, "resnet:{width}"),
+            Self::Transformer {
+                layers,
+                dim,
+                heads,
+                context,
+            } => write!(f, "transformer:{layers},{dim},{heads},{context}"),
         }
     }
 }
@@ -81,17 +155,28 @@ enum Layer {
     Flatten,
 }
 
+/// How a model computes its logits from its parameters.
+enum Graph {
+    /// A chain of layers.
+    Layers(Vec<Layer>),
+    /// A residual CNN.
+    ResNet(ResNet),
+    /// A transformer language model.
+    Transformer(Transformer),
+}
+
 /// A model replica: its manifest, parameters and layer graph.
 pub struct Model {
     spec: ModelSpec,
     manifest: Manifest,
     vars: Vec<Var>,
-    layers: Vec<Layer>,
+    graph: Graph,
     sample_shape: Vec<usize>,
     device: Device,
 }
 
-struct Builder {
+/// Collects a model's parameters, in manifest order, as it is built.
+pub(crate) struct Builder {
     tensors: Vec<TensorSpec>,
     vars: Vec<Var>,
     rng: rand_chacha::ChaCha8Rng,
@@ -99,8 +184,23 @@ struct Builder {
 }
 
 impl Builder {
+    /// Adds a tensor filled with `value` (a norm's gain or shift).
+    pub(crate) fn constant(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        kind: TensorKind,
+        value: f32,
+    ) -> Result<usize> {
+        let n: usize = shape.iter().product();
+        let var = Var::from_vec(vec![value; n], shape.as_slice(), &self.device)?;
+        self.tensors.push(TensorSpec { name, shape, kind });
+        self.vars.push(var);
+        Ok(self.vars.len() - 1)
+    }
+
     /// Adds a tensor initialised uniformly in ±1/sqrt(fan_in) (PyTorch's default).
-    fn param(
+    pub(crate) fn param(
         &mut self,
         name: String,
         shape: Vec<usize>,
@@ -168,6 +268,7 @@ impl Model {
             device: device.clone(),
         };
         let mut layers = Vec::new();
+        let mut built: Option<Graph> = None;
         let label = match spec {
             ModelSpec::Mlp { hidden } => {
                 let mut widths = vec![inputs];
@@ -209,7 +310,46 @@ impl Model {
                 layers.push(b.linear("fc3", 192, classes, false)?);
                 format!("cnn[{c}x{h}x{w}-{classes}]")
             }
+            &ModelSpec::Resnet { width } => {
+                let &[c, h, w] = sample_shape else {
+                    bail!(
+                        "the residual CNN needs image samples [channels, height, width], got \
+                         shape {sample_shape:?}"
+                    );
+                };
+                built = Some(Graph::ResNet(ResNet::build(&mut b, c, width, classes)?));
+                format!("resnet[{c}x{h}x{w}-w{width}-{classes}]")
+            }
+            &ModelSpec::Transformer {
+                layers: depth,
+                dim,
+                heads,
+                context,
+            } => {
+                let &[window] = sample_shape else {
+                    bail!(
+                        "the transformer needs token windows (text data), got samples of shape \
+                         {sample_shape:?}"
+                    );
+                };
+                ensure!(
+                    window <= context,
+                    "text windows of {window} tokens are longer than the transformer's context \
+                     of {context}; use a shorter --window or a longer context"
+                );
+                let shape = TransformerShape {
+                    layers: depth,
+                    dim,
+                    heads,
+                    context,
+                };
+                built = Some(Graph::Transformer(Transformer::build(
+                    &mut b, shape, classes,
+                )?));
+                format!("transformer[{depth}x{dim}/{heads}-ctx{context}-vocab{classes}]")
+            }
         };
+        let graph = built.unwrap_or(Graph::Layers(layers));
         Ok(Self {
             spec: spec.clone(),
             manifest: Manifest {
@@ -217,7 +357,7 @@ impl Model {
                 tensors: b.tensors,
             },
             vars: b.vars,
-            layers,
+            graph,
             sample_shape: sample_shape.to_vec(),
             device: device.clone(),
         })
@@ -248,15 +388,21 @@ impl Model {
         &self.sample_shape
     }
 
-    /// Logits `[B, classes]` for a batch `[B, ...sample_shape]`.
+    /// Logits for a batch `[B, ...sample_shape]`: `[B, classes]`, or for a language model
+    /// `[B·T, vocab]`, one row per position.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let layers = match &self.graph {
+            Graph::Transformer(t) => return t.forward(&self.vars, x),
+            Graph::ResNet(r) => return r.forward(&self.vars, x),
+            Graph::Layers(layers) => layers,
+        };
         let batch = x.dim(0)?;
         let mut h = if matches!(self.spec, ModelSpec::Cnn) {
             x.clone()
         } else {
             x.reshape((batch, ()))?
         };
-        for layer in &self.layers {
+        for layer in layers {
             h = match *layer {
                 Layer::Linear { w, b, relu } => {
                     linear(&h, self.vars[w].as_tensor(), self.vars[b].as_tensor(), relu)?
@@ -271,10 +417,21 @@ impl Model {
         Ok(h)
     }
 
+    /// Logits and the class each row should predict: the labels, or for a language model
+    /// the next token at every position.
+    fn logits_and_targets(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let logits = self.forward(x)?;
+        let targets = match self.graph {
+            Graph::Transformer(_) => next_tokens(x, y)?,
+            Graph::Layers(_) | Graph::ResNet(_) => y.clone(),
+        };
+        Ok((logits, targets))
+    }
+
     /// Mean cross-entropy on the batch and its gradient for every parameter, in manifest order.
     pub fn loss_and_grads(&self, x: &Tensor, y: &Tensor) -> Result<(f32, Vec<Tensor>)> {
-        let logits = self.forward(x)?;
-        let loss = cross_entropy(&logits, y)?;
+        let (logits, targets) = self.logits_and_targets(x, y)?;
+        let loss = cross_entropy(&logits, &targets)?;
         let grads = loss.backward()?;
         let per_param = self
             .vars
@@ -290,17 +447,18 @@ impl Model {
         Ok((loss.to_scalar::<f32>()?, per_param))
     }
 
-    /// Mean cross-entropy and number of correct top-1 predictions on a batch.
-    pub fn loss_and_correct(&self, x: &Tensor, y: &Tensor) -> Result<(f32, usize)> {
-        let logits = self.forward(x)?;
-        let loss = cross_entropy(&logits, y)?.to_scalar::<f32>()?;
+    /// Mean cross-entropy, the number of correct top-1 predictions and the number of
+    /// predictions on a batch (one per sample, or per position for a language model).
+    pub fn loss_and_correct(&self, x: &Tensor, y: &Tensor) -> Result<(f32, usize, usize)> {
+        let (logits, targets) = self.logits_and_targets(x, y)?;
+        let loss = cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
         let pred = logits.argmax(D::Minus1)?;
         let correct = pred
-            .eq(y)?
+            .eq(&targets)?
             .to_dtype(candle_core::DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()?;
-        Ok((loss, correct as usize))
+        Ok((loss, correct as usize, targets.elem_count()))
     }
 
     /// Copies every parameter out as a flat `f32` vector, in manifest order.
@@ -354,6 +512,12 @@ mod tests {
                 .contains("positive")
         );
         assert!(
+            ModelSpec::parse("transformer:2,64,4")
+                .unwrap_err()
+                .to_string()
+                .contains("LAYERS,DIM,HEADS,CONTEXT")
+        );
+        assert!(
             ModelSpec::parse("rnn")
                 .unwrap_err()
                 .to_string()
@@ -363,7 +527,14 @@ mod tests {
 
     #[test]
     fn a_spec_prints_as_it_parses() {
-        for s in ["mlp:256", "mlp:1024,1024", "cnn", "logreg"] {
+        for s in [
+            "mlp:256",
+            "mlp:1024,1024",
+            "cnn",
+            "logreg",
+            "resnet:16",
+            "transformer:2,64,4,64",
+        ] {
             assert_eq!(ModelSpec::parse(s).unwrap().to_string(), s);
         }
     }

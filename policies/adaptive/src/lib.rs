@@ -10,7 +10,7 @@
 
 use weightgrad_sdk::{
     DataPlan, DataScale, LanMode, LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput,
-    TensorPlan, TensorRole,
+    TensorPlan,
 };
 
 /// The adaptive policy and its knobs.
@@ -114,10 +114,10 @@ impl Policy for Adaptive {
                         .map(|t| TensorPlan {
                             send: true,
                             tau: if input.context.final_round { 0.0 } else { tau },
-                            bits: match (t.role, saturated) {
-                                (TensorRole::Bias, _) => 8,
-                                (TensorRole::Weight, true) => 2,
-                                (TensorRole::Weight, false) => 4,
+                            bits: match (t.role.is_matrix(), saturated) {
+                                (false, _) => 8,
+                                (true, true) => 2,
+                                (true, false) => 4,
                             },
                             top_fraction: 1.0,
                         })
@@ -139,6 +139,7 @@ weightgrad_sdk::export_policy!(Adaptive);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weightgrad_sdk::TensorRole;
     use weightgrad_sdk::{LinkInput, LinkStats, RoundContext, TensorStats, validate_output};
 
     fn input(queued: u64, state: Vec<u8>) -> PolicyInput {

@@ -89,9 +89,13 @@ impl Policy for WeightGrad {
                     top_fraction: 1.0,
                 };
             }
-            let (bits, top_fraction) = match role {
-                TensorRole::Weight => (self.weight_bits, self.weight_budget),
-                TensorRole::Bias => (self.bias_bits, 1.0),
+            // Matrices (weights, attention projections, embeddings: an embedding's update
+            // touches only the rows a step read, so its budget goes to those) get the
+            // low-bit top-k budget; the per-channel vectors (biases, norms) go whole.
+            let (bits, top_fraction) = if role.is_matrix() {
+                (self.weight_bits, self.weight_budget)
+            } else {
+                (self.bias_bits, 1.0)
             };
             TensorPlan {
                 send,
@@ -111,9 +115,12 @@ impl Policy for WeightGrad {
             lan: LanPlan {
                 gradient_bits: roles
                     .iter()
-                    .map(|r| match r {
-                        TensorRole::Weight => self.lan_gradient_bits,
-                        TensorRole::Bias => 32,
+                    .map(|r| {
+                        if r.is_matrix() {
+                            self.lan_gradient_bits
+                        } else {
+                            32
+                        }
                     })
                     .collect(),
                 weight_bits: self.lan_weight_bits,
@@ -154,6 +161,7 @@ mod tests {
                             assert_eq!((plan.bits, plan.top_fraction), (2, 0.04));
                         }
                         TensorRole::Bias => assert_eq!((plan.bits, plan.top_fraction), (8, 1.0)),
+                        other => panic!("the golden input has no {other:?} tensor"),
                     }
                 }
             }
@@ -168,5 +176,28 @@ mod tests {
             assert!(plan.send);
             assert_eq!((plan.tau, plan.bits, plan.top_fraction), (0.0, 8, 1.0));
         }
+    }
+
+    #[test]
+    fn embeddings_and_attention_get_the_budget_and_norms_go_whole() {
+        let mut input = golden_input();
+        input.context.round = 3;
+        let roles = [
+            TensorRole::Embedding,
+            TensorRole::Norm,
+            TensorRole::Attention,
+            TensorRole::Bias,
+        ];
+        for link in &mut input.links {
+            for (t, role) in link.tensors.iter_mut().zip(roles) {
+                t.role = role;
+            }
+        }
+        let out = WeightGrad::default().decide(&input);
+        assert!(validate_output(&input, &out).is_ok());
+        let plans = &out.links[0].tensors;
+        let got: Vec<(u8, f32)> = plans.iter().map(|p| (p.bits, p.top_fraction)).collect();
+        assert_eq!(got, [(2, 0.04), (8, 1.0), (2, 0.04), (8, 1.0)]);
+        assert_eq!(out.lan.gradient_bits, [8, 32, 8, 32]);
     }
 }

@@ -233,7 +233,7 @@ pub fn wasm_kind(bytes: &[u8]) -> WasmKind {
 }
 
 /// The interfaces a core module's component-type metadata (as `wit-bindgen` embeds it)
-/// says it exports, by their full names (`weightgrad:policy/policy@2.0.0`); empty when
+/// says it exports, by their full names (`weightgrad:policy/policy@3.0.0`); empty when
 /// it carries no such metadata (it was not built with a WIT export).
 pub fn exported_interfaces(module: &[u8]) -> Result<Vec<String>, BuildError> {
     let (_, bindgen) =

@@ -9,6 +9,7 @@ mod embedded;
 mod idx;
 mod shard;
 mod source;
+mod text;
 
 pub use cifar::load_cifar10_dir;
 pub use csv::{CsvOptions, load_csv, load_csv_pair};
@@ -16,6 +17,7 @@ pub use embedded::embedded_digits;
 pub use idx::{IdxKind, load_idx_dir, parse_idx};
 pub use shard::{RegionLayout, ShardStrategy, shard_indices};
 pub use source::DataSource;
+pub use text::{BYTE_VOCAB, DEFAULT_WINDOW, load_text};
 
 use std::path::PathBuf;
 
