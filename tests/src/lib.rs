@@ -39,3 +39,17 @@ pub fn last_json_line(out: &Output) -> Value {
     let line = stdout.lines().last().expect("stdout has a line");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line {line:?} is not JSON: {e}"))
 }
+
+/// `found`, or `None` when it is missing: the test then skips and says `missing`, unless
+/// `WEIGHTGRAD_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs what the tests need),
+/// where it fails with `missing` and `remedy`.
+pub fn required<T>(found: Option<T>, missing: &str, remedy: &str) -> Option<T> {
+    if found.is_none() {
+        assert!(
+            std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{missing} ({remedy})"
+        );
+        eprintln!("skipped: {missing}");
+    }
+    found
+}

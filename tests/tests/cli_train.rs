@@ -1,7 +1,7 @@
 //! End-to-end tests of `weightgrad train` through the real binary.
 
 use std::path::Path;
-use weightgrad_tests::{last_json_line, weightgrad, weightgrad_ok};
+use weightgrad_tests::{last_json_line, required, weightgrad, weightgrad_ok};
 
 #[test]
 fn digits_mlp_reaches_96_percent_within_30_epochs() {
@@ -212,20 +212,16 @@ fn logreg_trains_on_a_csv_file() {
 /// `WEIGHTGRAD_FASHION_MNIST`; `None` (the test then skips) when it is absent, unless
 /// `WEIGHTGRAD_REQUIRE_TOOLS=1`.
 fn fashion_mnist() -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("WEIGHTGRAD_FASHION_MNIST")
+    let dir: std::path::PathBuf = std::env::var_os("WEIGHTGRAD_FASHION_MNIST")
         .map(Into::into)
         .unwrap_or_else(|| "/usr/share/datasets/fashion-mnist".into());
     let present = Path::new(&dir).join("train-images-idx3-ubyte.gz").is_file()
         || Path::new(&dir).join("train-images-idx3-ubyte").is_file();
-    if !present {
-        assert!(
-            std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "Fashion-MNIST is not at {dir:?} (.ci/run installs Debian's dataset-fashion-mnist)"
-        );
-        eprintln!("skipped: Fashion-MNIST is not at {dir:?}");
-        return None;
-    }
-    Some(dir)
+    required(
+        present.then(|| dir.clone()),
+        &format!("Fashion-MNIST is not at {dir:?}"),
+        ".ci/run installs Debian's dataset-fashion-mnist",
+    )
 }
 
 #[test]
@@ -260,18 +256,11 @@ fn fashion_mnist_from_its_gzipped_files_trains() {
 fn text_corpus() -> Option<std::path::PathBuf> {
     let path: Option<std::path::PathBuf> =
         std::env::var_os("WEIGHTGRAD_TEXT_CORPUS").map(Into::into);
-    match path {
-        Some(p) if p.is_file() => Some(p),
-        other => {
-            assert!(
-                std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-                "the text corpus is not at {other:?} (.ci/run fetches it and sets \
-                 WEIGHTGRAD_TEXT_CORPUS)"
-            );
-            eprintln!("skipped: no text corpus at {other:?}");
-            None
-        }
-    }
+    required(
+        path.clone().filter(|p| p.is_file()),
+        &format!("no text corpus at {path:?}"),
+        ".ci/run fetches it and sets WEIGHTGRAD_TEXT_CORPUS",
+    )
 }
 
 #[test]

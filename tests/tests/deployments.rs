@@ -838,14 +838,11 @@ fn tool(tool: &str) -> Option<PathBuf> {
             .map(|p| p.join(tool))
             .find(|p| p.is_file())
     });
-    if found.is_none() {
-        assert!(
-            std::env::var("WEIGHTGRAD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{tool} is not installed (.ci/run installs it)"
-        );
-        eprintln!("skipped: {tool} is not installed");
-    }
-    found
+    weightgrad_tests::required(
+        found,
+        &format!("{tool} is not installed"),
+        ".ci/run installs it",
+    )
 }
 
 /// What a tool printed: its standard output, and both streams together.

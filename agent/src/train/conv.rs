@@ -304,31 +304,18 @@ impl CustomOp3 for Conv2dIm2col {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
         let dy = dy.contiguous()?;
-        with_cpu_f32(x, "the input", |xs| {
-            with_cpu_f32(w, "the weights", |ws| {
-                with_cpu_f32(y, "the output", |ys| {
-                    with_cpu_f32(&dy, "the output gradient", |dys| {
-                        let backward = ConvBackward {
-                            g,
-                            x: xs,
-                            w: ws,
-                            // Data batches carry no gradient: the input's is computed only
-                            // when it is needed.
-                            need_dx: x.track_op(),
-                        };
-                        let grads = backward.run(|b, dz, db| {
-                            let len = g.output_len();
-                            let (y, dy) = (&ys[b * len..][..len], &dys[b * len..][..len]);
-                            // The gradient before ReLU: zero where the output was clamped.
-                            for ((dz, &y), &d) in dz.iter_mut().zip(y).zip(dy) {
-                                *dz = if !self.relu || y > 0.0 { d } else { 0.0 };
-                            }
-                            for (db, plane) in db.iter_mut().zip(dz.chunks_exact(g.positions())) {
-                                *db += plane.iter().sum::<f32>();
-                            }
-                        });
-                        backward.tensors(grads, x.device())
-                    })
+        with_cpu_f32(y, "the output", |ys| {
+            with_cpu_f32(&dy, "the output gradient", |dys| {
+                ConvBackward::gradients(g, x, w, |b, dz, db| {
+                    let len = g.output_len();
+                    let (y, dy) = (&ys[b * len..][..len], &dys[b * len..][..len]);
+                    // The gradient before ReLU: zero where the output was clamped.
+                    for ((dz, &y), &d) in dz.iter_mut().zip(y).zip(dy) {
+                        *dz = if !self.relu || y > 0.0 { d } else { 0.0 };
+                    }
+                    for (db, plane) in db.iter_mut().zip(dz.chunks_exact(g.positions())) {
+                        *db += plane.iter().sum::<f32>();
+                    }
                 })
             })
         })
@@ -352,6 +339,31 @@ pub(crate) struct ConvBackward<'a> {
 pub(crate) type ConvGradients = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 impl ConvBackward<'_> {
+    /// The input (when it tracks a gradient), weight and bias gradients of a convolution
+    /// of `x` by `w` (CPU tensors of geometry `g`), as tensors; `output_gradient` is as
+    /// for [`ConvBackward::run`].
+    pub(crate) fn gradients(
+        g: Geometry,
+        x: &Tensor,
+        w: &Tensor,
+        output_gradient: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        with_cpu_f32(x, "the input", |xs| {
+            with_cpu_f32(w, "the weights", |ws| {
+                let backward = ConvBackward {
+                    g,
+                    x: xs,
+                    w: ws,
+                    // Data batches carry no gradient: the input's is computed only when it
+                    // is needed.
+                    need_dx: x.track_op(),
+                };
+                let grads = backward.run(output_gradient);
+                backward.tensors(grads, x.device())
+            })
+        })
+    }
+
     /// The gradients, where `output_gradient(b, dz, db)` writes all of sample `b`'s
     /// gradient at the output, `[O, out_h·out_w]`, into `dz` and adds its per-channel sums
     /// to `db`. The batch is split into a fixed number of parts summed in a fixed order,

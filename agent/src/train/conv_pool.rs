@@ -147,29 +147,16 @@ impl CustomOp3 for ConvReluPool {
             bail!("conv-relu-pool: no activations kept from a forward pass of this shape")
         }
         let d_pooled = d_pooled.contiguous()?;
-        with_cpu_f32(x, "the input", |xs| {
-            with_cpu_f32(w, "the weights", |ws| {
-                with_cpu_f32(pooled, "the output", |pooled| {
-                    with_cpu_f32(&d_pooled, "the output gradient", |d_pooled| {
-                        let backward = ConvBackward {
-                            g,
-                            x: xs,
-                            w: ws,
-                            // Data batches carry no gradient: the input's is computed only
-                            // when it is needed.
-                            need_dx: x.track_op(),
-                        };
-                        let routing = Routing {
-                            g,
-                            win,
-                            activations: &activations,
-                            pooled,
-                            d_pooled,
-                        };
-                        let grads = backward.run(|b, dz, db| routing.to_maxima(b, dz, db));
-                        backward.tensors(grads, x.device())
-                    })
-                })
+        with_cpu_f32(pooled, "the output", |pooled| {
+            with_cpu_f32(&d_pooled, "the output gradient", |d_pooled| {
+                let routing = Routing {
+                    g,
+                    win,
+                    activations: &activations,
+                    pooled,
+                    d_pooled,
+                };
+                ConvBackward::gradients(g, x, w, |b, dz, db| routing.to_maxima(b, dz, db))
             })
         })
     }

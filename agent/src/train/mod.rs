@@ -14,6 +14,7 @@ pub mod linear;
 pub mod loss;
 pub mod manifest;
 pub mod model;
+mod norm;
 #[cfg(test)]
 mod op_checks;
 pub mod optim;

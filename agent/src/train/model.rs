@@ -8,6 +8,7 @@ use crate::train::conv_pool::conv_relu_pool;
 use crate::train::linear::linear;
 use crate::train::loss::cross_entropy;
 use crate::train::manifest::{Manifest, TensorKind, TensorSpec};
+use crate::train::pool::pooled_side;
 use crate::train::resnet::ResNet;
 use crate::train::rng::seeded_rng;
 use crate::train::transformer::{Transformer, TransformerShape, next_tokens};
@@ -184,19 +185,36 @@ pub(crate) struct Builder {
 }
 
 impl Builder {
-    /// Adds a tensor filled with `value` (a norm's gain or shift).
-    pub(crate) fn constant(
+    /// Adds a tensor holding `data` (row-major over `shape`); returns its index.
+    fn push(
         &mut self,
         name: String,
         shape: Vec<usize>,
         kind: TensorKind,
-        value: f32,
+        data: Vec<f32>,
     ) -> Result<usize> {
-        let n: usize = shape.iter().product();
-        let var = Var::from_vec(vec![value; n], shape.as_slice(), &self.device)?;
+        let var = Var::from_vec(data, shape.as_slice(), &self.device)?;
         self.tensors.push(TensorSpec { name, shape, kind });
         self.vars.push(var);
         Ok(self.vars.len() - 1)
+    }
+
+    /// Adds a norm's gain (ones) and shift (zeros) over `channels`, named `{name}.gain`
+    /// and `{name}.shift`; returns their indices.
+    pub(crate) fn norm(&mut self, name: &str, channels: usize) -> Result<(usize, usize)> {
+        let gain = self.push(
+            format!("{name}.gain"),
+            vec![channels],
+            TensorKind::Norm,
+            vec![1.0; channels],
+        )?;
+        let shift = self.push(
+            format!("{name}.shift"),
+            vec![channels],
+            TensorKind::Norm,
+            vec![0.0; channels],
+        )?;
+        Ok((gain, shift))
     }
 
     /// Adds a tensor initialised uniformly in ±1/sqrt(fan_in) (PyTorch's default).
@@ -212,10 +230,7 @@ impl Builder {
         let data: Vec<f32> = (0..n)
             .map(|_| self.rng.random_range(-bound..bound))
             .collect();
-        let var = Var::from_vec(data, shape.as_slice(), &self.device)?;
-        self.tensors.push(TensorSpec { name, shape, kind });
-        self.vars.push(var);
-        Ok(self.vars.len() - 1)
+        self.push(name, shape, kind, data)
     }
 
     fn linear(&mut self, name: &str, inp: usize, out: usize, relu: bool) -> Result<Layer> {
@@ -242,9 +257,9 @@ impl Builder {
     }
 }
 
-/// Output side length after a 3×3 max-pool with stride 2 (no padding).
+/// Output side length after the CNN's 3×3 max-pool with stride 2.
 fn pooled(side: usize) -> usize {
-    (side - 3) / 2 + 1
+    pooled_side(side, 3, 2)
 }
 
 impl Model {

@@ -10,6 +10,11 @@ use crate::train::cpu_buffers::{contiguous_f32, written_zeros};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+/// Output side length of a `kernel` window at `stride` over `side` inputs, no padding.
+pub(crate) fn pooled_side(side: usize, kernel: usize, stride: usize) -> usize {
+    (side - kernel) / stride + 1
+}
+
 /// Window and stride of one pooling, and the input it applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Window {
@@ -31,7 +36,7 @@ impl Window {
                 "max_pool2d: a {kernel}×{kernel} window at stride {stride} does not fit {height}×{width}"
             )
         }
-        let out = |side: usize| (side - kernel) / stride + 1;
+        let out = |side: usize| pooled_side(side, kernel, stride);
         Ok((
             b * c,
             Self {
@@ -193,7 +198,7 @@ impl CustomOp2 for MaxPool2dGradient {
 /// input `2j+a`, the window is `(i,0), (i,1), (i+1,0)`: three slices and two maxima.
 fn max_window3_stride2(x: &Tensor, dim: usize) -> Result<Tensor> {
     let n = x.dim(dim)?;
-    let out = (n - 3) / 2 + 1;
+    let out = pooled_side(n, 3, 2);
     let len = 2 * (out + 1);
     // Input 2·out+1 is never inside a window, so its padding value does not matter.
     let x = if n >= len {

@@ -11,13 +11,12 @@ use crate::train::conv::conv2d;
 use crate::train::linear::linear;
 use crate::train::manifest::TensorKind;
 use crate::train::model::Builder;
+use crate::train::norm::standardize_last;
 use anyhow::{Result, ensure};
 use candle_core::{Tensor, Var};
 
 /// Channels per group in group norm (at most [`MAX_GROUPS`] groups).
 const MAX_GROUPS: usize = 8;
-
-const NORM_EPS: f64 = 1e-5;
 
 /// A convolution's kernel and bias (parameter indices; no bias before a norm, which would
 /// cancel it) and its stride and padding.
@@ -90,9 +89,10 @@ impl ResNet {
             })
         };
         let norm = |b: &mut Builder, name: &str, c: usize| -> Result<GroupNorm> {
+            let (gain, shift) = b.norm(name, c)?;
             Ok(GroupNorm {
-                gain: b.constant(format!("{name}.gain"), vec![c], TensorKind::Norm, 1.0)?,
-                shift: b.constant(format!("{name}.shift"), vec![c], TensorKind::Norm, 0.0)?,
+                gain,
+                shift,
                 groups: groups_for(c),
             })
         };
@@ -184,13 +184,8 @@ fn apply_conv(x: &Tensor, c: &Conv, vars: &[Var]) -> Result<Tensor> {
 /// over the group's channels and pixels, then a per-channel gain and shift.
 fn group_norm(x: &Tensor, n: &GroupNorm, vars: &[Var]) -> Result<Tensor> {
     let (batch, channels, height, width) = x.dims4()?;
-    let grouped = x.reshape((batch, n.groups, ()))?;
-    let mean = grouped.mean_keepdim(2)?;
-    let centered = grouped.broadcast_sub(&mean)?;
-    let std = (centered.sqr()?.mean_keepdim(2)? + NORM_EPS)?.sqrt()?;
     let per_channel = (1, channels, 1, 1);
-    Ok(centered
-        .broadcast_div(&std)?
+    Ok(standardize_last(&x.reshape((batch, n.groups, ()))?)?
         .reshape((batch, channels, height, width))?
         .broadcast_mul(&vars[n.gain].as_tensor().reshape(per_channel)?)?
         .broadcast_add(&vars[n.shift].as_tensor().reshape(per_channel)?)?)

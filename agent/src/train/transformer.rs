@@ -10,6 +10,7 @@
 use crate::train::linear::linear;
 use crate::train::manifest::TensorKind;
 use crate::train::model::Builder;
+use crate::train::norm::standardize_last;
 use anyhow::{Result, ensure};
 use candle_core::{D, DType, Tensor, Var};
 
@@ -61,8 +62,6 @@ pub(crate) struct Transformer {
 /// Added to the attention scores of later positions: their weights underflow to zero.
 const MASKED: f32 = -1e9;
 
-const NORM_EPS: f64 = 1e-5;
-
 impl Transformer {
     /// Adds the parameters of a `shape` transformer over `vocab` tokens to `b`.
     pub(crate) fn build(b: &mut Builder, shape: TransformerShape, vocab: usize) -> Result<Self> {
@@ -93,10 +92,8 @@ impl Transformer {
             dim,
         )?;
         let norm = |b: &mut Builder, name: &str| -> Result<Norm> {
-            Ok(Norm {
-                gain: b.constant(format!("{name}.gain"), vec![dim], TensorKind::Norm, 1.0)?,
-                shift: b.constant(format!("{name}.shift"), vec![dim], TensorKind::Norm, 0.0)?,
-            })
+            let (gain, shift) = b.norm(name, dim)?;
+            Ok(Norm { gain, shift })
         };
         let dense = |b: &mut Builder, name: &str, inp: usize, out: usize, kind| -> Result<Dense> {
             Ok(Dense {
@@ -232,11 +229,7 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// Layer norm over the last dimension with a gain and a shift.
 fn norm(x: &Tensor, n: &Norm, vars: &[Var]) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
-    Ok(centered
-        .broadcast_div(&std)?
+    Ok(standardize_last(x)?
         .broadcast_mul(vars[n.gain].as_tensor())?
         .broadcast_add(vars[n.shift].as_tensor())?)
 }
