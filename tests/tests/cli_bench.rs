@@ -162,6 +162,11 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("blobs.csv");
     blobs_csv(&csv, 600);
+    // A stand-in for another system: it reads the setup and shards the bench wrote and
+    // reports a result with every epoch's evaluation.
+    let peer = dir.path().join("peer.py");
+    std::fs::write(&peer, STAND_IN_PEER).unwrap();
+    let peer = format!("stand-in=python3 {}", peer.display());
     let out = weightgrad_ok(&[
         "bench",
         "--dataset",
@@ -182,6 +187,8 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
         "full-sync",
         "--congestion",
         "bbr",
+        "--peer",
+        &peer,
         "--json",
         "--out",
         dir.path().join("out").to_str().unwrap(),
@@ -189,6 +196,15 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     let v = last_json_line(&out);
     let w = &v["setup"];
     assert_eq!(w["model"], "logreg", "{w}");
+    // The peer saw the agents' run: three regions, six shaped links, its shards.
+    let p = &v["peers"][0];
+    assert_eq!(p["name"], "stand-in", "{p}");
+    assert_eq!(p["seconds_to_target"], 2.0, "{p}");
+    assert_eq!(p["wan_bytes_to_target"], 2000, "{p}");
+    assert_eq!(
+        p["result"]["notes"],
+        "3 regions, 6 links, 480 samples, layers [4, 2]"
+    );
     assert_eq!(w["architecture"], "logreg[4-2]", "{w}");
     assert_eq!(w["params"], 10, "{w}");
     for r in v["results"].as_array().unwrap() {
@@ -249,7 +265,30 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
         md.contains("model `logreg` (logreg[4-2], 10 parameters"),
         "{md}"
     );
+    assert!(md.contains("| stand-in | 2.00 | 2000 | 95.00% |"), "{md}");
+    let svg = std::fs::read_to_string(dir.path().join("out/real_accuracy_vs_time.svg")).unwrap();
+    assert!(svg.contains("stand-in"), "the peer is not in the plot");
 }
+
+/// A peer that trains nothing: it checks what the bench wrote and reports one evaluation
+/// per epoch, a second and 1000 bytes apart, at 85% and then 95%.
+const STAND_IN_PEER: &str = r#"
+import json, os, struct, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+setup_dir = args["--setup"]
+setup = json.load(open(os.path.join(setup_dir, "setup.json")))
+samples = 0
+for shard in setup["shards"]:
+    raw = open(os.path.join(setup_dir, shard), "rb").read()
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    samples += json.loads(raw[8:8 + n])["labels"]["shape"][0]
+curve = [{"round": (e + 1) * setup["rounds_per_epoch"], "seconds": e + 1.0,
+          "wan_bytes": (e + 1) * 1000, "min_accuracy": 0.85 if e == 0 else 0.95}
+         for e in range(setup["epochs"])]
+notes = f"{len(setup['regions'])} regions, {len(setup['links'])} links, {samples} samples, layers {setup['layers']}"
+json.dump({"wan_bytes": 9000, "seconds": 9.0, "final_accuracy": 0.95, "curve": curve,
+           "notes": notes}, open(args["--result"], "w"))
+"#;
 
 /// A CIFAR-10 binary directory whose classes differ by brightness: `train` records in
 /// `data_batch_1.bin`, `test` in `test_batch.bin`.
@@ -316,6 +355,11 @@ fn bad_workload_options_are_named() {
             "invalid value 'reno'",
         ),
         (vec!["bench", "--congestion", "bbr"], "--real"),
+        (vec!["bench", "--peer", "x=true"], "--real"),
+        (
+            vec!["bench", "--real", "weightgrad", "--peer", "no-command"],
+            "NAME=COMMAND",
+        ),
         (
             vec!["bench", "--max-staleness", "18446744073709551615"],
             "is more than 1000000 rounds",

@@ -150,6 +150,75 @@ fn tcp_mode_relays_a_stream_through_the_link() {
 }
 
 #[test]
+fn tcp_json_lines_give_the_address_and_the_counters() {
+    use std::io::{BufRead, BufReader, Write};
+    // A sink that reads each connection to its end.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || std::io::copy(&mut s, &mut std::io::sink()));
+        }
+    });
+    let mut relay = Command::new(binary())
+        .args(["wan-emu", "--tcp", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--mbps", "100", "--delay-ms", "5", "--json-every-ms", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        serde_json::from_str(&lines.next().expect("a JSON line").unwrap()).unwrap()
+    };
+    // Port 0: the first line says which port it got.
+    let first = next();
+    let listening: std::net::SocketAddr = first["listening"].as_str().unwrap().parse().unwrap();
+    assert_ne!(listening.port(), 0, "{first}");
+    let mut client = std::net::TcpStream::connect(listening).unwrap();
+    client.write_all(&[7u8; 10_000]).unwrap();
+    drop(client);
+    // The counters climb to what was sent, stamped with the clock.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = next();
+        assert!(line["unix_s"].as_f64().unwrap() > 1.6e9, "{line}");
+        if line["up_bytes"] == 10_000 {
+            assert_eq!(line["connections"], 1, "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {line}");
+    }
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let last = std::iter::from_fn(|| lines.next().map(Result::unwrap))
+        .last()
+        .expect("a last line");
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        (last["last"].as_bool(), last["up_bytes"].as_u64()),
+        (Some(true), Some(10_000))
+    );
+    assert!(relay.wait().unwrap().success());
+    // Only with --tcp.
+    let out = weightgrad(&[
+        "wan-emu",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--json-every-ms",
+        "20",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tcp"));
+}
+
+#[test]
 fn bad_settings_are_refused_by_name() {
     let out = weightgrad(&[
         "wan-emu",

@@ -2,6 +2,7 @@
 //! virtual-time WAN, plus a LAN-only reference (all workers in one region, no WAN) as the
 //! speed limit; what each spends to reach a target accuracy, side by side.
 
+pub mod peer;
 pub mod plot;
 pub mod real;
 pub mod seeds;
@@ -19,7 +20,31 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use weightgrad_sdk::LanPlan;
 
 /// The scenarios `--scenario` knows.
-pub const SCENARIOS: [&str; 5] = ["paper-3dc", "8dc", "asymmetric", "non-iid", "link-drop"];
+pub const SCENARIOS: [&str; 6] = [
+    "paper-3dc",
+    "ec2-3dc",
+    "8dc",
+    "asymmetric",
+    "non-iid",
+    "link-drop",
+];
+
+/// The `ec2-3dc` links: published AWS inter-region round trips (ms) and bandwidths
+/// (Gbit/s) between N. Virginia, Ireland and Singapore, from the region table of DT-FM
+/// (Yuan et al., "Decentralized Training of Foundation Models in Heterogeneous
+/// Environments", NeurIPS 2022), as `(a, b, rtt_ms, gbit_s)`.
+pub const EC2_3DC_LINKS: [(usize, usize, f64, f64); 3] = [
+    (0, 1, 67.0, 1.05),
+    (0, 2, 230.0, 0.364),
+    (1, 2, 179.0, 0.492),
+];
+
+/// `ec2-3dc` divides the published bandwidths by this. Regions of GPUs step a
+/// million-weight model in milliseconds, far less than its 4.5 MB update takes to cross
+/// 0.36 Gbit/s (0.1 s); a CPU host steps it in a tenth of a second or more, so at the
+/// published figures the host, not the WAN, would set full-sync's pace. A tenth of them
+/// keeps the update slower to cross the thinnest link (1 s) than a step is to compute.
+pub const EC2_3DC_BANDWIDTH_SCALE: f64 = 0.1;
 
 /// Sets `cfg` up for scenario `name` (regions, links, sharding, faults).
 pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
@@ -27,6 +52,18 @@ pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
         // Three regions as in the WeightGrad paper: us-east, eu-west, ap-southeast,
         // 100 Mbit/s, RTT 80–230 ms, IID shards.
         "paper-3dc" => cfg.topology = Topology::default_for(3),
+        // The same three regions with published per-pair round trips and (scaled)
+        // bandwidths: a WAN that sets full-sync's pace on a model of a million weights.
+        "ec2-3dc" => {
+            cfg.topology = Topology::default_for(3);
+            for (a, b, rtt_ms, gbit_s) in EC2_3DC_LINKS {
+                for (from, to) in [(a, b), (b, a)] {
+                    let link = &mut cfg.topology.links[from][to];
+                    link.rtt_s = rtt_ms / 1e3;
+                    link.bandwidth_bps = gbit_s * 1e9 * EC2_3DC_BANDWIDTH_SCALE;
+                }
+            }
+        }
         // Eight regions, 150 ms between any two beyond the first three.
         "8dc" => cfg.topology = Topology::default_for(8),
         // One thin link: us-east ↔ ap-southeast at 10 Mbit/s.
@@ -632,6 +669,15 @@ mod tests {
         let mut c = SimConfig::demo(3, 0);
         apply_scenario("8dc", &mut c).unwrap();
         assert_eq!(c.topology.regions.len(), 8);
+        apply_scenario("ec2-3dc", &mut c).unwrap();
+        assert_eq!(c.topology.regions.len(), 3);
+        // us-east <-> ap-southeast: 230 ms, 36.4 Mbit/s, both ways.
+        for (a, b) in [(0, 2), (2, 0)] {
+            let l = c.topology.link(a, b);
+            assert_eq!(l.rtt_s, 0.230);
+            assert!((l.bandwidth_bps - 36.4e6).abs() < 1.0, "{l:?}");
+        }
+        assert_eq!(c.topology.link(1, 2).rtt_s, 0.179);
         apply_scenario("asymmetric", &mut c).unwrap();
         assert_eq!(c.topology.links[0][2].bandwidth_bps, 10e6);
         assert_eq!(c.topology.links[0][1].bandwidth_bps, 100e6);

@@ -2,6 +2,7 @@
 //! (virtual, or the real agents' clock), one line per policy.
 
 use super::BenchReport;
+use super::peer::PeerRun;
 use super::real::RealCheck;
 use crate::sim::EvalPoint;
 use anyhow::{Result, anyhow};
@@ -59,17 +60,20 @@ pub fn accuracy_against(report: &BenchReport, axis: Axis, path: &Path) -> Result
     draw(&report.scenario, axis, &series, path)
 }
 
-/// Writes one SVG of the `--real` agents' runs (`axis` is [`Axis::RealTime`] or
-/// [`Axis::WanBytes`]).
+/// Writes one SVG of the `--real` agents' runs and the peers' beside them (`axis` is
+/// [`Axis::RealTime`] or [`Axis::WanBytes`]).
 pub fn real_accuracy_against(
     scenario: &str,
     checks: &[RealCheck],
+    peers: &[PeerRun],
     axis: Axis,
     path: &Path,
 ) -> Result<()> {
+    let peer_curves: Vec<_> = peers.iter().map(|p| (p.name.as_str(), p.curve())).collect();
     let series: Vec<Series<'_>> = checks
         .iter()
         .map(|c| series_of(&c.policy, &c.curve, axis))
+        .chain(peer_curves.iter().map(|(n, c)| series_of(n, c, axis)))
         .collect();
     draw(&format!("{scenario}, real agents"), axis, &series, path)
 }

@@ -2,6 +2,7 @@
 //! and bytes to the target, and of its ratios to full-sync, seed by seed in the same run.
 
 use super::BenchReport;
+use super::peer::PeerRun;
 use super::real::RealCheck;
 use serde::Serialize;
 
@@ -79,24 +80,32 @@ pub fn rows_of_report(report: &BenchReport) -> Vec<SeedRow> {
         .collect()
 }
 
-/// Real agents' rows, with the real full-sync run (when there is one) as the baseline.
-pub fn rows_of_real(checks: &[RealCheck]) -> Vec<SeedRow> {
+/// Real agents' rows, then the peers' (other systems on the same links), each with the
+/// real full-sync run (when there is one) as the baseline.
+pub fn rows_of_real(checks: &[RealCheck], peers: &[PeerRun]) -> Vec<SeedRow> {
     let baseline = checks
         .iter()
         .any(|c| c.policy == "full-sync")
         .then(|| "full-sync".to_string());
-    checks
-        .iter()
-        .map(|c| SeedRow {
-            policy: c.policy.clone(),
-            baseline: baseline.clone(),
-            final_accuracy: c.real_accuracy,
-            seconds_to_target: c.real_seconds_to_target,
-            wan_bytes_to_target: c.real_wan_bytes_to_target,
-            final_loss: None,
-            wan_bytes: None,
-        })
-        .collect()
+    let agents = checks.iter().map(|c| SeedRow {
+        policy: c.policy.clone(),
+        baseline: baseline.clone(),
+        final_accuracy: c.real_accuracy,
+        seconds_to_target: c.real_seconds_to_target,
+        wan_bytes_to_target: c.real_wan_bytes_to_target,
+        final_loss: None,
+        wan_bytes: Some(c.real_wan_bytes),
+    });
+    let peers = peers.iter().map(|p| SeedRow {
+        policy: p.name.clone(),
+        baseline: baseline.clone(),
+        final_accuracy: p.result.final_accuracy,
+        seconds_to_target: p.seconds_to_target,
+        wan_bytes_to_target: p.wan_bytes_to_target,
+        final_loss: None,
+        wan_bytes: Some(p.result.wan_bytes),
+    });
+    agents.chain(peers).collect()
 }
 
 /// One policy over the seeds.
@@ -379,16 +388,34 @@ mod tests {
 
     #[test]
     fn real_rows_compare_with_the_real_full_sync_run_on_the_agents_clock() {
-        let with = rows_of_real(&[
-            check("full-sync", 0.95, Some(60.0)),
-            check("weightgrad", 0.96, Some(12.0)),
-        ]);
+        let peer = PeerRun {
+            name: "torch-ddp".into(),
+            result: crate::bench::peer::PeerResult {
+                wan_bytes: 5000,
+                seconds: 40.0,
+                final_accuracy: 0.94,
+                curve: Vec::new(),
+                notes: String::new(),
+            },
+            seconds_to_target: Some(30.0),
+            wan_bytes_to_target: Some(3000),
+        };
+        let with = rows_of_real(
+            &[
+                check("full-sync", 0.95, Some(60.0)),
+                check("weightgrad", 0.96, Some(12.0)),
+            ],
+            &[peer],
+        );
         assert_eq!(with[1].baseline.as_deref(), Some("full-sync"));
         assert_eq!(with[1].seconds_to_target, Some(12.0));
         assert_eq!(with[1].wan_bytes_to_target, Some(120));
+        assert_eq!(with[2].policy, "torch-ddp");
+        assert_eq!(with[2].baseline.as_deref(), Some("full-sync"));
         let s = summarize(&[with]);
         assert_eq!(s[1].speedup_vs_full_sync.unwrap().mean, 5.0);
-        let without = rows_of_real(&[check("weightgrad", 0.96, None)]);
+        assert_eq!(s[2].speedup_vs_full_sync.unwrap().mean, 2.0);
+        let without = rows_of_real(&[check("weightgrad", 0.96, None)], &[]);
         assert_eq!(without[0].baseline, None);
     }
 

@@ -29,7 +29,8 @@ pub struct BenchArgs {
         default_value = "full-sync,gaia,terngrad,qsgd,topk,diloco,weightgrad,adaptive"
     )]
     policies: Vec<String>,
-    /// paper-3dc, 8dc, asymmetric, non-iid or link-drop.
+    /// paper-3dc, ec2-3dc (published inter-region round trips and bandwidths, the latter
+    /// scaled to a tenth), 8dc, asymmetric, non-iid or link-drop.
     #[arg(long, default_value = "paper-3dc")]
     scenario: String,
     /// Top-1 every region must reach (0..1), or `full-sync`: full-sync's final top-1 in the
@@ -85,6 +86,11 @@ pub struct BenchArgs {
     /// (`[training] overlap`; default: the agent's, true; mean merges never overlap).
     #[arg(long, requires = "real", action = clap::ArgAction::Set)]
     overlap: Option<bool>,
+    /// Another system on the same shards and emulated links after the real agents, in the
+    /// same table: `NAME=COMMAND`, run as `sh -c 'COMMAND --setup DIR --result FILE'`
+    /// (`bench/peers/torch_ddp.py` is one; MLP and logistic-regression models). Repeatable.
+    #[arg(long, requires = "real")]
+    peer: Vec<bench::peer::PeerCommand>,
 }
 
 /// Runs `weightgrad bench`.
@@ -168,6 +174,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     plot::real_accuracy_against(
                         &args.scenario,
                         &run.checks,
+                        &run.peers,
                         real_axis,
                         &file("real_"),
                     )?;
@@ -180,6 +187,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let mut v = serde_json::to_value(&run.report)?;
             if !run.checks.is_empty() {
                 v["real"] = serde_json::to_value(&run.checks)?;
+            }
+            if !run.peers.is_empty() {
+                v["peers"] = serde_json::to_value(&run.peers)?;
             }
             Ok(v)
         };
@@ -213,6 +223,7 @@ fn first_repeated(values: &[u64]) -> Option<u64> {
 struct SeedRun {
     report: bench::BenchReport,
     checks: Vec<bench::real::RealCheck>,
+    peers: Vec<bench::peer::PeerRun>,
     markdown: String,
 }
 
@@ -269,6 +280,7 @@ fn run_seed(
     bars.clear().ok();
     let mut md = bench::markdown(&report);
     let mut checks = Vec::new();
+    let mut peers = Vec::new();
     if !args.real.is_empty() {
         let exe = std::env::current_exe().context("locating this binary for --real")?;
         let mut work = match &args.out {
@@ -298,10 +310,19 @@ fn run_seed(
         }
         md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work:\n\n";
         md += &bench::real::markdown(&checks);
+        for peer in &args.peer {
+            let dir = work.join(format!("peer-{}", peer.name));
+            eprintln!("running peer {} in {} ...", peer.name, dir.display());
+            let target = report.target_accuracy;
+            peers.push(bench::peer::run(peer, &cfg, &data, target, &exe, &dir)?);
+        }
+        md += "\nSide by side on the same emulated links, wall-clock (agents and peers):\n\n";
+        md += &bench::peer::markdown(&peers, &checks);
     }
     Ok(SeedRun {
         report,
         checks,
+        peers,
         markdown: md,
     })
 }
@@ -316,7 +337,7 @@ fn summaries(runs: &[SeedRun]) -> (Vec<seeds::SeedSummary>, Vec<seeds::SeedSumma
     let real: Vec<_> = runs
         .iter()
         .filter(|r| !r.checks.is_empty())
-        .map(|r| seeds::rows_of_real(&r.checks))
+        .map(|r| seeds::rows_of_real(&r.checks, &r.peers))
         .collect();
     (seeds::summarize(&sim), seeds::summarize(&real))
 }

@@ -46,6 +46,11 @@ pub struct WanEmuArgs {
     /// Seed for loss and jitter.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// With --tcp: write JSON lines to stdout for a program driving the relay: the address
+    /// it listens on once it does, its byte counters every this many milliseconds (each
+    /// stamped with the system clock), and the counters at exit.
+    #[arg(long, requires = "tcp", value_name = "MS")]
+    json_every_ms: Option<u64>,
 }
 
 fn shaping(mbps: f64, a: &WanEmuArgs) -> Shaping {
@@ -113,9 +118,52 @@ async fn run_tcp(args: &WanEmuArgs, upstream: SocketAddr) -> Result<()> {
         args.delay_ms,
         args.jitter_ms,
     );
-    wait_for_shutdown().await?;
+    let Some(every_ms) = args.json_every_ms else {
+        wait_for_shutdown().await?;
+        eprintln!("{}", relay.stats().summary());
+        return Ok(());
+    };
+    print_json(&serde_json::json!({ "listening": relay.local_addr().to_string() }));
+    let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(1)));
+    let shutdown = wait_for_shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = &mut shutdown => {
+                r?;
+                break;
+            }
+            _ = tick.tick() => print_json(&counters(relay.stats(), false)),
+        }
+    }
+    print_json(&counters(relay.stats(), true));
     eprintln!("{}", relay.stats().summary());
     Ok(())
+}
+
+/// One JSON line to stdout, flushed at once so that a reader sees it now.
+fn print_json(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A reader that has gone away is not the relay's failure.
+    let _ = writeln!(out, "{v}").and_then(|()| out.flush());
+}
+
+/// The TCP relay's counters as JSON, stamped with the system clock (seconds since the
+/// Unix epoch) so that a reader can line them up with its own events.
+fn counters(stats: &crate::wan::tcp_relay::TcpRelayStats, last: bool) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    serde_json::json!({
+        "unix_s": unix_s,
+        "up_bytes": stats.up_bytes.load(Relaxed),
+        "down_bytes": stats.down_bytes.load(Relaxed),
+        "connections": stats.connections.load(Relaxed),
+        "queue_waits": stats.queue_waits.load(Relaxed),
+        "last": last,
+    })
 }
 
 /// Waits for Ctrl-C or SIGTERM.
