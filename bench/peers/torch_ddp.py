@@ -292,7 +292,10 @@ def worker(args):
         layers.append(nn.Linear(widths[i], widths[i + 1]))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
-    model = DDP(nn.Sequential(*layers))
+    # One bucket: every gradient goes through one hook call per step, so each step costs
+    # the fewest round trips. With several buckets in flight, PowerSGD over gloo hung here
+    # after its plain all-reduce steps (every process idle, no bytes moving).
+    model = DDP(nn.Sequential(*layers), bucket_cap_mb=args.bucket_cap_mb)
     hook = "allreduce"
     if args.hook == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
@@ -380,6 +383,7 @@ def launcher(args):
     passthrough = [
         "--hook", args.hook, "--powersgd-rank", str(args.powersgd_rank),
         "--start-iter", str(args.start_iter), "--threads", str(args.threads),
+        "--bucket-cap-mb", str(args.bucket_cap_mb),
     ]  # fmt: skip
     ranks = [
         subprocess.Popen(
@@ -439,6 +443,7 @@ def main():
     p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD's matrix approximation rank")
     p.add_argument("--start-iter", type=int, default=2, help="steps of plain all-reduce before PowerSGD starts")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--bucket-cap-mb", type=float, default=1024, help="DDP's gradient bucket size (default: one bucket)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)

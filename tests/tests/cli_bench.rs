@@ -348,6 +348,7 @@ fn bad_workload_options_are_named() {
         (vec!["bench", "--dataset", "csv"], "needs --data"),
         (vec!["bench", "--model", "rnn"], "unknown model"),
         (vec!["bench", "--compute-ms=-1"], "--compute-ms"),
+        (vec!["bench", "--bandwidth-scale", "0"], "--bandwidth-scale"),
         (vec!["bench", "--lr", "0"], "--lr"),
         (vec!["bench", "--jobs", "0"], "--jobs"),
         (

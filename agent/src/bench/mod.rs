@@ -97,6 +97,13 @@ pub fn apply_scenario(name: &str, cfg: &mut SimConfig) -> Result<()> {
     Ok(())
 }
 
+/// Multiplies every link's bandwidth in `cfg` by `factor` (`bench --bandwidth-scale`).
+pub fn scale_bandwidth(cfg: &mut SimConfig, factor: f64) {
+    for link in cfg.topology.links.iter_mut().flatten() {
+        link.bandwidth_bps *= factor;
+    }
+}
+
 /// The model a data set is benchmarked with unless another is named: the CIFAR CNN on
 /// CIFAR-10, logistic regression on a CSV, the MLP on digits and other IDX image sets, the
 /// default transformer (its context the window) on text.
@@ -677,6 +684,9 @@ mod tests {
             assert_eq!(l.rtt_s, 0.230);
             assert!((l.bandwidth_bps - 36.4e6).abs() < 1.0, "{l:?}");
         }
+        assert_eq!(c.topology.link(1, 2).rtt_s, 0.179);
+        scale_bandwidth(&mut c, 0.5);
+        assert!((c.topology.link(0, 2).bandwidth_bps - 18.2e6).abs() < 1.0);
         assert_eq!(c.topology.link(1, 2).rtt_s, 0.179);
         apply_scenario("asymmetric", &mut c).unwrap();
         assert_eq!(c.topology.links[0][2].bandwidth_bps, 10e6);

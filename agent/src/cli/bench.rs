@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// scaled to a tenth), 8dc, asymmetric, non-iid or link-drop.
     #[arg(long, default_value = "paper-3dc")]
     scenario: String,
+    /// Multiplies every link's bandwidth of the scenario (the simulator's and the real
+    /// agents' emulated links alike): how the comparison moves as the WAN gets thinner or
+    /// wider against the same compute.
+    #[arg(long, default_value_t = 1.0)]
+    bandwidth_scale: f64,
     /// Top-1 every region must reach (0..1), or `full-sync`: full-sync's final top-1 in the
     /// same run (what it costs each policy to match it).
     #[arg(long, default_value = "0.95")]
@@ -99,6 +104,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!(
             "--compute-ms {} is not a non-negative number of milliseconds",
             args.compute_ms
+        );
+    }
+    if !(args.bandwidth_scale.is_finite() && args.bandwidth_scale > 0.0) {
+        bail!(
+            "--bandwidth-scale {} is not a positive factor",
+            args.bandwidth_scale
         );
     }
     let source = args.data.source()?;
@@ -246,11 +257,16 @@ fn run_seed(
     }
     cfg.model = model.clone();
     bench::apply_scenario(&args.scenario, &mut cfg)?;
+    bench::scale_bandwidth(&mut cfg, args.bandwidth_scale);
     let data = source.load(seed)?;
     let setup = bench::BenchSetup::describe(&cfg, &source.label(), &data, &args.max_staleness)
         .with_context(|| format!("model {} on {}", cfg.model, source.label()))?;
     let plan = bench::BenchPlan {
-        scenario: args.scenario.clone(),
+        scenario: if args.bandwidth_scale == 1.0 {
+            args.scenario.clone()
+        } else {
+            format!("{}, bandwidths ×{}", args.scenario, args.bandwidth_scale)
+        },
         policies: args.policies.clone(),
         staleness_bounds: args.max_staleness.clone(),
         target: args.target_accuracy,
