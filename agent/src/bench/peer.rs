@@ -290,13 +290,9 @@ pub fn read_result(path: &Path) -> Result<PeerResult> {
     Ok(result)
 }
 
-/// The first evaluation at or above `target`: its seconds and bytes.
-fn first_reaching(result: &PeerResult, target: f64) -> Option<(f64, u64)> {
-    result
-        .curve
-        .iter()
-        .find(|p| p.min_accuracy >= target)
-        .map(|p| (p.seconds, p.wan_bytes))
+/// The first evaluation at or above `target` (the agents' rule): its seconds and bytes.
+fn first_reaching(run_curve: &[EvalPoint], target: f64) -> Option<(f64, u64)> {
+    crate::sim::first_reaching(run_curve, target).map(|p| (p.virtual_seconds, p.wan_bytes))
 }
 
 /// Runs `peer` on `cfg`'s run in `dir` and reads what it measured; its output goes to
@@ -352,14 +348,15 @@ pub fn run(
             log_path.display()
         );
     }
-    let result = read_result(&result_path)?;
-    let reached = first_reaching(&result, target);
-    Ok(PeerRun {
+    let mut run = PeerRun {
         name: peer.name.clone(),
-        seconds_to_target: reached.map(|r| r.0),
-        wan_bytes_to_target: reached.map(|r| r.1),
-        result,
-    })
+        result: read_result(&result_path)?,
+        seconds_to_target: None,
+        wan_bytes_to_target: None,
+    };
+    let reached = first_reaching(&run.curve(), target);
+    (run.seconds_to_target, run.wan_bytes_to_target) = (reached.map(|r| r.0), reached.map(|r| r.1));
+    Ok(run)
 }
 
 /// The peers' rows beside the agents': time and bytes to the target, final top-1, and
@@ -506,9 +503,14 @@ mod tests {
             notes: String::new(),
         };
         std::fs::write(&path, serde_json::to_vec(&good).unwrap()).unwrap();
-        let back = read_result(&path).unwrap();
-        assert_eq!(first_reaching(&back, 0.95), Some((2.0, 600)));
-        assert_eq!(first_reaching(&back, 0.99), None);
+        let back = PeerRun {
+            name: "p".into(),
+            result: read_result(&path).unwrap(),
+            seconds_to_target: None,
+            wan_bytes_to_target: None,
+        };
+        assert_eq!(first_reaching(&back.curve(), 0.95), Some((2.0, 600)));
+        assert_eq!(first_reaching(&back.curve(), 0.99), None);
         let mut bad = good.clone();
         bad.curve[2].round = 20;
         std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();

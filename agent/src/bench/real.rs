@@ -286,10 +286,7 @@ pub fn curve(reports: &[serde_json::Value]) -> Vec<EvalPoint> {
 /// The first point of the agents' [`curve`] at which every agent's test top-1 was at least
 /// `target`: its seconds on the agents' clock and the WAN bytes sent by then.
 pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64, u64)> {
-    curve(reports)
-        .into_iter()
-        .find(|p| p.min_accuracy >= target)
-        .map(|p| (p.virtual_seconds, p.wan_bytes))
+    crate::sim::first_reaching(&curve(reports), target).map(|p| (p.virtual_seconds, p.wan_bytes))
 }
 
 /// Runs `policy` under `cfg` as real `agents`, each reading its shard of `source` (loaded

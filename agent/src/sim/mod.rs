@@ -140,8 +140,14 @@ pub struct SimReport {
 impl SimReport {
     /// The first evaluation at which every region reached `accuracy`.
     pub fn first_reaching(&self, accuracy: f64) -> Option<&EvalPoint> {
-        self.curve.iter().find(|p| p.min_accuracy >= accuracy)
+        first_reaching(&self.curve, accuracy)
     }
+}
+
+/// The first point of `curve` at which every region had reached `accuracy`: the rule by
+/// which the simulator, the real agents and the bench's peers are all timed to a target.
+pub fn first_reaching(curve: &[EvalPoint], accuracy: f64) -> Option<&EvalPoint> {
+    curve.iter().find(|p| p.min_accuracy >= accuracy)
 }
 
 struct RegionRt {
