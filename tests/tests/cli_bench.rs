@@ -362,6 +362,18 @@ fn bad_workload_options_are_named() {
             "NAME=COMMAND",
         ),
         (
+            vec![
+                "bench",
+                "--model",
+                "cnn",
+                "--real",
+                "weightgrad",
+                "--peer",
+                "x=true",
+            ],
+            "MLP and logistic-regression models only",
+        ),
+        (
             vec!["bench", "--max-staleness", "18446744073709551615"],
             "is more than 1000000 rounds",
         ),

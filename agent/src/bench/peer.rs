@@ -187,16 +187,27 @@ impl PeerRun {
     }
 }
 
-/// The setup of `cfg`'s run for a peer (shard file names are the regions').
-pub fn setup(cfg: &SimConfig, data: &DataSplit, target: f64, exe: &Path) -> Result<PeerSetup> {
-    let hidden = match &cfg.model {
-        ModelSpec::Mlp { hidden } => hidden.as_slice(),
-        ModelSpec::Logreg => &[],
+/// The hidden widths of a model a peer can build, or why it cannot (checked before the
+/// bench starts, so that a run does not fail after its agents).
+pub fn hidden_widths(model: &ModelSpec) -> Result<&[usize]> {
+    match model {
+        ModelSpec::Mlp { hidden } => Ok(hidden.as_slice()),
+        ModelSpec::Logreg => Ok(&[]),
         other => bail!(
             "--peer runs MLP and logistic-regression models only (the peer builds its own \
              copy of the model); {other} is not one"
         ),
-    };
+    }
+}
+
+/// `s` quoted for `sh`.
+fn shell_quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The setup of `cfg`'s run for a peer (shard file names are the regions').
+pub fn setup(cfg: &SimConfig, data: &DataSplit, target: f64, exe: &Path) -> Result<PeerSetup> {
+    let hidden = hidden_widths(&cfg.model)?;
     let mut layers = vec![data.train.sample_numel()];
     layers.extend(hidden);
     layers.push(data.train.classes);
@@ -313,10 +324,10 @@ pub fn run(
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let command = format!(
-        "{} --setup '{}' --result '{}'",
+        "{} --setup {} --result {}",
         peer.command,
-        dir.display(),
-        result_path.display()
+        shell_quoted(&dir.to_string_lossy()),
+        shell_quoted(&result_path.to_string_lossy())
     );
     let mut child = Command::new("sh")
         .arg("-c")
@@ -414,6 +425,16 @@ pub fn markdown(peers: &[PeerRun], agents: &[crate::bench::real::RealCheck]) -> 
 mod tests {
     use super::*;
     use crate::train::dataset::embedded_digits;
+
+    #[test]
+    fn paths_are_quoted_for_the_shell() {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quoted("a b'c$d")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b'c$d");
+    }
 
     #[test]
     fn peer_commands_parse_and_bad_ones_are_named() {

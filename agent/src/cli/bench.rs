@@ -146,6 +146,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => bench::default_model(&source),
     };
     source.check_model(&model).map_err(anyhow::Error::msg)?;
+    if !args.peer.is_empty() {
+        bench::peer::hidden_widths(&model)?;
+    }
     let several = !args.seeds.is_empty();
     let seeds = if several {
         args.seeds.clone()
