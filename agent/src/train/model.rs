@@ -77,19 +77,12 @@ impl ModelSpec {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
         match (name, arg) {
             ("resnet", "") => Ok(Self::Resnet { width: 16 }),
-            ("resnet", width) => match width.trim().parse::<usize>() {
-                Ok(width) if width > 0 => Ok(Self::Resnet { width }),
-                _ => bail!("resnet width {width:?} in {s:?} is not a positive integer"),
-            },
+            ("resnet", width) => Ok(Self::Resnet {
+                width: positive(width, "resnet width", s)?,
+            }),
             ("transformer", "") => Ok(Self::default_transformer(64)),
             ("transformer", dims) => {
-                let numbers = dims
-                    .split(',')
-                    .map(|n| match n.trim().parse::<usize>() {
-                        Ok(n) if n > 0 => Ok(n),
-                        _ => bail!("transformer size {n:?} in {s:?} is not a positive integer"),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let numbers = positives(dims, "transformer size", s)?;
                 let &[layers, dim, heads, context] = numbers.as_slice() else {
                     bail!(
                         "{s:?}: a transformer is transformer:LAYERS,DIM,HEADS,CONTEXT, \
@@ -104,16 +97,9 @@ impl ModelSpec {
                 })
             }
             ("mlp", "") => Ok(Self::default_mlp()),
-            ("mlp", widths) => {
-                let hidden = widths
-                    .split(',')
-                    .map(|w| match w.trim().parse::<usize>() {
-                        Ok(n) if n > 0 => Ok(n),
-                        _ => bail!("MLP width {w:?} in {s:?} is not a positive integer"),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Self::Mlp { hidden })
-            }
+            ("mlp", widths) => Ok(Self::Mlp {
+                hidden: positives(widths, "MLP width", s)?,
+            }),
             ("cnn", "") => Ok(Self::Cnn),
             ("logreg", "") => Ok(Self::Logreg),
             _ => bail!(
@@ -122,6 +108,19 @@ impl ModelSpec {
             ),
         }
     }
+}
+
+/// `text` of model spec `spec` as a positive integer; `what` names it in the error.
+fn positive(text: &str, what: &str, spec: &str) -> Result<usize> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{what} {text:?} in {spec:?} is not a positive integer"),
+    }
+}
+
+/// A comma-separated list of positive integers of model spec `spec`.
+fn positives(list: &str, what: &str, spec: &str) -> Result<Vec<usize>> {
+    list.split(',').map(|n| positive(n, what, spec)).collect()
 }
 
 impl std::fmt::Display for ModelSpec {
@@ -526,6 +525,23 @@ mod tests {
                 .to_string()
                 .contains("positive")
         );
+        for (spec, says) in [
+            (
+                "mlp:32, x",
+                "MLP width \" x\" in \"mlp:32, x\" is not a positive integer",
+            ),
+            (
+                "resnet:0",
+                "resnet width \"0\" in \"resnet:0\" is not a positive integer",
+            ),
+            (
+                "transformer:2,64,0,64",
+                "transformer size \"0\" in \"transformer:2,64,0,64\" is not a positive integer",
+            ),
+        ] {
+            let e = ModelSpec::parse(spec).unwrap_err().to_string();
+            assert_eq!(e, says);
+        }
         assert!(
             ModelSpec::parse("transformer:2,64,4")
                 .unwrap_err()
