@@ -6,7 +6,7 @@ use crate::sync::clock::MirrorClock;
 use crate::sync::message::{Resumed, RoundEnd, WanMessage};
 use crate::sync::snapshot::Snapshot;
 use std::collections::{BTreeMap, BTreeSet};
-use weightgrad_codec::filter::significant_fractions;
+use weightgrad_codec::filter::{l2_norm, update_stats};
 use weightgrad_codec::{
     CodecError, DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Selection, Update, decode,
     encode, significance_filter,
@@ -663,6 +663,8 @@ impl RegionSync {
 
     /// Per-link statistics of every tensor's residual, for the policy.
     pub fn policy_links(&self, weights: &[Vec<f32>], link_stats: &[LinkStats]) -> Vec<LinkInput> {
+        // The weights are the same for every link: their norms are taken once.
+        let weight_l2: Vec<f32> = weights.iter().map(|w| l2_norm(w)).collect();
         self.links
             .iter()
             .zip(link_stats)
@@ -672,25 +674,20 @@ impl RegionSync {
                     .residual
                     .iter()
                     .zip(weights)
+                    .zip(&weight_l2)
                     .zip(&self.tensors)
                     .zip(&link.rounds_since_sent)
-                    .map(|(((acc, w), meta), &since)| TensorStats {
-                        numel: meta.numel as u64,
-                        role: meta.role,
-                        update_l2: l2(acc),
-                        weight_l2: l2(w),
-                        max_relative: acc
-                            .iter()
-                            .zip(w)
-                            .filter(|(_, w)| **w != 0.0)
-                            .map(|(a, w)| (a / w).abs())
-                            .fold(0.0, f32::max),
-                        significant_fraction: significant_fractions(
-                            acc,
-                            w,
-                            &self.config.stat_thresholds,
-                        ),
-                        rounds_since_sent: since,
+                    .map(|((((acc, w), &weight_l2), meta), &since)| {
+                        let update = update_stats(acc, w, &self.config.stat_thresholds);
+                        TensorStats {
+                            numel: meta.numel as u64,
+                            role: meta.role,
+                            update_l2: update.update_l2,
+                            weight_l2,
+                            max_relative: update.max_relative,
+                            significant_fraction: update.significant_fraction,
+                            rounds_since_sent: since,
+                        }
                     })
                     .collect(),
             })
@@ -972,8 +969,4 @@ pub fn quantizer_for(plan: &TensorPlan, bucket: u32) -> Quantizer {
             clip_sigma: None,
         },
     }
-}
-
-fn l2(x: &[f32]) -> f32 {
-    x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt() as f32
 }
