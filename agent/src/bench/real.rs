@@ -3,7 +3,7 @@
 //! links), then runs the simulator with its per-step cost set to the agents' measured
 //! per-round work, so the two can be compared on WAN bytes and on time.
 
-use crate::config::Congestion;
+use crate::config::{Congestion, InitialWindow};
 use crate::node::Evaluation;
 use crate::sim::{EvalPoint, SimConfig, SimReport, run};
 use crate::train::DataSplit;
@@ -152,6 +152,8 @@ pub struct Agents<'a> {
     pub dir: &'a Path,
     /// Their WAN connections' congestion controller.
     pub congestion: Congestion,
+    /// Where their connections' congestion windows start.
+    pub initial_window: InitialWindow,
     /// Whether a round's WAN work runs beside the next step (`[training] overlap`).
     pub overlap: bool,
 }
@@ -160,6 +162,7 @@ pub struct Agents<'a> {
 struct AgentSlot<'a> {
     cfg: &'a SimConfig,
     congestion: Congestion,
+    initial_window: InitialWindow,
     overlap: bool,
     source: &'a DataSource,
     policy: &'a str,
@@ -192,8 +195,9 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
     };
     // The config's own spelling of the controller (its serde names).
     let congestion = toml::Value::try_from(slot.congestion)?;
+    let initial_window = toml::Value::try_from(slot.initial_window)?;
     let mut t = format!(
-        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\ncongestion = {congestion}\n",
+        "region = {}\n[wan]\nlisten = \"{}\"\nbandwidth_mbps = {}\nrtt_ms = {}\npeer_deadline_s = 120\ncongestion = {congestion}\ninitial_window = {initial_window}\n",
         toml_string(region),
         slot.listen,
         link.bandwidth_bps / 1e6,
@@ -346,6 +350,7 @@ pub fn check(
         let t = agent_config(&AgentSlot {
             cfg,
             congestion: agents.congestion,
+            initial_window: agents.initial_window,
             overlap: agents.overlap,
             source,
             policy,
@@ -526,6 +531,7 @@ mod tests {
         let text = agent_config(&AgentSlot {
             cfg,
             congestion: Congestion::Bbr,
+            initial_window: InitialWindow::Standard,
             overlap: false,
             source,
             policy: "weightgrad",
@@ -578,6 +584,7 @@ mod tests {
             );
             assert_eq!(a.tls.ca, Path::new("/tmp/certs with space/ca.pem"));
             assert_eq!(a.wan.congestion, Congestion::Bbr);
+            assert_eq!(a.wan.initial_window, InitialWindow::Standard);
             assert!(!a.training.overlap);
         }
         let wide = ModelSpec::parse("mlp:1024,1024").unwrap();

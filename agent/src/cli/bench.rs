@@ -2,7 +2,7 @@
 
 use super::data_args::DataArgs;
 use crate::bench::{self, plot, seeds};
-use crate::config::Congestion;
+use crate::config::{Congestion, InitialWindow};
 use crate::sim::SimConfig;
 use crate::train::ModelSpec;
 use crate::train::dataset::DataSource;
@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// cubic; the simulator's links carry their full bandwidth from the first byte).
     #[arg(long, value_enum, requires = "real")]
     congestion: Option<Congestion>,
+    /// Where the `--real` agents' congestion windows start (default: the agent's, one
+    /// bandwidth-delay product of the link, `link`; `standard` for RFC 9002's ten datagrams).
+    #[arg(long, value_enum, requires = "real")]
+    initial_window: Option<InitialWindow>,
     /// Whether the `--real` agents run a round's WAN work beside the next step
     /// (`[training] overlap`; default: the agent's, true; mean merges never overlap).
     #[arg(long, requires = "real", action = clap::ArgAction::Set)]
@@ -323,6 +327,7 @@ fn run_seed(
                     exe: &exe,
                     dir: &work,
                     congestion: args.congestion.unwrap_or_default(),
+                    initial_window: args.initial_window.unwrap_or_default(),
                     overlap: args.overlap.unwrap_or(true),
                 },
             )?);

@@ -68,6 +68,21 @@ pub enum Congestion {
     Bbr,
 }
 
+/// Where a WAN connection's congestion window starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitialWindow {
+    /// One bandwidth-delay product of the configured link (`bandwidth_mbps` × `rtt_ms`;
+    /// the default): the first update crosses at the link's rate instead of after seconds
+    /// of slow start, and bursty traffic that never fills the window (an update every few
+    /// rounds) is not held to the few packets a short-lived window allows.
+    #[default]
+    Link,
+    /// RFC 9002's ten datagrams (about 12 kB), for paths shared with traffic the
+    /// agents must not burst into.
+    Standard,
+}
+
 /// The WAN endpoint and what its links look like (flow-control windows are sized from
 /// bandwidth × RTT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +102,9 @@ pub struct WanConfig {
     /// Congestion controller.
     #[serde(default)]
     pub congestion: Congestion,
+    /// Where each connection's congestion window starts.
+    #[serde(default)]
+    pub initial_window: InitialWindow,
 }
 
 fn default_bandwidth_mbps() -> f64 {

@@ -605,6 +605,7 @@ mod tests {
             rtt_ms: 10.0,
             peer_deadline_s: 2.0,
             congestion: Congestion::Cubic,
+            initial_window: crate::config::InitialWindow::Link,
         }
     }
 
@@ -670,8 +671,17 @@ mod tests {
         dir: &std::path::Path,
         addr: SocketAddr,
     ) -> (LinkSender, std::sync::mpsc::Receiver<WanEvent>) {
+        dialling_with(&wan(), dir, addr)
+    }
+
+    /// [`dialling`] with the dialling endpoint built from `wan`.
+    fn dialling_with(
+        wan: &WanConfig,
+        dir: &std::path::Path,
+        addr: SocketAddr,
+    ) -> (LinkSender, std::sync::mpsc::Receiver<WanEvent>) {
         let client = endpoint::client(
-            &wan(),
+            wan,
             &identity(dir, "eu-west"),
             "127.0.0.1:0".parse().unwrap(),
             LinkTelemetry::default(),
@@ -703,6 +713,31 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(shared.connected.load(Ordering::Relaxed), "link up");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_starts_with_the_configured_initial_window() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
+        let (_server, addr, _rx) = accepting(dir.path(), "127.0.0.1:0".parse().unwrap());
+        let window = |initial_window| {
+            let wan = WanConfig {
+                initial_window,
+                ..wan()
+            };
+            let (sender, _events) = dialling_with(&wan, dir.path(), addr);
+            async move {
+                let shared = sender.shared().clone();
+                until_connected(&shared).await;
+                shared.transport().unwrap().congestion_window
+            }
+        };
+        // 100 Mbit/s at 10 ms: 125,000 bytes in flight fill the link.
+        let link = window(crate::config::InitialWindow::Link).await;
+        assert!(link >= 125_000, "link: {link}");
+        // RFC 9002's ten datagrams, grown only by the handshake's few acknowledged bytes.
+        let standard = window(crate::config::InitialWindow::Standard).await;
+        assert!(standard < 30_000, "standard: {standard}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
