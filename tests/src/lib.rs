@@ -24,7 +24,20 @@ pub fn weightgrad(args: &[&str]) -> Output {
 
 /// Runs the binary under test and fails the test, showing stderr, unless it succeeds.
 pub fn weightgrad_ok(args: &[&str]) -> Output {
-    let out = weightgrad(args);
+    succeeded(args, weightgrad(args))
+}
+
+/// [`weightgrad_ok`] with `dir` as the working directory (for relative paths in `args`).
+pub fn weightgrad_ok_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    let out = Command::new(binary())
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run weightgrad");
+    succeeded(args, out)
+}
+
+fn succeeded(args: &[&str], out: Output) -> Output {
     assert!(
         out.status.success(),
         "weightgrad {args:?} failed: {}",

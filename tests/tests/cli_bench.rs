@@ -167,32 +167,37 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     let peer = dir.path().join("peer.py");
     std::fs::write(&peer, STAND_IN_PEER).unwrap();
     let peer = format!("stand-in=python3 {}", peer.display());
-    let out = weightgrad_ok(&[
-        "bench",
-        "--dataset",
-        "csv",
-        "--data",
-        csv.to_str().unwrap(),
-        "--label-column",
-        "class",
-        "--policies",
-        "full-sync,weightgrad",
-        "--epochs",
-        "3",
-        "--lr",
-        "0.03",
-        "--target-accuracy",
-        "0.9",
-        "--real",
-        "full-sync",
-        "--congestion",
-        "bbr",
-        "--peer",
-        &peer,
-        "--json",
-        "--out",
-        dir.path().join("out").to_str().unwrap(),
-    ]);
+    // `--out` relative to the working directory: the agents' configs must still name
+    // their certificates and shards where they are.
+    let out = weightgrad_ok_in(
+        dir.path(),
+        &[
+            "bench",
+            "--dataset",
+            "csv",
+            "--data",
+            csv.to_str().unwrap(),
+            "--label-column",
+            "class",
+            "--policies",
+            "full-sync,weightgrad",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.03",
+            "--target-accuracy",
+            "0.9",
+            "--real",
+            "full-sync",
+            "--congestion",
+            "bbr",
+            "--peer",
+            &peer,
+            "--json",
+            "--out",
+            "out",
+        ],
+    );
     let v = last_json_line(&out);
     let w = &v["setup"];
     assert_eq!(w["model"], "logreg", "{w}");

@@ -304,7 +304,11 @@ pub fn check(
     target: f64,
     agents: &Agents<'_>,
 ) -> Result<RealCheck> {
-    let (exe, dir) = (agents.exe, agents.dir);
+    // The agents' configs name their certificates, shards and state by this path, and
+    // each config's relative paths are read against the config file's own directory.
+    let dir = &std::path::absolute(agents.dir)
+        .with_context(|| format!("resolving {}", agents.dir.display()))?;
+    let exe = agents.exe;
     if cfg.link_drop.is_some() {
         bail!("--real does not emulate a link that changes mid-run; pick another scenario");
     }

@@ -712,6 +712,7 @@ dir = "state"
         assert_eq!(cfg.policy.on_failure, FailStrategy::LastGood);
         assert_eq!(cfg.admin.listen, "127.0.0.1:9464".parse().unwrap());
         assert_eq!(cfg.wan.congestion, Congestion::Cubic);
+        assert_eq!(cfg.wan.initial_window, InitialWindow::Link);
         // 50 Mbit/s × 120 ms = 750 kB in flight.
         assert_eq!(cfg.wan.bandwidth_delay_bytes(), 750_000);
         assert!(!cfg.lan.data_mode_allowed() || !cfg.lan.crosses_wan);
@@ -755,6 +756,8 @@ dir = "state"
         assert!(e.contains("checkpoint"), "{e}");
         let e = err(&format!("{EXAMPLE}\n[lan]\ncrosses_wan = \"yes\"\n"));
         assert!(e.contains("crosses_wan"), "{e}");
+        let e = err(&EXAMPLE.replace("rtt_ms = 120", "rtt_ms = 120\ninitial_window = \"huge\""));
+        assert!(e.contains("huge") && e.contains("link"), "{e}");
     }
 
     #[test]

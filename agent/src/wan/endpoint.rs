@@ -1,7 +1,7 @@
 //! Building the QUIC endpoints: mutual TLS, flow-control windows and send buffers sized
 //! from the configured bandwidth × RTT (s2n-quic's defaults suit only about 150 Mbit/s at
 //! 100 ms), UDP socket buffers that ride out a busy host, keep-alive, the congestion
-//! controller, and the telemetry subscriber.
+//! controller and its initial window, and the telemetry subscriber.
 
 use super::{telemetry::LinkTelemetry, tls};
 use crate::config::{Congestion, InitialWindow, WanConfig};
@@ -104,8 +104,8 @@ pub fn limits(wan: &WanConfig) -> Result<Limits> {
     Ok(l)
 }
 
-/// The smallest initial window RFC 9002 allows a sender to start with (its ten-datagram
-/// default at a 1,472-byte datagram).
+/// RFC 9002's recommended initial window at its largest (ten datagrams, capped at
+/// 14,720 bytes): the floor of a link's initial window.
 const STANDARD_INITIAL_WINDOW: u64 = 14_720;
 
 /// The congestion window each connection starts with, in bytes, under `[wan]

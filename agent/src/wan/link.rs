@@ -18,10 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 /// Target size of a stream that carries several small messages.
 pub const STREAM_TARGET_BYTES: usize = 256 * 1024;
+/// Bytes handed to a stream at a time, so that a stream holds no more than its send buffer.
+const SEND_PIECE_BYTES: usize = 64 * 1024;
 /// Application close code when this side gives up on a broken connection.
 const LINK_BROKEN: u32 = 10;
 /// How long a dial (TLS and application handshake) may take.
@@ -445,6 +448,8 @@ async fn pump(
 ) -> Result<()> {
     let (handle, mut acceptor) = conn.split();
     let mut in_flight: JoinSet<Result<Group, anyhow::Error>> = JoinSet::new();
+    // Set once the last launched stream has handed all its bytes to QUIC's send buffer.
+    let mut last_handed: Option<oneshot::Receiver<()>> = None;
     let mut busy_since: Option<Instant> = None;
     let mut error: Option<anyhow::Error> = None;
     let mut queue_open = true;
@@ -462,6 +467,8 @@ async fn pump(
                     .collect();
                 let mut handle = handle.clone();
                 busy_since.get_or_insert_with(Instant::now);
+                let (handed, next) = oneshot::channel();
+                let previous = last_handed.replace(next);
                 in_flight.spawn(async move {
                     let mut bytes = vec![STREAM_MESSAGES];
                     bytes.extend(encode_stream(group.iter().map(|(_, m)| &m[..])));
@@ -469,9 +476,28 @@ async fn pump(
                     // only after handing them over (a QUIC acknowledgement alone would not
                     // survive the peer stopping before it read them).
                     let sent = async {
+                        // Streams take the link in the order their messages were queued:
+                        // each starts once the one before has handed its last bytes to
+                        // the send buffer. Started together, QUIC would share the link
+                        // between them, and a round's update would arrive only when the
+                        // newer rounds queued behind it had crossed too.
+                        if let Some(previous) = previous {
+                            // An error means the previous stream failed; its bytes are
+                            // not ahead of ours then.
+                            let _ = previous.await;
+                        }
                         let mut s = handle.open_bidirectional_stream().await?;
-                        s.send(Bytes::from(bytes)).await?;
+                        // In pieces: the stream takes a whole chunk however large, and
+                        // waits for room in its send buffer only before the next one.
+                        let bytes = Bytes::from(bytes);
+                        let mut at = 0;
+                        while at < bytes.len() {
+                            let end = (at + SEND_PIECE_BYTES).min(bytes.len());
+                            s.send(bytes.slice(at..end)).await?;
+                            at = end;
+                        }
                         s.finish()?;
+                        let _ = handed.send(());
                         let mut answer = Vec::new();
                         while let Some(chunk) = s.receive().await? {
                             answer.extend_from_slice(&chunk);
@@ -619,6 +645,19 @@ mod tests {
         SocketAddr,
         std::sync::mpsc::Receiver<WanEvent>,
     ) {
+        accepting_with(dir, listen, 1 << 20)
+    }
+
+    /// [`accepting`] taking messages of up to `max_message` bytes.
+    fn accepting_with(
+        dir: &std::path::Path,
+        listen: SocketAddr,
+        max_message: usize,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        SocketAddr,
+        std::sync::mpsc::Receiver<WanEvent>,
+    ) {
         let server = endpoint::server(
             &wan(),
             listen,
@@ -637,7 +676,7 @@ mod tests {
             },
             round: Arc::new(AtomicU64::new(0)),
             events: tx,
-            max_message: 1 << 20,
+            max_message,
             refusals: Arc::default(),
             bad_streams: Arc::default(),
             open: std::sync::RwLock::new(true),
@@ -770,6 +809,53 @@ mod tests {
         let mut got = BTreeSet::new();
         tokio::task::block_in_place(|| collect(&rx, &mut got, 1));
         assert!(got.contains(&b"after the replacement"[..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_messages_cross_the_link_in_the_order_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(&["us-east".into(), "eu-west".into()], dir.path(), false).unwrap();
+        const LEN: usize = 3_000_000;
+        let (_server, upstream, rx) =
+            accepting_with(dir.path(), "127.0.0.1:0".parse().unwrap(), LEN);
+        // 48 Mbit/s: the two messages take about a second to cross.
+        let shaping = crate::wan::shaper::Shaping::new(48.0, 2.0);
+        let _relay = crate::wan::relay::start(crate::wan::relay::RelayConfig::both_ways(
+            "127.0.0.1:0".parse().unwrap(),
+            upstream,
+            shaping,
+            1,
+        ))
+        .await
+        .unwrap();
+        let (sender, _events) = dialling(dir.path(), _relay.local_addr());
+        until_connected(&sender.shared().clone()).await;
+        let start = Instant::now();
+        for first_byte in [1u8, 2] {
+            assert!(sender.send(vec![first_byte; LEN]));
+        }
+        let arrivals = tokio::task::block_in_place(|| {
+            let mut at = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while at.len() < 2 && Instant::now() < deadline {
+                if let Ok(WanEvent::Message { bytes, .. }) =
+                    rx.recv_timeout(Duration::from_millis(20))
+                {
+                    at.push((bytes[0], start.elapsed().as_secs_f64()));
+                }
+            }
+            at
+        });
+        assert_eq!(arrivals.len(), 2, "both arrive: {arrivals:?}");
+        assert_eq!((arrivals[0].0, arrivals[1].0), (1, 2), "in order");
+        // The first is not held back by the second: sharing the link from the start, both
+        // would finish together; in order, the first finishes well before (the second's
+        // start overlaps only the first's last send buffer, 1 MiB here).
+        let (first, second) = (arrivals[0].1, arrivals[1].1);
+        assert!(
+            first < 0.85 * second,
+            "first after {first:.2} s, second after {second:.2} s"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
