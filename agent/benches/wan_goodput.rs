@@ -12,7 +12,7 @@ use s2n_quic::client::Connect;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weightgrad::config::{Congestion, TlsConfig, WanConfig};
+use weightgrad::config::{Congestion, InitialWindow, TlsConfig, WanConfig};
 use weightgrad::wan::relay::{self, RelayConfig};
 use weightgrad::wan::shaper::Shaping;
 use weightgrad::wan::telemetry::LinkTelemetry;
@@ -167,6 +167,7 @@ fn main() {
             rtt_ms,
             peer_deadline_s: 30.0,
             congestion,
+            initial_window: InitialWindow::default(),
         };
         let bytes = (shaped_mb * CHUNK as f64) as usize;
         let shaping = Shaping::new(mbps, rtt_ms / 2.0);
@@ -183,6 +184,7 @@ fn main() {
         rtt_ms: 1.0,
         peer_deadline_s: 30.0,
         congestion: Congestion::Cubic,
+        initial_window: InitialWindow::default(),
     };
     let bytes = (loopback_mb * CHUNK as f64) as usize;
     let (quic, tcp) = rt.block_on(async {

@@ -114,7 +114,8 @@ pub struct LinkStats {
     pub rtt_s: f64,
     /// Fraction of packets lost.
     pub loss: f64,
-    /// Bytes handed to the link and not yet delivered.
+    /// Bytes handed to the link and not yet acknowledged by the peer's agent (the
+    /// acknowledgement comes back half a round trip after the last byte arrives).
     pub queued_bytes: u64,
 }
 

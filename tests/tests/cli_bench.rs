@@ -1,7 +1,7 @@
 //! `weightgrad bench` as users run it: JSON results with the documented fields, the
 //! Markdown table and plots under `--out`, and clear errors for bad options.
 
-use weightgrad_tests::{last_json_line, weightgrad, weightgrad_ok};
+use weightgrad_tests::{last_json_line, weightgrad, weightgrad_ok, weightgrad_ok_in};
 
 #[test]
 fn bench_reports_every_policy_and_writes_table_and_plots() {

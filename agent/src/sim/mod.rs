@@ -263,7 +263,7 @@ pub fn run(
             regions: n as u32,
             final_round: false,
         };
-        let input = policy_input(rt, r, &links, &names, context);
+        let input = policy_input(rt, r, &links, &names, context, 0.0);
         let out = policy.decide(&input);
         validate_output(&input, &out)
             .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -318,7 +318,7 @@ pub fn run(
                     regions: n as u32,
                     final_round: round == total_rounds,
                 };
-                let input = policy_input(rt, r, &links, &names, context);
+                let input = policy_input(rt, r, &links, &names, context, now);
                 let out = policy.decide(&input);
                 validate_output(&input, &out)
                     .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -352,8 +352,6 @@ pub fn run(
                 }
             }
             Event::Arrival { to, from, bytes } => {
-                let l = link_index(from, to);
-                links[from][l].delivered(bytes.len() as u64);
                 let rt = &mut regions[to];
                 let li = link_index(to, from);
                 if rt
@@ -443,12 +441,14 @@ fn try_start(
     Ok(Some(now + cfg.compute_s))
 }
 
+/// What region `r`'s policy is given at `now`: its links as the virtual WAN has them then.
 fn policy_input(
     rt: &RegionRt,
     r: usize,
     links: &[Vec<VirtualLink>],
     names: &[String],
     context: RoundContext,
+    now: f64,
 ) -> PolicyInput {
     let stats: Vec<weightgrad_sdk::LinkStats> = links[r]
         .iter()
@@ -458,7 +458,7 @@ fn policy_input(
             bandwidth_bps: link.model.bandwidth_bps,
             rtt_s: link.model.rtt_s,
             loss: link.model.loss,
-            queued_bytes: link.queued(),
+            queued_bytes: link.queued(now),
         })
         .collect();
     PolicyInput {

@@ -5,6 +5,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 
 /// Bytes per packet used to turn loss rates into retransmissions.
 const PACKET: u64 = 1200;
@@ -29,7 +30,9 @@ pub struct VirtualLink {
     pub model: LinkModel,
     free_at: f64,
     last_arrival: f64,
-    queued: u64,
+    /// Messages not yet acknowledged: when the receiver's acknowledgement reaches the
+    /// sender, and the message's bytes, in the order sent.
+    unacknowledged: VecDeque<(f64, u64)>,
     rng: ChaCha8Rng,
 }
 
@@ -40,7 +43,7 @@ impl VirtualLink {
             model,
             free_at: 0.0,
             last_arrival: 0.0,
-            queued: 0,
+            unacknowledged: VecDeque::new(),
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
@@ -68,18 +71,27 @@ impl VirtualLink {
         self.free_at = start + tx;
         let arrival = (self.free_at + delay).max(self.last_arrival);
         self.last_arrival = arrival;
-        self.queued += bytes;
+        while self
+            .unacknowledged
+            .front()
+            .is_some_and(|&(at, _)| at <= now)
+        {
+            self.unacknowledged.pop_front();
+        }
+        self.unacknowledged
+            .push_back((arrival + self.model.rtt_s / 2.0, bytes));
         arrival
     }
 
-    /// Marks `bytes` as delivered (for the queued-bytes statistic).
-    pub fn delivered(&mut self, bytes: u64) {
-        self.queued = self.queued.saturating_sub(bytes);
-    }
-
-    /// Bytes sent and not yet delivered.
-    pub fn queued(&self) -> u64 {
-        self.queued
+    /// Bytes sent and not yet acknowledged at `now`, as a real link counts them: a
+    /// message stays queued until the receiver's acknowledgement is back, half a round
+    /// trip after its last byte arrived (what the `adaptive` policy reads as backlog).
+    pub fn queued(&self, now: f64) -> u64 {
+        self.unacknowledged
+            .iter()
+            .filter(|&&(at, _)| at > now)
+            .map(|&(_, bytes)| bytes)
+            .sum()
     }
 }
 
@@ -100,6 +112,28 @@ mod tests {
         // Queued behind the first message.
         assert!((l.send(0.5, 1_000_000) - 2.05).abs() < 1e-9);
         assert!((l.send(10.0, 0) - 10.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bytes_stay_queued_until_the_acknowledgement_is_back() {
+        let m = LinkModel {
+            bandwidth_bps: 8e6,
+            rtt_s: 0.1,
+            jitter_s: 0.0,
+            loss: 0.0,
+        };
+        let mut l = VirtualLink::new(m, 0);
+        assert_eq!(l.queued(0.0), 0);
+        // Arrives at 1.05 s, acknowledged back at 1.10 s.
+        l.send(0.0, 1_000_000);
+        l.send(0.5, 500);
+        assert_eq!(l.queued(0.9), 1_000_500);
+        assert_eq!(l.queued(1.06), 1_000_500, "arrived, not yet acknowledged");
+        assert_eq!(l.queued(1.11), 0, "both acknowledged");
+        // Sending later forgets what was acknowledged and counts only the new message.
+        l.send(2.0, 700);
+        assert_eq!(l.queued(2.0), 700);
+        assert_eq!(l.unacknowledged.len(), 1);
     }
 
     #[test]
