@@ -99,15 +99,17 @@ impl VirtualLink {
 mod tests {
     use super::*;
 
+    /// 8 Mbit/s (a megabyte a second), 100 ms round trip, no jitter or loss.
+    const CLEAN_8_MBIT: LinkModel = LinkModel {
+        bandwidth_bps: 8e6,
+        rtt_s: 0.1,
+        jitter_s: 0.0,
+        loss: 0.0,
+    };
+
     #[test]
     fn transfer_time_is_bytes_over_bandwidth_plus_half_rtt() {
-        let m = LinkModel {
-            bandwidth_bps: 8e6,
-            rtt_s: 0.1,
-            jitter_s: 0.0,
-            loss: 0.0,
-        };
-        let mut l = VirtualLink::new(m, 0);
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
         assert!((l.send(0.0, 1_000_000) - 1.05).abs() < 1e-9);
         // Queued behind the first message.
         assert!((l.send(0.5, 1_000_000) - 2.05).abs() < 1e-9);
@@ -116,13 +118,7 @@ mod tests {
 
     #[test]
     fn bytes_stay_queued_until_the_acknowledgement_is_back() {
-        let m = LinkModel {
-            bandwidth_bps: 8e6,
-            rtt_s: 0.1,
-            jitter_s: 0.0,
-            loss: 0.0,
-        };
-        let mut l = VirtualLink::new(m, 0);
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
         assert_eq!(l.queued(0.0), 0);
         // Arrives at 1.05 s, acknowledged back at 1.10 s.
         l.send(0.0, 1_000_000);
