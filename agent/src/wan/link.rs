@@ -820,7 +820,7 @@ mod tests {
             accepting_with(dir.path(), "127.0.0.1:0".parse().unwrap(), LEN);
         // 48 Mbit/s: the two messages take about a second to cross.
         let shaping = crate::wan::shaper::Shaping::new(48.0, 2.0);
-        let _relay = crate::wan::relay::start(crate::wan::relay::RelayConfig::both_ways(
+        let relay = crate::wan::relay::start(crate::wan::relay::RelayConfig::both_ways(
             "127.0.0.1:0".parse().unwrap(),
             upstream,
             shaping,
@@ -828,7 +828,7 @@ mod tests {
         ))
         .await
         .unwrap();
-        let (sender, _events) = dialling(dir.path(), _relay.local_addr());
+        let (sender, _events) = dialling(dir.path(), relay.local_addr());
         until_connected(&sender.shared().clone()).await;
         let start = Instant::now();
         for first_byte in [1u8, 2] {
