@@ -54,8 +54,10 @@ pub fn builtin(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
 }
 
 /// A built-in policy, or for the bench a variant of the weightgrad policy with its knobs
-/// changed: `weightgrad:every=N:budget=F:bits=B:tau=F` (any of them, in any order; the
-/// rest keep their defaults). Variants run natively in the simulator only: to deploy one,
+/// changed: `weightgrad:every=N:budget=F:bits=B:tau=F:lan=B:floor=F` (any of them, in any
+/// order; the rest keep their defaults; `lan` sets the LAN gradient and weight bits
+/// together, 32 for full precision; `floor` is the smallest share of the budget a link that
+/// is behind is cut to, 1 for a fixed budget). Variants run natively in the simulator only: to deploy one,
 /// write it as a policy (`weightgrad policy new mine --from weightgrad`).
 pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
     let Some(knobs) = name.strip_prefix("weightgrad:") else {
@@ -96,10 +98,26 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
                     .filter(|t: &f32| t.is_finite() && *t >= 0.0)
                     .ok_or_else(|| bad("a threshold >= 0"))?
             }
+            "floor" => {
+                p.min_budget_share = value
+                    .parse()
+                    .ok()
+                    .filter(|f: &f32| *f > 0.0 && *f <= 1.0)
+                    .ok_or_else(|| bad("a fraction in (0, 1]"))?
+            }
+            "lan" => {
+                let bits = value
+                    .parse()
+                    .ok()
+                    .filter(|b| matches!(b, 2..=8 | 32))
+                    .ok_or_else(|| bad("2..8 or 32"))?;
+                p.lan_gradient_bits = bits;
+                p.lan_weight_bits = bits;
+            }
             _ => {
                 return Err(format!(
                     "{name:?}: unknown knob {key:?}; the weightgrad policy's are every, budget, \
-                     bits and tau"
+                     bits, tau, lan and floor"
                 ));
             }
         }
@@ -124,7 +142,15 @@ mod tests {
             .decide(&input);
         let weight_plan = &wider.links[0].tensors[0];
         assert_eq!((weight_plan.bits, weight_plan.top_fraction), (4, 0.5));
+        let full_lan = builtin_or_variant("weightgrad:lan=32")
+            .unwrap()
+            .decide(&input);
+        assert_eq!(full_lan.lan.weight_bits, 32);
+        assert!(full_lan.lan.gradient_bits.iter().all(|&b| b == 32));
+        assert_eq!(full_lan.links, default.links);
         for bad in [
+            "weightgrad:lan=16",
+            "weightgrad:floor=0",
             "weightgrad:every=0",
             "weightgrad:speed=2",
             "weightgrad:bits",

@@ -22,7 +22,7 @@ const MAX_STALENESS_BOUND: u64 = 1_000_000;
 pub struct BenchArgs {
     /// Policies to compare (comma-separated); full-sync gives the ratios. In the simulator a
     /// variant of the weightgrad policy may be named by its changed knobs, e.g.
-    /// `weightgrad:every=1:budget=0.16:bits=4` (knobs: every, budget, bits, tau).
+    /// `weightgrad:every=1:budget=0.16:bits=4` (knobs: every, budget, bits, tau, lan, floor).
     #[arg(
         long,
         value_delimiter = ',',

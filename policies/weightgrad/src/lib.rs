@@ -8,6 +8,13 @@
 //! On the final round it flushes every residual element at 8 bits, so nothing is left
 //! behind when the run ends.
 //!
+//! The budget follows each link: when a sync is due and more than `backlog_bytes` of
+//! earlier sends are still unacknowledged on a link (the link did not carry the last sync
+//! within the sync interval), that link's share of the budget halves, down to
+//! `min_budget_share`; when the link is clear it doubles back, up to the whole budget. The
+//! shares are the policy's state (one little-endian f32 per link, in link order). A link
+//! that keeps up never leaves the whole budget.
+//!
 //! Defaults (τ0 5%, every 3 rounds, a budget of 4% of each weight tensor, 2-bit weights,
 //! 8-bit biases, 8-bit LAN gradients and weights) were chosen on the embedded digits demo
 //! over three seeds; `docs/benchmarks.md` records the runs.
@@ -41,6 +48,11 @@ pub struct WeightGrad {
     /// Largest fraction of a weight tensor sent per sync: of the elements the filter
     /// passes, the largest this many (biases are not capped). 1.0 sends every survivor.
     pub weight_budget: f32,
+    /// Unacknowledged bytes on a link, when a sync is due, above which the link counts as
+    /// behind and its share of `weight_budget` halves.
+    pub backlog_bytes: u64,
+    /// Smallest share of `weight_budget` a link behind is cut to, in (0, 1].
+    pub min_budget_share: f32,
 }
 
 impl Default for WeightGrad {
@@ -54,7 +66,43 @@ impl Default for WeightGrad {
             lan_weight_bits: 8,
             sync_every: 3,
             weight_budget: 0.04,
+            backlog_bytes: 16 << 10,
+            min_budget_share: 0.25,
         }
+    }
+}
+
+impl WeightGrad {
+    /// Each link's share of the weight budget this round: the saved shares (the whole
+    /// budget for a link without one), halved on a link that is behind when a sync is due
+    /// and doubled on one that is clear, within [`Self::min_budget_share`, 1].
+    fn budget_shares(&self, input: &PolicyInput, sync_due: bool) -> Vec<f32> {
+        let floor = self.min_budget_share.clamp(f32::MIN_POSITIVE, 1.0);
+        let saved: Vec<f32> = input
+            .state
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        input
+            .links
+            .iter()
+            .enumerate()
+            .map(|(l, link)| {
+                let share = saved
+                    .get(l)
+                    .copied()
+                    .filter(|s| s.is_finite())
+                    .unwrap_or(1.0)
+                    .clamp(floor, 1.0);
+                if !sync_due {
+                    share
+                } else if link.link.queued_bytes > self.backlog_bytes {
+                    (share * 0.5).max(floor)
+                } else {
+                    (share * 2.0).min(1.0)
+                }
+            })
+            .collect()
     }
 }
 
@@ -62,8 +110,8 @@ impl Policy for WeightGrad {
     fn info(&self) -> PolicyInfo {
         PolicyInfo {
             name: "weightgrad".into(),
-            version: "1.1.0".into(),
-            description: "significance filter every 3 rounds, largest 4% of each weight tensor at 2 bits, 8-bit LAN gradients and weights"
+            version: "1.2.0".into(),
+            description: "significance filter every 3 rounds, largest 4% of each weight tensor at 2 bits (less on a link that is behind), 8-bit LAN gradients and weights"
                 .into(),
         }
     }
@@ -79,7 +127,8 @@ impl Policy for WeightGrad {
             .context
             .round
             .is_multiple_of(u64::from(self.sync_every.max(1)));
-        let plan_for = |role: TensorRole| {
+        let shares = self.budget_shares(input, send && !input.context.final_round);
+        let plan_for = |role: TensorRole, share: f32| {
             if input.context.final_round {
                 // Leave nothing behind: every residual element, at 8 bits.
                 return TensorPlan {
@@ -93,7 +142,7 @@ impl Policy for WeightGrad {
             // touches only the rows a step read, so its budget goes to those) get the
             // low-bit top-k budget; the per-channel vectors (biases, norms) go whole.
             let (bits, top_fraction) = if role.is_matrix() {
-                (self.weight_bits, self.weight_budget)
+                (self.weight_bits, self.weight_budget * share)
             } else {
                 (self.bias_bits, 1.0)
             };
@@ -108,8 +157,9 @@ impl Policy for WeightGrad {
             links: input
                 .links
                 .iter()
-                .map(|l| LinkPlan {
-                    tensors: l.tensors.iter().map(|t| plan_for(t.role)).collect(),
+                .zip(&shares)
+                .map(|(l, &share)| LinkPlan {
+                    tensors: l.tensors.iter().map(|t| plan_for(t.role, share)).collect(),
                 })
                 .collect(),
             lan: LanPlan {
@@ -126,7 +176,7 @@ impl Policy for WeightGrad {
                 weight_bits: self.lan_weight_bits,
                 mode: LanMode::Gradient,
             },
-            state: input.state.clone(),
+            state: shares.iter().flat_map(|s| s.to_le_bytes()).collect(),
         }
     }
 }
@@ -166,6 +216,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The weight tensors' budgets per link after a call at `round` with `queued` bytes on
+    /// each link and the saved `state`, and the state the call leaves.
+    fn budgets(round: u64, queued: &[u64], state: Vec<u8>) -> (Vec<f32>, Vec<u8>) {
+        let mut input = golden_input();
+        input.context.round = round;
+        input.state = state;
+        assert_eq!(input.links.len(), queued.len(), "one queue per golden link");
+        for (link, &q) in input.links.iter_mut().zip(queued) {
+            link.link.queued_bytes = q;
+        }
+        let out = WeightGrad::default().decide(&input);
+        assert!(validate_output(&input, &out).is_ok());
+        let weight_budgets = out
+            .links
+            .iter()
+            .zip(&input.links)
+            .map(|(plan, link)| {
+                let (t, _) = link
+                    .tensors
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| t.role == TensorRole::Weight)
+                    .expect("the golden input has a weight tensor");
+                plan.tensors[t].top_fraction
+            })
+            .collect();
+        (weight_budgets, out.state)
+    }
+
+    #[test]
+    fn a_link_behind_at_a_sync_gets_half_its_budget_and_a_clear_one_doubles_back() {
+        let links = golden_input().links.len();
+        assert!(
+            links >= 2,
+            "the golden input needs a clear link beside a busy one"
+        );
+        let mut queued = vec![0u64; links];
+        queued[0] = 100 << 10;
+        let (first, state) = budgets(3, &queued, vec![]);
+        assert_eq!(first[0], 0.02, "behind: half the budget");
+        assert!(
+            first[1..].iter().all(|&b| b == 0.04),
+            "clear links keep the budget"
+        );
+        // Between syncs nothing moves, whatever the queue.
+        let (between, kept) = budgets(4, &queued, state.clone());
+        assert_eq!(between, first);
+        assert_eq!(kept, state);
+        let (second, state) = budgets(6, &queued, state);
+        assert_eq!(second[0], 0.01, "still behind: a quarter");
+        let (third, state) = budgets(9, &queued, state);
+        assert_eq!(third[0], 0.01, "never below the floor");
+        queued[0] = 0;
+        let (clear, state) = budgets(12, &queued, state);
+        assert_eq!(clear[0], 0.02, "clear: doubles back");
+        let (whole, _) = budgets(15, &queued, state);
+        assert_eq!(whole[0], 0.04, "and up to the whole budget");
+        // A few bytes of round markers in flight are not a backlog.
+        queued[0] = 200;
+        assert_eq!(budgets(3, &queued, vec![]).0[0], 0.04);
+        // A state that is not one share per link counts as none.
+        assert_eq!(budgets(3, &queued, vec![1, 2, 3]).0[0], 0.04);
+        let garbage = f32::NAN.to_le_bytes().repeat(links);
+        assert_eq!(budgets(3, &[0; 8][..links], garbage).0[0], 0.04);
     }
 
     #[test]
