@@ -57,8 +57,8 @@ pub fn builtin(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
 /// changed: `weightgrad:every=N:budget=F:bits=B:tau=F:lan=B:floor=F` (any of them, in any
 /// order; the rest keep their defaults; `lan` sets the LAN gradient and weight bits
 /// together, 32 for full precision; `floor` is the smallest share of the budget a link that
-/// is behind is cut to, 1 for a fixed budget). Variants run natively in the simulator only: to deploy one,
-/// write it as a policy (`weightgrad policy new mine --from weightgrad`).
+/// is behind is cut to, 1 for a fixed budget). Variants run natively in the simulator only:
+/// to deploy one, write it as a policy (`weightgrad policy new mine --from weightgrad`).
 pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
     let Some(knobs) = name.strip_prefix("weightgrad:") else {
         return builtin(name);
@@ -69,6 +69,13 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
             .split_once('=')
             .ok_or_else(|| format!("{name:?}: {knob:?} is not KNOB=VALUE"))?;
         let bad = |what: &str| format!("{name:?}: {key}={value:?} is not {what}");
+        let fraction = || {
+            value
+                .parse()
+                .ok()
+                .filter(|f: &f32| *f > 0.0 && *f <= 1.0)
+                .ok_or_else(|| bad("a fraction in (0, 1]"))
+        };
         match key {
             "every" => {
                 p.sync_every = value
@@ -77,13 +84,7 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
                     .filter(|&n| n > 0)
                     .ok_or_else(|| bad("a positive integer"))?
             }
-            "budget" => {
-                p.weight_budget = value
-                    .parse()
-                    .ok()
-                    .filter(|f: &f32| *f > 0.0 && *f <= 1.0)
-                    .ok_or_else(|| bad("a fraction in (0, 1]"))?
-            }
+            "budget" => p.weight_budget = fraction()?,
             "bits" => {
                 p.weight_bits = value
                     .parse()
@@ -98,13 +99,7 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
                     .filter(|t: &f32| t.is_finite() && *t >= 0.0)
                     .ok_or_else(|| bad("a threshold >= 0"))?
             }
-            "floor" => {
-                p.min_budget_share = value
-                    .parse()
-                    .ok()
-                    .filter(|f: &f32| *f > 0.0 && *f <= 1.0)
-                    .ok_or_else(|| bad("a fraction in (0, 1]"))?
-            }
+            "floor" => p.min_budget_share = fraction()?,
             "lan" => {
                 let bits = value
                     .parse()

@@ -349,6 +349,30 @@ impl PolicyOutput {
     }
 }
 
+/// A value per link read back from a state blob written by [`per_link_state`] (one
+/// little-endian `f32` per link, in link order): `links` values, each the saved one, or
+/// `default` where there is none or it is not finite, clamped to `[min, max]`. A blob from
+/// another policy or version reads as values within the bounds, never as an error.
+pub fn per_link_values(state: &[u8], links: usize, default: f32, min: f32, max: f32) -> Vec<f32> {
+    let mut saved = state
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    (0..links)
+        .map(|_| {
+            saved
+                .next()
+                .filter(|v| v.is_finite())
+                .unwrap_or(default)
+                .clamp(min, max)
+        })
+        .collect()
+}
+
+/// The state blob that keeps `values`, one per link, for [`per_link_values`] next round.
+pub fn per_link_state(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// Name, version and one-line description of a policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyInfo {
@@ -508,6 +532,22 @@ pub fn validate_output(input: &PolicyInput, output: &PolicyOutput) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_link_values_come_back_from_their_state_within_bounds() {
+        let state = per_link_state(&[0.5, 7.0, f32::NAN]);
+        assert_eq!(state.len(), 12);
+        assert_eq!(
+            per_link_values(&state, 4, 1.0, 0.25, 1.0),
+            [0.5, 1.0, 1.0, 1.0],
+            "clamped, not finite and missing values read as the default"
+        );
+        assert_eq!(
+            per_link_values(&[1, 2, 3], 2, 0.01, 0.01, 0.5),
+            [0.01, 0.01]
+        );
+        assert_eq!(per_link_values(&state, 1, 1.0, 0.25, 1.0), [0.5]);
+    }
 
     #[test]
     fn the_contract_constants_name_the_wit_package() {

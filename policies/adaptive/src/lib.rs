@@ -10,7 +10,7 @@
 
 use weightgrad_sdk::{
     DataPlan, DataScale, LanMode, LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput,
-    TensorPlan,
+    TensorPlan, per_link_state, per_link_values,
 };
 
 /// The adaptive policy and its knobs.
@@ -43,21 +43,13 @@ impl Default for Adaptive {
 
 impl Adaptive {
     fn previous_taus(&self, input: &PolicyInput) -> Vec<f32> {
-        let saved: Vec<f32> = input
-            .state
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        (0..input.links.len())
-            .map(|l| {
-                saved
-                    .get(l)
-                    .copied()
-                    .filter(|t| t.is_finite())
-                    .unwrap_or(self.tau_floor)
-                    .clamp(self.tau_floor, self.tau_ceiling)
-            })
-            .collect()
+        per_link_values(
+            &input.state,
+            input.links.len(),
+            self.tau_floor,
+            self.tau_floor,
+            self.tau_ceiling,
+        )
     }
 
     /// The cheaper LAN plan by the cost model.
@@ -128,7 +120,7 @@ impl Policy for Adaptive {
         PolicyOutput {
             links,
             lan: self.lan_plan(input),
-            state: taus.iter().flat_map(|t| t.to_le_bytes()).collect(),
+            state: per_link_state(&taus),
         }
     }
 }

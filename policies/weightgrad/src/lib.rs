@@ -24,7 +24,7 @@
 
 use weightgrad_sdk::{
     LanMode, LanPlan, LinkPlan, Policy, PolicyInfo, PolicyInput, PolicyOutput, TauSchedule,
-    TensorPlan, TensorRole,
+    TensorPlan, TensorRole, per_link_state, per_link_values,
 };
 
 /// The WeightGrad policy and its knobs.
@@ -78,22 +78,10 @@ impl WeightGrad {
     /// and doubled on one that is clear, within [`Self::min_budget_share`, 1].
     fn budget_shares(&self, input: &PolicyInput, sync_due: bool) -> Vec<f32> {
         let floor = self.min_budget_share.clamp(f32::MIN_POSITIVE, 1.0);
-        let saved: Vec<f32> = input
-            .state
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        input
-            .links
-            .iter()
-            .enumerate()
-            .map(|(l, link)| {
-                let share = saved
-                    .get(l)
-                    .copied()
-                    .filter(|s| s.is_finite())
-                    .unwrap_or(1.0)
-                    .clamp(floor, 1.0);
+        per_link_values(&input.state, input.links.len(), 1.0, floor, 1.0)
+            .into_iter()
+            .zip(&input.links)
+            .map(|(share, link)| {
                 if !sync_due {
                     share
                 } else if link.link.queued_bytes > self.backlog_bytes {
@@ -176,7 +164,7 @@ impl Policy for WeightGrad {
                 weight_bits: self.lan_weight_bits,
                 mode: LanMode::Gradient,
             },
-            state: shares.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            state: per_link_state(&shares),
         }
     }
 }
