@@ -54,10 +54,11 @@ pub fn builtin(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
 }
 
 /// A built-in policy, or for the bench a variant of the weightgrad policy with its knobs
-/// changed: `weightgrad:every=N:budget=F:bits=B:tau=F:lan=B:floor=F` (any of them, in any
-/// order; the rest keep their defaults; `lan` sets the LAN gradient and weight bits
-/// together, 32 for full precision; `floor` is the smallest share of the budget a link that
-/// is behind is cut to, 1 for a fixed budget). Variants run natively in the simulator only:
+/// changed: `weightgrad:every=N:budget=F:bits=B:tau=F:lan=B:floor=F:backlog=BYTES` (any of
+/// them, in any order; the rest keep their defaults; `lan` sets the LAN gradient and weight
+/// bits together, 32 for full precision; `floor` is the smallest share of the budget a link
+/// that is behind is cut to, 1 for a fixed budget; `backlog` the unacknowledged bytes above
+/// which a link counts as behind). Variants run natively in the simulator only:
 /// to deploy one, write it as a policy (`weightgrad policy new mine --from weightgrad`).
 pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, String> {
     let Some(knobs) = name.strip_prefix("weightgrad:") else {
@@ -100,6 +101,7 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
                     .ok_or_else(|| bad("a threshold >= 0"))?
             }
             "floor" => p.min_budget_share = fraction()?,
+            "backlog" => p.backlog_bytes = value.parse().map_err(|_| bad("a number of bytes"))?,
             "lan" => {
                 let bits = value
                     .parse()
@@ -112,7 +114,7 @@ pub fn builtin_or_variant(name: &str) -> Result<Box<dyn Policy + Send + Sync>, S
             _ => {
                 return Err(format!(
                     "{name:?}: unknown knob {key:?}; the weightgrad policy's are every, budget, \
-                     bits, tau, lan and floor"
+                     bits, tau, lan, floor and backlog"
                 ));
             }
         }
@@ -143,9 +145,12 @@ mod tests {
         assert_eq!(full_lan.lan.weight_bits, 32);
         assert!(full_lan.lan.gradient_bits.iter().all(|&b| b == 32));
         assert_eq!(full_lan.links, default.links);
+        let lenient = builtin_or_variant("weightgrad:backlog=65536").unwrap();
+        assert_eq!(lenient.decide(&input), default, "no link is behind");
         for bad in [
             "weightgrad:lan=16",
             "weightgrad:floor=0",
+            "weightgrad:backlog=-1",
             "weightgrad:every=0",
             "weightgrad:speed=2",
             "weightgrad:bits",

@@ -275,6 +275,80 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     assert!(svg.contains("stand-in"), "the peer is not in the plot");
 }
 
+#[test]
+fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("blobs.csv");
+    blobs_csv(&csv, 600);
+    let out = weightgrad_ok_in(
+        dir.path(),
+        &[
+            "bench",
+            "--dataset",
+            "csv",
+            "--data",
+            csv.to_str().unwrap(),
+            "--label-column",
+            "class",
+            "--policies",
+            "full-sync,weightgrad",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.03",
+            "--target-accuracy",
+            "0.9",
+            "--seeds",
+            "0,1",
+            "--real",
+            "full-sync,weightgrad",
+            "--real-concurrent",
+            "full-sync",
+            "--json",
+            "--out",
+            "out",
+        ],
+    );
+    let v = last_json_line(&out);
+    // Each seed's checks keep --real's order.
+    for run in v["runs"].as_array().unwrap() {
+        let policies: Vec<&str> = run["real"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["policy"].as_str().unwrap())
+            .collect();
+        assert_eq!(policies, ["full-sync", "weightgrad"], "{run}");
+    }
+    // When each run's agents trained: (start, end), unix seconds, over the regions.
+    let span = |seed: u64, policy: &str| -> (f64, f64) {
+        let mut span = (f64::INFINITY, f64::NEG_INFINITY);
+        for region in ["us-east", "eu-west", "ap-southeast"] {
+            let path = dir
+                .path()
+                .join(format!("out/real/seed-{seed}/{policy}/{region}.json"));
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let start = r["training_started_unix"].as_f64().unwrap();
+            span.0 = span.0.min(start);
+            span.1 = span.1.max(start + r["training_seconds"].as_f64().unwrap());
+        }
+        span
+    };
+    let (a, b) = (span(0, "full-sync"), span(1, "full-sync"));
+    assert!(
+        a.0 < b.1 && b.0 < a.1,
+        "the seeds' full-sync runs did not overlap: {a:?} {b:?}"
+    );
+    for seed in [0, 1] {
+        let alone = span(seed, "weightgrad");
+        assert!(
+            alone.1 <= a.0.min(b.0),
+            "seed {seed}'s weightgrad ran beside the concurrent runs: {alone:?}, {a:?}, {b:?}"
+        );
+    }
+}
+
 /// A peer that trains nothing: it checks what the bench wrote and reports one evaluation
 /// per epoch, a second and 1000 bytes apart, at 85% and then 95%.
 const STAND_IN_PEER: &str = r#"
@@ -362,6 +436,27 @@ fn bad_workload_options_are_named() {
         ),
         (vec!["bench", "--congestion", "bbr"], "--real"),
         (vec!["bench", "--peer", "x=true"], "--real"),
+        (vec!["bench", "--real-concurrent", "full-sync"], "--real"),
+        (
+            vec![
+                "bench",
+                "--real",
+                "weightgrad",
+                "--real-concurrent",
+                "full-sync",
+            ],
+            "--real-concurrent names full-sync, which --real does not run",
+        ),
+        (
+            vec![
+                "bench",
+                "--real",
+                "weightgrad",
+                "--real-timeout-minutes",
+                "0",
+            ],
+            "--real-timeout-minutes must be at least 1",
+        ),
         (
             vec!["bench", "--real", "weightgrad", "--peer", "no-command"],
             "NAME=COMMAND",

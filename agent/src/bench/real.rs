@@ -156,6 +156,8 @@ pub struct Agents<'a> {
     pub initial_window: InitialWindow,
     /// Whether a round's WAN work runs beside the next step (`[training] overlap`).
     pub overlap: bool,
+    /// How long the run may take before it is stopped as stuck.
+    pub timeout: Duration,
 }
 
 /// One agent of a `--real` run: what its config file says.
@@ -324,7 +326,8 @@ pub fn check(
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let mut relays: Vec<Relay> = Vec::new();
+    // Each relay with the link its clients' data crosses (dialler to listener).
+    let mut relays: Vec<(Relay, (usize, usize))> = Vec::new();
     let mut via = vec![vec![String::new(); n]; n];
     for (i, row) in via.iter_mut().enumerate() {
         for (j, slot) in row.iter_mut().enumerate().filter(|(j, _)| *j != i) {
@@ -343,7 +346,7 @@ pub fn check(
                 seed: cfg.seed ^ (i * n + j) as u64,
             }))?;
             *slot = r.local_addr().to_string();
-            relays.push(r);
+            relays.push((r, (i, j)));
         }
     }
     let mut children = Children(Vec::new());
@@ -382,7 +385,7 @@ pub fn check(
                 .with_context(|| format!("starting {}", exe.display()))?,
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    let deadline = Instant::now() + agents.timeout;
     for (i, child) in children.0.iter_mut().enumerate() {
         loop {
             if let Some(status) = child.try_wait()? {
@@ -397,7 +400,8 @@ pub fn check(
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agents still running after an hour; see {}",
+                    "agents still running after {} s (raise --real-timeout-minutes if the run needs longer); see {}",
+                    agents.timeout.as_secs(),
                     run_dir.display()
                 );
             }
@@ -408,11 +412,19 @@ pub fn check(
         .zip(host_receive_buffer_errors())
         .map(|(before, after)| after.saturating_sub(before));
     let (mut datagrams, mut queue_drops) = (0, 0);
-    for r in &relays {
+    let mut queue_loss = Vec::new();
+    for (r, link) in &relays {
         for d in [&r.stats().up, &r.stats().down] {
             datagrams += d.delivered.load(Ordering::Relaxed);
             queue_drops += d.queue_drops.load(Ordering::Relaxed);
         }
+        // The data direction: the dialler's updates to the listener.
+        let up = &r.stats().up;
+        let (delivered, dropped) = (
+            up.delivered.load(Ordering::Relaxed),
+            up.queue_drops.load(Ordering::Relaxed),
+        );
+        queue_loss.push((*link, dropped as f64 / (delivered + dropped).max(1) as f64));
     }
     drop(relays);
     let reports: Vec<serde_json::Value> = regions
@@ -442,7 +454,7 @@ pub fn check(
         .iter()
         .map(|r| f(r, "test_accuracy"))
         .fold(1.0, f64::min);
-    let sim = simulate(cfg, data, policy, busy)?;
+    let sim = simulate(&calibrated(cfg, busy, &queue_loss), data, policy)?;
     let real_to_target = first_reaching(&reports, target);
     Ok(RealCheck {
         curve: curve(&reports),
@@ -468,9 +480,26 @@ pub fn check(
     })
 }
 
-fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str, compute_s: f64) -> Result<SimReport> {
+/// The simulator's setup for comparing with the agents: their measured per-round work
+/// (`compute_s`) as its step cost, and each link's loss raised by the share of the link's
+/// datagrams the emulator's queue dropped (`queue_loss`: `((from, to), share)`). Those
+/// drops are the agents' own congestion control overfilling the queue; the simulator's
+/// links, which carry their whole bandwidth from the first byte, would not have them, and
+/// each costs its message a round trip, which a policy reading its links' backlog sees.
+fn calibrated(cfg: &SimConfig, compute_s: f64, queue_loss: &[((usize, usize), f64)]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
+    for &((from, to), share) in queue_loss {
+        let link = &mut c.topology.links[from][to];
+        let share = share.clamp(0.0, 1.0);
+        // Dropped by either: 1 - (1 - loss)(1 - share).
+        link.loss += share - link.loss * share;
+    }
+    c
+}
+
+fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str) -> Result<SimReport> {
+    let mut c = cfg.clone();
     c.sync.merge = crate::policies::merge_mode_for(policy);
     let p = crate::policies::builtin(policy).map_err(anyhow::Error::msg)?;
     run(&c, p.as_ref(), data, &mut |_, _| {})
@@ -656,6 +685,28 @@ mod tests {
             ]
         );
         assert!(curve(&[reports[0].clone(), unstarted]).is_empty());
+    }
+
+    #[test]
+    fn the_simulator_takes_the_measured_work_and_each_links_queue_drops_as_loss() {
+        let mut cfg = SimConfig::demo(3, 7);
+        crate::bench::apply_scenario("ec2-3dc", &mut cfg).unwrap();
+        cfg.topology.links[1][2].loss = 0.5;
+        let c = calibrated(&cfg, 0.07, &[((0, 2), 0.01), ((1, 2), 0.5)]);
+        assert_eq!(c.compute_s, 0.07);
+        assert_eq!(c.topology.link(0, 2).loss, 0.01);
+        assert_eq!(
+            c.topology.link(2, 0).loss,
+            0.0,
+            "only the direction measured"
+        );
+        // Both losses apply: a datagram crosses when neither drops it.
+        assert_eq!(c.topology.link(1, 2).loss, 0.75);
+        // Nothing else about a link changes.
+        assert_eq!(
+            c.topology.link(0, 2).bandwidth_bps,
+            cfg.topology.link(0, 2).bandwidth_bps
+        );
     }
 
     #[test]

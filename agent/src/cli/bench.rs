@@ -4,8 +4,8 @@ use super::data_args::DataArgs;
 use crate::bench::{self, plot, seeds};
 use crate::config::{Congestion, InitialWindow};
 use crate::sim::SimConfig;
-use crate::train::ModelSpec;
 use crate::train::dataset::DataSource;
+use crate::train::{DataSplit, ModelSpec};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -22,7 +22,7 @@ const MAX_STALENESS_BOUND: u64 = 1_000_000;
 pub struct BenchArgs {
     /// Policies to compare (comma-separated); full-sync gives the ratios. In the simulator a
     /// variant of the weightgrad policy may be named by its changed knobs, e.g.
-    /// `weightgrad:every=1:budget=0.16:bits=4` (knobs: every, budget, bits, tau, lan, floor).
+    /// `weightgrad:every=1:budget=0.16:bits=4` (knobs: every, budget, bits, tau, lan, floor, backlog).
     #[arg(
         long,
         value_delimiter = ',',
@@ -100,6 +100,16 @@ pub struct BenchArgs {
     /// (`bench/peers/torch_ddp.py` is one; MLP and logistic-regression models). Repeatable.
     #[arg(long, requires = "real")]
     peer: Vec<bench::peer::PeerCommand>,
+    /// Of the `--real` policies, these run for every seed at once (comma-separated), after
+    /// the others have run one at a time. For runs whose rounds wait seconds on the WAN
+    /// while the cores idle (full-sync on a thin WAN): it divides their wall-clock by the
+    /// seeds. Their agents share the cores, which their measured per-round work, and so the
+    /// simulator's comparison, includes; the host's receive-buffer drops are the host's.
+    #[arg(long, value_delimiter = ',', requires = "real")]
+    real_concurrent: Vec<String>,
+    /// Minutes one `--real` run may take before it is stopped as stuck.
+    #[arg(long, default_value_t = 60, requires = "real")]
+    real_timeout_minutes: u64,
 }
 
 /// Runs `weightgrad bench`.
@@ -145,6 +155,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.jobs == Some(0) {
         bail!("--jobs must be at least 1");
     }
+    if let Some(p) = args.real_concurrent.iter().find(|p| !args.real.contains(p)) {
+        bail!("--real-concurrent names {p}, which --real does not run");
+    }
+    if args.real_timeout_minutes == 0 {
+        bail!("--real-timeout-minutes must be at least 1");
+    }
     let model = match &args.model {
         Some(m) => ModelSpec::parse(m).context("--model")?,
         None => bench::default_model(&source),
@@ -164,12 +180,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if several {
             eprintln!("seed {seed}");
         }
-        runs.push(run_seed(&args, &source, &model, seed, several)?);
+        runs.push(simulate_seed(&args, &source, &model, seed)?);
     }
+    run_real(&args, &source, &mut runs, several)?;
     let md = if several {
         summary_markdown(&runs, &seeds)
     } else {
-        runs[0].markdown.clone()
+        runs[0].markdown()
     };
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -237,22 +254,36 @@ fn first_repeated(values: &[u64]) -> Option<u64> {
         .find_map(|(i, v)| values[..i].contains(v).then_some(*v))
 }
 
-/// One seed's bench: the simulated table, the real agents' checks, and its Markdown.
+/// One seed's bench: the simulated table, the real agents' checks and the peers' runs.
 struct SeedRun {
     report: bench::BenchReport,
+    /// The simulator's setup the real agents copy.
+    cfg: SimConfig,
+    data: DataSplit,
     checks: Vec<bench::real::RealCheck>,
     peers: Vec<bench::peer::PeerRun>,
-    markdown: String,
 }
 
-/// Runs every policy of the bench under `seed` (and the `--real` agents, in a directory
-/// of their own per seed when there are several).
-fn run_seed(
+impl SeedRun {
+    /// The seed's tables in Markdown.
+    fn markdown(&self) -> String {
+        let mut md = bench::markdown(&self.report);
+        if !self.checks.is_empty() {
+            md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work and each link's measured queue drops as loss:\n\n";
+            md += &bench::real::markdown(&self.checks);
+            md += "\nSide by side on the same emulated links, wall-clock (agents and peers):\n\n";
+            md += &bench::peer::markdown(&self.peers, &self.checks);
+        }
+        md
+    }
+}
+
+/// Runs every policy of the bench under `seed` in the simulator.
+fn simulate_seed(
     args: &BenchArgs,
     source: &DataSource,
     model: &ModelSpec,
     seed: u64,
-    several: bool,
 ) -> Result<SeedRun> {
     let mut cfg = SimConfig::demo(3, seed);
     cfg.epochs = args.epochs;
@@ -301,54 +332,122 @@ fn run_seed(
         }
     })?;
     bars.clear().ok();
-    let mut md = bench::markdown(&report);
-    let mut checks = Vec::new();
-    let mut peers = Vec::new();
-    if !args.real.is_empty() {
-        let exe = std::env::current_exe().context("locating this binary for --real")?;
-        let mut work = match &args.out {
-            Some(dir) => dir.join("real"),
-            None => {
-                std::env::temp_dir().join(format!("weightgrad-bench-real-{}", std::process::id()))
-            }
-        };
-        if several {
-            work = work.join(format!("seed-{seed}"));
-        }
-        for policy in &args.real {
-            eprintln!("running {policy} as real agents in {} ...", work.display());
-            checks.push(bench::real::check(
-                &cfg,
-                source,
-                &data,
-                policy,
-                report.target_accuracy,
-                &bench::real::Agents {
-                    exe: &exe,
-                    dir: &work,
-                    congestion: args.congestion.unwrap_or_default(),
-                    initial_window: args.initial_window.unwrap_or_default(),
-                    overlap: args.overlap.unwrap_or(true),
-                },
-            )?);
-        }
-        md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work:\n\n";
-        md += &bench::real::markdown(&checks);
-        for peer in &args.peer {
-            let dir = work.join(format!("peer-{}", peer.name));
-            eprintln!("running peer {} in {} ...", peer.name, dir.display());
-            let target = report.target_accuracy;
-            peers.push(bench::peer::run(peer, &cfg, &data, target, &exe, &dir)?);
-        }
-        md += "\nSide by side on the same emulated links, wall-clock (agents and peers):\n\n";
-        md += &bench::peer::markdown(&peers, &checks);
-    }
     Ok(SeedRun {
         report,
-        checks,
-        peers,
-        markdown: md,
+        cfg,
+        data,
+        checks: Vec::new(),
+        peers: Vec::new(),
     })
+}
+
+/// Runs the `--real` policies of every seed as agents (in a directory of their own per
+/// seed when there are several): one at a time, then the `--real-concurrent` ones of all
+/// seeds at once; then the peers, one at a time. Each seed's checks keep `--real`'s order.
+fn run_real(
+    args: &BenchArgs,
+    source: &DataSource,
+    runs: &mut [SeedRun],
+    several: bool,
+) -> Result<()> {
+    if args.real.is_empty() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating this binary for --real")?;
+    let base = match &args.out {
+        Some(dir) => dir.join("real"),
+        None => std::env::temp_dir().join(format!("weightgrad-bench-real-{}", std::process::id())),
+    };
+    let work = |seed: u64| {
+        if several {
+            base.join(format!("seed-{seed}"))
+        } else {
+            base.clone()
+        }
+    };
+    let check = |run: &SeedRun, policy: &str| {
+        let dir = work(run.report.seed);
+        bench::real::check(
+            &run.cfg,
+            source,
+            &run.data,
+            policy,
+            run.report.target_accuracy,
+            &bench::real::Agents {
+                exe: &exe,
+                dir: &dir,
+                congestion: args.congestion.unwrap_or_default(),
+                initial_window: args.initial_window.unwrap_or_default(),
+                overlap: args.overlap.unwrap_or(true),
+                timeout: std::time::Duration::from_secs(args.real_timeout_minutes * 60),
+            },
+        )
+        .with_context(|| format!("{policy} as real agents, seed {}", run.report.seed))
+    };
+    let mut done: HashMap<(usize, &str), bench::real::RealCheck> = HashMap::new();
+    for (i, run) in runs.iter().enumerate() {
+        for policy in args
+            .real
+            .iter()
+            .filter(|p| !args.real_concurrent.contains(p))
+        {
+            eprintln!(
+                "running {policy} as real agents in {} ...",
+                work(run.report.seed).display()
+            );
+            done.insert((i, policy), check(run, policy)?);
+        }
+    }
+    let together: Vec<(usize, &str)> = args
+        .real
+        .iter()
+        .filter(|p| args.real_concurrent.contains(p))
+        .flat_map(|p| (0..runs.len()).map(move |i| (i, p.as_str())))
+        .collect();
+    if !together.is_empty() {
+        eprintln!(
+            "running {} as real agents, {} runs at once ...",
+            args.real_concurrent.join(", "),
+            together.len()
+        );
+        let shared: &[SeedRun] = runs;
+        let results: Vec<Result<bench::real::RealCheck>> = std::thread::scope(|s| {
+            let handles: Vec<_> = together
+                .iter()
+                .map(|&(i, policy)| s.spawn(move || check(&shared[i], policy)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a real run's thread panicked")))
+                })
+                .collect()
+        });
+        for (key, result) in together.into_iter().zip(results) {
+            done.insert(key, result?);
+        }
+    }
+    for (i, run) in runs.iter_mut().enumerate() {
+        run.checks = args
+            .real
+            .iter()
+            .map(|p| {
+                done.remove(&(i, p.as_str()))
+                    .expect("every real run is done")
+            })
+            .collect();
+        let dir = work(run.report.seed);
+        for peer in &args.peer {
+            let dir = dir.join(format!("peer-{}", peer.name));
+            eprintln!("running peer {} in {} ...", peer.name, dir.display());
+            let target = run.report.target_accuracy;
+            run.peers.push(bench::peer::run(
+                peer, &run.cfg, &run.data, target, &exe, &dir,
+            )?);
+        }
+    }
+    Ok(())
 }
 
 /// The simulated and the real summaries over the seeds (the real one empty without
@@ -370,7 +469,7 @@ fn summaries(runs: &[SeedRun]) -> (Vec<seeds::SeedSummary>, Vec<seeds::SeedSumma
 fn summary_markdown(runs: &[SeedRun], seeds: &[u64]) -> String {
     let mut md = String::new();
     for run in runs {
-        md += &format!("## Seed {}\n\n{}\n", run.report.seed, run.markdown);
+        md += &format!("## Seed {}\n\n{}\n", run.report.seed, run.markdown());
     }
     let (sim, real) = summaries(runs);
     md += &format!(
