@@ -157,6 +157,30 @@ fn blobs_csv(path: &std::path::Path, rows: usize) {
     std::fs::write(path, text).unwrap();
 }
 
+/// `weightgrad bench` arguments for logistic regression on `csv` (from [`blobs_csv`]):
+/// full-sync and weightgrad, three epochs, to 90%, then `more`.
+fn csv_bench<'a>(csv: &'a std::path::Path, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "bench",
+        "--dataset",
+        "csv",
+        "--data",
+        csv.to_str().unwrap(),
+        "--label-column",
+        "class",
+        "--policies",
+        "full-sync,weightgrad",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.03",
+        "--target-accuracy",
+        "0.9",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 #[test]
 fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,32 +195,20 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     // their certificates and shards where they are.
     let out = weightgrad_ok_in(
         dir.path(),
-        &[
-            "bench",
-            "--dataset",
-            "csv",
-            "--data",
-            csv.to_str().unwrap(),
-            "--label-column",
-            "class",
-            "--policies",
-            "full-sync,weightgrad",
-            "--epochs",
-            "3",
-            "--lr",
-            "0.03",
-            "--target-accuracy",
-            "0.9",
-            "--real",
-            "full-sync",
-            "--congestion",
-            "bbr",
-            "--peer",
-            &peer,
-            "--json",
-            "--out",
-            "out",
-        ],
+        &csv_bench(
+            &csv,
+            &[
+                "--real",
+                "full-sync",
+                "--congestion",
+                "bbr",
+                "--peer",
+                &peer,
+                "--json",
+                "--out",
+                "out",
+            ],
+        ),
     );
     let v = last_json_line(&out);
     let w = &v["setup"];
@@ -282,32 +294,20 @@ fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
     blobs_csv(&csv, 600);
     let out = weightgrad_ok_in(
         dir.path(),
-        &[
-            "bench",
-            "--dataset",
-            "csv",
-            "--data",
-            csv.to_str().unwrap(),
-            "--label-column",
-            "class",
-            "--policies",
-            "full-sync,weightgrad",
-            "--epochs",
-            "3",
-            "--lr",
-            "0.03",
-            "--target-accuracy",
-            "0.9",
-            "--seeds",
-            "0,1",
-            "--real",
-            "full-sync,weightgrad",
-            "--real-concurrent",
-            "full-sync",
-            "--json",
-            "--out",
-            "out",
-        ],
+        &csv_bench(
+            &csv,
+            &[
+                "--seeds",
+                "0,1",
+                "--real",
+                "full-sync,weightgrad",
+                "--real-concurrent",
+                "full-sync",
+                "--json",
+                "--out",
+                "out",
+            ],
+        ),
     );
     let v = last_json_line(&out);
     // Each seed's checks keep --real's order.
