@@ -696,7 +696,9 @@ mod tests {
                 weighted_error(&w, &d, &q.dequantize()),
                 weighted_error(&w, &d, &oracle.dequantize()),
             );
-            prop_assert!((got - want).abs() <= 1e-9 * (1.0 + want), "search {got} vs sort {want}");
+            // The scales are f32s, so the two solvers' errors agree to f32 rounding (the
+            // same levels at a scale an ulp apart differ by about 1e-7 of the error).
+            prop_assert!((got - want).abs() <= 1e-6 * (1.0 + want), "search {got} vs sort {want}");
         }
 
         #[test]
