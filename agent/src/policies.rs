@@ -145,8 +145,16 @@ mod tests {
         assert_eq!(full_lan.lan.weight_bits, 32);
         assert!(full_lan.lan.gradient_bits.iter().all(|&b| b == 32));
         assert_eq!(full_lan.links, default.links);
-        let lenient = builtin_or_variant("weightgrad:backlog=65536").unwrap();
-        assert_eq!(lenient.decide(&input), default, "no link is behind");
+        // 32 KiB unacknowledged at a sync: behind for a 16 KiB threshold, not for the
+        // default's.
+        let mut queued = input.clone();
+        queued.context.round = 3;
+        queued.links[0].link.queued_bytes = 32 << 10;
+        let budget = |name: &str| {
+            builtin_or_variant(name).unwrap().decide(&queued).links[0].tensors[0].top_fraction
+        };
+        assert_eq!(budget("weightgrad"), 0.04);
+        assert_eq!(budget("weightgrad:backlog=16384"), 0.02);
         for bad in [
             "weightgrad:lan=16",
             "weightgrad:floor=0",

@@ -1,7 +1,8 @@
 //! `weightgrad bench --real`: runs a policy as real agent processes talking QUIC through
 //! the WAN emulator (one relay per direction of dialling, shaped like the scenario's
 //! links), then runs the simulator with its per-step cost set to the agents' measured
-//! per-round work, so the two can be compared on WAN bytes and on time.
+//! per-round work and each link's loss to the share of its datagrams the emulator's queue
+//! dropped, so the two can be compared on WAN bytes and on time.
 
 use crate::config::{Congestion, InitialWindow};
 use crate::node::Evaluation;
@@ -31,7 +32,7 @@ pub struct RealCheck {
     /// Seconds from the first round to every region having every peer's last round (the
     /// slowest region).
     pub real_seconds: f64,
-    /// Virtual seconds of the simulator with the measured per-round cost.
+    /// Virtual seconds of the simulator with the measured per-round cost and queue drops.
     pub sim_seconds: f64,
     /// Seconds from the first agent's first round to the first evaluation round at which
     /// every agent had reached the target top-1 (when the last of them measured it); none
