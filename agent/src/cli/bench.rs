@@ -384,25 +384,23 @@ fn run_real(
         )
         .with_context(|| format!("{policy} as real agents, seed {}", run.report.seed))
     };
-    let mut done: HashMap<(usize, &str), bench::real::RealCheck> = HashMap::new();
+    // done[seed][k]: the check of `--real`'s k-th policy (named twice, it runs twice).
+    let mut done: Vec<Vec<Option<bench::real::RealCheck>>> =
+        runs.iter().map(|_| vec![None; args.real.len()]).collect();
+    let concurrent = |k: &usize| args.real_concurrent.contains(&args.real[*k]);
     for (i, run) in runs.iter().enumerate() {
-        for policy in args
-            .real
-            .iter()
-            .filter(|p| !args.real_concurrent.contains(p))
-        {
+        for k in (0..args.real.len()).filter(|k| !concurrent(k)) {
+            let policy = &args.real[k];
             eprintln!(
                 "running {policy} as real agents in {} ...",
                 work(run.report.seed).display()
             );
-            done.insert((i, policy), check(run, policy)?);
+            done[i][k] = Some(check(run, policy)?);
         }
     }
-    let together: Vec<(usize, &str)> = args
-        .real
-        .iter()
-        .filter(|p| args.real_concurrent.contains(p))
-        .flat_map(|p| (0..runs.len()).map(move |i| (i, p.as_str())))
+    let together: Vec<(usize, usize)> = (0..args.real.len())
+        .filter(concurrent)
+        .flat_map(|k| (0..runs.len()).map(move |i| (i, k)))
         .collect();
     if !together.is_empty() {
         eprintln!(
@@ -414,7 +412,7 @@ fn run_real(
         let results: Vec<Result<bench::real::RealCheck>> = std::thread::scope(|s| {
             let handles: Vec<_> = together
                 .iter()
-                .map(|&(i, policy)| s.spawn(move || check(&shared[i], policy)))
+                .map(|&(i, k)| s.spawn(move || check(&shared[i], &args.real[k])))
                 .collect();
             handles
                 .into_iter()
@@ -424,18 +422,14 @@ fn run_real(
                 })
                 .collect()
         });
-        for (key, result) in together.into_iter().zip(results) {
-            done.insert(key, result?);
+        for ((i, k), result) in together.into_iter().zip(results) {
+            done[i][k] = Some(result?);
         }
     }
-    for (i, run) in runs.iter_mut().enumerate() {
-        run.checks = args
-            .real
-            .iter()
-            .map(|p| {
-                done.remove(&(i, p.as_str()))
-                    .expect("every real run is done")
-            })
+    for (run, checks) in runs.iter_mut().zip(done) {
+        run.checks = checks
+            .into_iter()
+            .map(|c| c.expect("every real run is done"))
             .collect();
         let dir = work(run.report.seed);
         for peer in &args.peer {
