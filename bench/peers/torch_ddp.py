@@ -309,6 +309,7 @@ def worker(args):
         hook = f"powersgd rank {args.powersgd_rank} from step {args.start_iter}"
     per_epoch, epochs, batch = setup["rounds_per_epoch"], setup["epochs"], setup["batch_per_region"]
     total = per_epoch * epochs
+    evaluate_every = setup.get("evaluate_every_rounds", per_epoch)
     opt = torch.optim.Adam(model.parameters(), lr=setup["lr"])
     cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     loss_fn = nn.CrossEntropyLoss()
@@ -340,7 +341,7 @@ def worker(args):
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
         cosine.step()
-        if step % per_epoch == 0 or step == total:
+        if step % evaluate_every == 0 or step == total:
             record(round=step, accuracy=evaluate(), unix_s=time.time())
         if step % per_epoch == 0:
             order, at = torch.randperm(len(x), generator=gen), 0

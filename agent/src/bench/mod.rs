@@ -290,12 +290,13 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
     // As many rounds as the WAN runs make: the same samples per region-step.
     let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total = steps_per_epoch * cfg.epochs as u64;
+    let evaluate_every = cfg.evaluation_interval(steps_per_epoch);
     let schedule = LrSchedule::Cosine { min_factor: 0.0 };
     let mut curve = Vec::new();
     for round in 1..=total {
         let lr = schedule.lr_at(cfg.lr, round - 1, total);
         trainer.step(&LanPlan::FULL_PRECISION, lr)?;
-        if round % steps_per_epoch == 0 || round == total {
+        if round % evaluate_every == 0 || round == total {
             let e = trainer.evaluate(&data.test)?;
             curve.push(EvalPoint {
                 round,

@@ -80,6 +80,8 @@ pub struct PeerSetup {
     pub epochs: usize,
     /// Steps per epoch (every region runs the same number).
     pub rounds_per_epoch: u64,
+    /// Steps between evaluations on the test set (and the last step).
+    pub evaluate_every_rounds: u64,
     /// Samples per region per step (workers × batch size).
     pub batch_per_region: usize,
     /// Base learning rate (Adam, cosine schedule over the run).
@@ -233,6 +235,8 @@ pub fn setup(cfg: &SimConfig, data: &DataSplit, target: f64, exe: &Path) -> Resu
         layers,
         epochs: cfg.epochs,
         rounds_per_epoch: cfg.layout().steps_per_epoch(&data.train.labels),
+        evaluate_every_rounds: cfg
+            .evaluation_interval(cfg.layout().steps_per_epoch(&data.train.labels)),
         batch_per_region: cfg.workers * cfg.batch_size,
         lr: cfg.lr,
         seed: cfg.seed,

@@ -234,6 +234,9 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         cfg.sync.max_staleness,
         slot.overlap
     )?;
+    if let Some(every) = cfg.evaluate_every {
+        writeln!(t, "evaluate_every_rounds = {every}")?;
+    }
     writeln!(
         t,
         "[policy]\nsource = {}\n[admin]\nlisten = \"127.0.0.1:0\"\n[checkpoint]\ndir = {}\nevery_rounds = 1000000000",
@@ -686,6 +689,21 @@ mod tests {
             ]
         );
         assert!(curve(&[reports[0].clone(), unstarted]).is_empty());
+    }
+
+    #[test]
+    fn agents_evaluate_at_the_benchs_interval() {
+        let mut cfg = SimConfig::demo(3, 7);
+        assert_eq!(
+            config_of_region(&cfg, &DataSource::Digits, 0)
+                .training
+                .evaluate_every_rounds,
+            None,
+            "an epoch, the agent's default"
+        );
+        cfg.evaluate_every = Some(25);
+        let agent = config_of_region(&cfg, &DataSource::Digits, 0);
+        assert_eq!(agent.training.evaluate_every_rounds, Some(25));
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Passes over each region's data.
     #[arg(long, default_value_t = 30)]
     epochs: usize,
+    /// Rounds between evaluations on the test set, in the simulator, the `--real` agents
+    /// and the peers alike (default: one epoch's rounds). Time and bytes to the target are
+    /// read at the first evaluation that reaches it, so a finer interval reads them closer.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    evaluate_every: Option<u64>,
     #[command(flatten)]
     data: DataArgs,
     /// Model: mlp, mlp:W1,W2,..., cnn, logreg or transformer:LAYERS,DIM,HEADS,CONTEXT
@@ -287,6 +292,7 @@ fn simulate_seed(
 ) -> Result<SeedRun> {
     let mut cfg = SimConfig::demo(3, seed);
     cfg.epochs = args.epochs;
+    cfg.evaluate_every = args.evaluate_every;
     cfg.lr = args.lr;
     cfg.compute_s = args.compute_ms / 1e3;
     if let [bound] = args.max_staleness.as_slice() {

@@ -246,6 +246,10 @@ pub struct TrainingConfig {
     /// region's own setting (regions need not agree). Not with a mean merge (diloco).
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// Rounds between evaluations on the test set (default: one epoch's rounds). The run's
+    /// last round is always evaluated.
+    #[serde(default)]
+    pub evaluate_every_rounds: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -282,6 +286,7 @@ impl Default for TrainingConfig {
             seed: 0,
             max_staleness: 1,
             overlap: true,
+            evaluate_every_rounds: None,
         }
     }
 }
@@ -473,6 +478,9 @@ impl AgentConfig {
             }
         }
         positive("training.lr", t.lr)?;
+        if t.evaluate_every_rounds == Some(0) {
+            return Err("training.evaluate_every_rounds: must be at least 1".into());
+        }
         // Upper bounds keep the run's arithmetic (rounds = steps per epoch × epochs, the
         // staleness window) far from overflow; no real run comes near them.
         for (key, v, max) in [
@@ -480,6 +488,11 @@ impl AgentConfig {
             ("training.batch_size", t.batch_size as u64, 1 << 16),
             ("training.epochs", t.epochs as u64, 1_000_000),
             ("training.max_staleness", t.max_staleness, 1_000_000),
+            (
+                "training.evaluate_every_rounds",
+                t.evaluate_every_rounds.unwrap_or(1),
+                1_000_000_000,
+            ),
             ("data.shard.count", s.count as u64, 1024),
             (
                 "policy.rollback_after",
@@ -773,6 +786,10 @@ dir = "state"
             ),
             ("[training]\nbatch_size = 100000", "training.batch_size"),
             ("[training]\nworkers = 5000", "training.workers"),
+            (
+                "[training]\nevaluate_every_rounds = 2000000000",
+                "training.evaluate_every_rounds",
+            ),
         ] {
             let e = err(&format!("{EXAMPLE}\n{extra}\n"));
             assert!(e.contains(key) && e.contains("more than"), "{key}: {e}");
@@ -780,6 +797,17 @@ dir = "state"
         let e = err(&EXAMPLE.replace("count = 3", "count = 4096"));
         assert!(e.contains("data.shard.count"), "{e}");
         assert!(AgentConfig::parse(&format!("{EXAMPLE}\n[training]\nepochs = 1000000\n")).is_ok());
+        let e = err(&format!(
+            "{EXAMPLE}\n[training]\nevaluate_every_rounds = 0\n"
+        ));
+        assert!(
+            e.contains("training.evaluate_every_rounds") && e.contains("at least 1"),
+            "{e}"
+        );
+        let every = AgentConfig::parse(&format!(
+            "{EXAMPLE}\n[training]\nevaluate_every_rounds = 25\n"
+        ));
+        assert_eq!(every.unwrap().training.evaluate_every_rounds, Some(25));
     }
 
     #[test]

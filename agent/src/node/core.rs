@@ -253,8 +253,10 @@ pub struct Core {
     pub configured: (f64, f64),
     /// Rounds in the run.
     pub total_rounds: u64,
-    /// Rounds per epoch (evaluation points).
+    /// Rounds per epoch.
     pub steps_per_epoch: u64,
+    /// Rounds between evaluations on the test set (and the last round).
+    pub evaluate_every: u64,
     /// Base learning rate.
     pub lr: f64,
     /// Regions in the run.
@@ -673,7 +675,7 @@ impl Core {
         }
         metrics::gauge!(m::LOSS).set(f64::from(step.loss));
         metrics::counter!(m::LAN_BYTES).absolute(self.trainer.lan_bytes());
-        if round.is_multiple_of(self.steps_per_epoch) || round == self.total_rounds {
+        if round.is_multiple_of(self.evaluate_every) || round == self.total_rounds {
             let began = Instant::now();
             let e = self.trainer.evaluate(&self.test)?;
             st.costs.evaluate += began.elapsed();
@@ -1410,6 +1412,7 @@ mod tests {
             configured: (100e6, 0.08),
             total_rounds: rounds(),
             steps_per_epoch: rounds() / EPOCHS,
+            evaluate_every: rounds() / EPOCHS,
             lr: 1e-3,
             regions: 2,
             deadline: Duration::from_secs(3600),

@@ -43,6 +43,9 @@ pub struct SimConfig {
     pub lan_placement: LanPlacement,
     /// A link whose bandwidth falls mid-run.
     pub link_drop: Option<LinkDrop>,
+    /// Rounds between evaluations (`None`: one epoch's rounds); the last round is always
+    /// evaluated.
+    pub evaluate_every: Option<u64>,
 }
 
 /// A link that loses bandwidth mid-run (both directions).
@@ -85,7 +88,13 @@ impl SimConfig {
             sync: SyncConfig::default(),
             lan_placement: LanPlacement::default(),
             link_drop: None,
+            evaluate_every: None,
         }
+    }
+
+    /// Rounds between evaluations: [`Self::evaluate_every`], or an epoch's rounds.
+    pub fn evaluation_interval(&self, steps_per_epoch: u64) -> u64 {
+        self.evaluate_every.unwrap_or(steps_per_epoch).max(1)
     }
 }
 
@@ -238,6 +247,7 @@ pub fn run(
     }
     let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total_rounds = steps_per_epoch * cfg.epochs as u64;
+    let evaluate_every = cfg.evaluation_interval(steps_per_epoch);
     let schedule = LrSchedule::Cosine { min_factor: 0.0 };
     let mut links: Vec<Vec<VirtualLink>> = (0..n)
         .map(|a| {
@@ -340,7 +350,7 @@ pub fn run(
                         );
                     }
                 }
-                if round % steps_per_epoch == 0 || round == total_rounds {
+                if round % evaluate_every == 0 || round == total_rounds {
                     let eval = rt.trainer.evaluate(&data.test)?;
                     rt.evals
                         .push((now, rt.wan_sent, rt.trainer.lan_bytes(), eval.accuracy));
@@ -390,7 +400,7 @@ pub fn run(
     let lan_bytes = regions.iter().map(|r| r.trainer.lan_bytes()).sum();
     let mut curve: Vec<EvalPoint> = (0..points)
         .map(|k| EvalPoint {
-            round: ((k as u64 + 1) * steps_per_epoch).min(total_rounds),
+            round: ((k as u64 + 1) * evaluate_every).min(total_rounds),
             virtual_seconds: regions.iter().map(|r| r.evals[k].0).fold(0.0, f64::max),
             wan_bytes: regions.iter().map(|r| r.evals[k].1).sum(),
             lan_bytes: regions.iter().map(|r| r.evals[k].2).sum(),
@@ -481,6 +491,33 @@ mod tests {
             epochs: 2,
             ..SimConfig::demo(2, seed)
         }
+    }
+
+    #[test]
+    fn evaluations_follow_the_interval_and_the_last_round_is_always_one() {
+        let data = embedded_digits().unwrap();
+        let cfg = SimConfig {
+            evaluate_every: Some(7),
+            ..small(1)
+        };
+        let report = run(
+            &cfg,
+            builtin("topk").unwrap().as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let total = report.rounds;
+        assert_ne!(
+            total % 7,
+            0,
+            "the run's length should not be a multiple of 7"
+        );
+        let mut want: Vec<u64> = (1..).map(|k| k * 7).take_while(|&r| r < total).collect();
+        // The last round's evaluation, then the end of the run once everything arrived.
+        want.extend([total, total]);
+        let rounds: Vec<u64> = report.curve.iter().map(|p| p.round).collect();
+        assert_eq!(rounds, want);
     }
 
     #[test]
