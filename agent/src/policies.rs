@@ -130,7 +130,7 @@ mod tests {
     fn weightgrad_variants_change_only_the_knobs_named() {
         let input = weightgrad_sdk::golden_input();
         let default = builtin("weightgrad").unwrap().decide(&input);
-        let same = builtin_or_variant("weightgrad:every=3")
+        let same = builtin_or_variant("weightgrad:every=1")
             .unwrap()
             .decide(&input);
         assert_eq!(default, same);
@@ -153,8 +153,8 @@ mod tests {
         let budget = |name: &str| {
             builtin_or_variant(name).unwrap().decide(&queued).links[0].tensors[0].top_fraction
         };
-        assert_eq!(budget("weightgrad"), 0.04);
-        assert_eq!(budget("weightgrad:backlog=16384"), 0.02);
+        assert_eq!(budget("weightgrad"), 0.005);
+        assert_eq!(budget("weightgrad:backlog=16384"), 0.0025);
         for bad in [
             "weightgrad:lan=16",
             "weightgrad:floor=0",
