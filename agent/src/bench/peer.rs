@@ -228,15 +228,15 @@ pub fn setup(cfg: &SimConfig, data: &DataSplit, target: f64, exe: &Path) -> Resu
             }
         })
         .collect();
+    let rounds_per_epoch = cfg.layout().steps_per_epoch(&data.train.labels);
     Ok(PeerSetup {
         regions: topo.regions.clone(),
         links,
         model: cfg.model.to_string(),
         layers,
         epochs: cfg.epochs,
-        rounds_per_epoch: cfg.layout().steps_per_epoch(&data.train.labels),
-        evaluate_every_rounds: cfg
-            .evaluation_interval(cfg.layout().steps_per_epoch(&data.train.labels)),
+        rounds_per_epoch,
+        evaluate_every_rounds: cfg.evaluation_interval(rounds_per_epoch),
         batch_per_region: cfg.workers * cfg.batch_size,
         lr: cfg.lr,
         seed: cfg.seed,
