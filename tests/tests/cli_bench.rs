@@ -288,10 +288,13 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
 }
 
 #[test]
-fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
+fn concurrent_real_policies_and_peers_run_for_every_seed_at_once_after_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("blobs.csv");
     blobs_csv(&csv, 600);
+    let peer = dir.path().join("peer.py");
+    std::fs::write(&peer, STAND_IN_PEER).unwrap();
+    let peer = format!("stand-in=python3 {}", peer.display());
     let out = weightgrad_ok_in(
         dir.path(),
         &csv_bench(
@@ -303,6 +306,9 @@ fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
                 "full-sync,weightgrad",
                 "--real-concurrent",
                 "full-sync",
+                "--peer",
+                &peer,
+                "--peer-concurrent",
                 "--json",
                 "--out",
                 "out",
@@ -319,6 +325,7 @@ fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
             .map(|c| c["policy"].as_str().unwrap())
             .collect();
         assert_eq!(policies, ["full-sync", "weightgrad"], "{run}");
+        assert_eq!(run["peers"][0]["name"], "stand-in", "{run}");
     }
     // When each run's agents trained: (start, end), unix seconds, over the regions.
     let span = |seed: u64, policy: &str| -> (f64, f64) {
@@ -346,15 +353,29 @@ fn concurrent_real_policies_run_for_every_seed_at_once_after_the_others() {
             alone.1 <= a.0.min(b.0),
             "seed {seed}'s weightgrad ran beside the concurrent runs: {alone:?}, {a:?}, {b:?}"
         );
+        // The peers started with the concurrent agents, not after them.
+        let started: f64 = std::fs::read_to_string(
+            dir.path()
+                .join(format!("out/real/seed-{seed}/peer-stand-in/started")),
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+        assert!(
+            started < a.1.max(b.1),
+            "seed {seed}'s peer started at {started}, after the concurrent runs: {a:?} {b:?}"
+        );
     }
 }
 
-/// A peer that trains nothing: it checks what the bench wrote and reports one evaluation
-/// per epoch, a second and 1000 bytes apart, at 85% and then 95%.
+/// A peer that trains nothing: it notes when it started (unix seconds, in `started` in its
+/// setup directory), checks what the bench wrote and reports one evaluation per epoch, a
+/// second and 1000 bytes apart, at 85% and then 95%.
 const STAND_IN_PEER: &str = r#"
-import json, os, struct, sys
+import json, os, struct, sys, time
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 setup_dir = args["--setup"]
+open(os.path.join(setup_dir, "started"), "w").write(repr(time.time()))
 setup = json.load(open(os.path.join(setup_dir, "setup.json")))
 samples = 0
 for shard in setup["shards"]:
@@ -436,6 +457,7 @@ fn bad_workload_options_are_named() {
         ),
         (vec!["bench", "--congestion", "bbr"], "--real"),
         (vec!["bench", "--peer", "x=true"], "--real"),
+        (vec!["bench", "--peer-concurrent"], "--peer"),
         (vec!["bench", "--real-concurrent", "full-sync"], "--real"),
         (
             vec![

@@ -25,27 +25,138 @@ impl Selection {
 /// True when `a` is significant against weight `w` at threshold `tau`.
 #[inline]
 pub fn is_significant(a: f32, w: f32, tau: f32) -> bool {
-    a != 0.0 && (w == 0.0 || (a / w).abs() > tau)
+    // `&` and `|`, not `&&` and `||`: no branch, so a pass over a tensor vectorizes.
+    (a != 0.0) & ((w == 0.0) | ((a / w).abs() > tau))
 }
 
 /// Selects every `i` with `|acc_i / w_i| > tau`, or `w_i == 0` and `acc_i != 0`, hands the
 /// values out and zeroes them in `acc`; what is not selected keeps accumulating.
 /// (An element with nothing accumulated has nothing to send.)
 pub fn significance_filter(acc: &mut [f32], w: &[f32], tau: f32) -> Selection {
+    significant_top(acc, w, tau, usize::MAX)
+}
+
+/// [`significance_filter`] that takes at most `k` elements: of the significant ones, those
+/// of largest `|acc_i|` (of equal magnitudes at the cut, the lower indices first). What is
+/// not taken stays in `acc`, untouched.
+///
+/// It runs for every tensor and link every round, with `k` often a small share of the
+/// tensor, so it reads the tensor once: a strided sample sets a floor that about twice
+/// `k` magnitudes clear, one pass keeps those (and finds every significant one again only
+/// when fewer than `k` cleared it), and the exact cut is made among them.
+pub fn significant_top(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Selection {
     assert_eq!(
         acc.len(),
         w.len(),
         "accumulator and weights differ in length"
     );
-    let mut out = Selection::default();
+    if k == 0 {
+        return Selection::default();
+    }
+    if k >= acc.len() {
+        return take_significant(acc, w, tau);
+    }
+    // A significant element's magnitude as its bits (non-negative floats order as their
+    // bits do, as `total_cmp` orders them, NaN above infinity); 0 when not significant.
+    let key = |a: f32, w: f32| {
+        if is_significant(a, w, tau) {
+            a.abs().to_bits()
+        } else {
+            0
+        }
+    };
+    let floor = sampled_floor(acc, w, key, k);
+    let keep_from = |floor: u32| -> Vec<(u32, u32)> {
+        let mut kept = Vec::with_capacity(2 * k + 16);
+        // A block's keys in registers, its elements looked at one by one only when one
+        // of them clears the floor: most blocks have none.
+        let (blocks, w_blocks) = (acc.chunks(KEY_BLOCK), w.chunks(KEY_BLOCK));
+        for (b, (ab, wb)) in blocks.zip(w_blocks).enumerate() {
+            let mut keys = [0u32; KEY_BLOCK];
+            for ((key_of, &a), &w) in keys.iter_mut().zip(ab).zip(wb) {
+                *key_of = key(a, w);
+            }
+            if keys.iter().copied().max().unwrap_or(0) < floor {
+                continue;
+            }
+            for (j, &key) in keys.iter().enumerate().take(ab.len()) {
+                if key >= floor {
+                    kept.push(((b * KEY_BLOCK + j) as u32, key));
+                }
+            }
+        }
+        kept
+    };
+    let mut kept = keep_from(floor);
+    if kept.len() < k && floor > 1 {
+        kept = keep_from(1);
+    }
+    if kept.len() > k {
+        let mut keys: Vec<u32> = kept.iter().map(|&(_, key)| key).collect();
+        let (_, &mut kth, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        let mut ties = k - kept.iter().filter(|&&(_, key)| key > kth).count();
+        kept.retain(|&(_, key)| {
+            let tie = key == kth && ties > 0;
+            ties -= usize::from(tie);
+            key > kth || tie
+        });
+    }
+    let mut out = Selection {
+        indices: Vec::with_capacity(kept.len()),
+        values: Vec::with_capacity(kept.len()),
+    };
+    for (i, _) in kept {
+        out.indices.push(i);
+        out.values.push(std::mem::take(&mut acc[i as usize]));
+    }
+    out
+}
+
+/// Takes every significant element out of `acc` (counted first, so the selection is
+/// allocated once).
+fn take_significant(acc: &mut [f32], w: &[f32], tau: f32) -> Selection {
+    let n = acc
+        .iter()
+        .zip(w)
+        .map(|(&a, &w)| usize::from(is_significant(a, w, tau)))
+        .sum::<usize>();
+    let mut out = Selection {
+        indices: Vec::with_capacity(n),
+        values: Vec::with_capacity(n),
+    };
     for (i, (a, &w)) in acc.iter_mut().zip(w).enumerate() {
         if is_significant(*a, w, tau) {
             out.indices.push(i as u32);
-            out.values.push(*a);
-            *a = 0.0;
+            out.values.push(std::mem::take(a));
         }
     }
     out
+}
+
+/// Elements whose keys [`significant_top`] computes together (a few vector registers).
+const KEY_BLOCK: usize = 16;
+
+/// Elements of the strided sample that set [`significant_top`]'s floor.
+const SAMPLE: usize = 4096;
+
+/// A key that about `2k` of `acc`'s keys reach, read from a strided sample of them; 1 (every
+/// significant element) when the sample cannot tell.
+fn sampled_floor(acc: &[f32], w: &[f32], key: impl Fn(f32, f32) -> u32, k: usize) -> u32 {
+    let n = acc.len();
+    let taken = SAMPLE.min(n);
+    // The sample's rank that stands for the `2k`-th of the tensor.
+    let rank = (2 * k).saturating_mul(taken).div_ceil(n);
+    if rank >= taken {
+        return 1;
+    }
+    let mut sample: Vec<u32> = (0..taken)
+        .map(|j| {
+            let i = j * n / taken;
+            key(acc[i], w[i])
+        })
+        .collect();
+    let (_, &mut at_rank, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    at_rank.max(1)
 }
 
 /// Fraction of elements of `acc` that are significant at each threshold in `taus`
@@ -174,6 +285,57 @@ mod tests {
         assert_eq!(acc, vec![0.005, 0.0]);
     }
 
+    /// [`significant_top`] takes what filtering everything and then keeping the `k`
+    /// largest magnitudes (lower index first among equals) takes, and loses nothing.
+    fn check_top(acc: &[f32], w: &[f32], tau: f32, k: usize) {
+        let mut everything = acc.to_vec();
+        let all = significance_filter(&mut everything, w, tau);
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by(|&x, &y| {
+            all.values[y]
+                .abs()
+                .total_cmp(&all.values[x].abs())
+                .then(x.cmp(&y))
+        });
+        order.truncate(k);
+        order.sort_unstable();
+        let want_indices: Vec<u32> = order.iter().map(|&j| all.indices[j]).collect();
+        let want_values: Vec<f32> = order.iter().map(|&j| all.values[j]).collect();
+        let mut after = acc.to_vec();
+        let got = significant_top(&mut after, w, tau, k);
+        assert_eq!(got.indices, want_indices, "k {k}");
+        assert_eq!(got.values, want_values, "k {k}");
+        let mut rebuilt = after.clone();
+        for (&i, &v) in got.indices.iter().zip(&got.values) {
+            assert_eq!(rebuilt[i as usize], 0.0);
+            rebuilt[i as usize] = v;
+        }
+        assert_eq!(rebuilt, acc);
+    }
+
+    #[test]
+    fn significant_top_is_exact_beyond_its_sample_and_where_the_sample_misleads() {
+        let n = 50_000;
+        let w = vec![1.0f32; n];
+        // Spread magnitudes, ties included: the sample's floor is a fair guess.
+        let spread: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * if i % 2 == 0 { 1e-3 } else { -1e-3 })
+            .collect();
+        for k in [1, 100, 2_000, 24_999, 49_999] {
+            check_top(&spread, &w, 0.05, k);
+        }
+        // Large only where the sample looks (every `n / SAMPLE`-th element): its floor
+        // lets through fewer than `k`, and the filter goes back for every significant one.
+        let taken = SAMPLE.min(n);
+        let mut lopsided = vec![0.2f32; n];
+        for j in 0..taken {
+            lopsided[j * n / taken] = 10.0;
+        }
+        for k in [100, taken, 6_000] {
+            check_top(&lopsided, &w, 0.05, k);
+        }
+    }
+
     proptest! {
         #[test]
         fn nothing_is_lost(acc in proptest::collection::vec(crate::test_strategies::uniform(-1.0, 1.0), 0..200), tau in crate::test_strategies::uniform(0.0, 2.0)) {
@@ -190,6 +352,23 @@ mod tests {
             prop_assert!(s.indices.windows(2).all(|p| p[0] < p[1]));
             let frac = significant_fractions(&acc, &w, &[tau])[0];
             prop_assert!((frac - s.len() as f32 / acc.len().max(1) as f32).abs() < 1e-6);
+        }
+
+        /// The top-`k` filter on small tensors (the sample is all of them), ties at
+        /// the cut included: see [`check_top`].
+        #[test]
+        fn significant_top_takes_the_largest_significant_and_loses_nothing(
+            pairs in proptest::collection::vec(
+                // A few values repeat, so there are ties at the cut.
+                (prop_oneof![crate::test_strategies::uniform(-1.0, 1.0), Just(0.5f32), Just(-0.5f32), Just(0.0f32)],
+                 prop_oneof![crate::test_strategies::uniform(-2.0, 2.0), Just(0.0f32)]),
+                0..300,
+            ),
+            tau in crate::test_strategies::uniform(0.0, 1.0),
+            k in 0usize..320,
+        ) {
+            let (acc, w): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+            check_top(&acc, &w, tau, k);
         }
 
         /// The fused pass gives what each statistic's own definition gives: the same

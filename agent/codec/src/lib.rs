@@ -20,12 +20,12 @@ pub mod sparse;
 mod test_strategies;
 
 pub use error::CodecError;
-pub use filter::{Selection, significance_filter};
+pub use filter::{Selection, significance_filter, significant_top};
 pub use frame::{
     EncodeOptions, Frame, FrameHeader, FrameMeta, Limits, Update, decode, decode_reusing, encode,
     encode_reusing,
 };
 pub use quant::{
-    Quantized, Quantizer, Scheme, dequantize, dequantize_reusing, quantize, quantize_reusing, top_k,
+    Quantized, Quantizer, Scheme, dequantize, dequantize_reusing, quantize, quantize_reusing,
 };
 pub use rng::DitherRng;

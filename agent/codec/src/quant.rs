@@ -403,6 +403,13 @@ fn dequantize_uniform(
         let mask = ((1u16 << bits) - 1) as u8;
         let bucket_bytes = bucket / per;
         for (bytes, &s) in payload.chunks(bucket_bytes).zip(scales) {
+            if bits == 8 {
+                // A byte is its code: the level's own expression (as `uniform_levels`
+                // writes it) vectorizes where a table lookup does not.
+                let step = 2.0 * s / 255.0;
+                out.extend(bytes.iter().map(|&b| f32::from(b) * step - s));
+                continue;
+            }
             uniform_levels(s, bits, &mut lut);
             for &b in bytes {
                 for i in 0..per {
@@ -489,24 +496,6 @@ pub fn dequantize_reusing(
             Ok(codes.iter().map(|&c| if c == 1 { a } else { -a }).collect())
         }
     }
-}
-
-/// The `k` entries of largest magnitude: ascending indices and their values.
-pub fn top_k(x: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
-    let k = k.min(x.len());
-    if k == 0 {
-        return (vec![], vec![]);
-    }
-    let mut order: Vec<u32> = (0..x.len() as u32).collect();
-    if k < x.len() {
-        order.select_nth_unstable_by(k - 1, |&a, &b| {
-            x[b as usize].abs().total_cmp(&x[a as usize].abs())
-        });
-        order.truncate(k);
-    }
-    order.sort_unstable();
-    let values = order.iter().map(|&i| x[i as usize]).collect();
-    (order, values)
 }
 
 #[cfg(test)]
@@ -654,15 +643,6 @@ mod tests {
             &mut DitherRng::new(0),
         );
         assert!(q.scales[0] < 100.0);
-    }
-
-    #[test]
-    fn top_k_picks_largest_magnitudes() {
-        let (i, v) = top_k(&[0.1, -5.0, 3.0, 0.0, -0.2], 2);
-        assert_eq!(i, vec![1, 2]);
-        assert_eq!(v, vec![-5.0, 3.0]);
-        assert_eq!(top_k(&[1.0], 5).0, vec![0]);
-        assert!(top_k(&[], 3).0.is_empty());
     }
 
     #[test]

@@ -311,7 +311,7 @@ fn first_reaching(run_curve: &[EvalPoint], target: f64) -> Option<(f64, u64)> {
 }
 
 /// Runs `peer` on `cfg`'s run in `dir` and reads what it measured; its output goes to
-/// `dir/peer.log`. It gets an hour.
+/// `dir/peer.log`. It is stopped as stuck after `timeout`.
 pub fn run(
     peer: &PeerCommand,
     cfg: &SimConfig,
@@ -319,6 +319,7 @@ pub fn run(
     target: f64,
     exe: &Path,
     dir: &Path,
+    timeout: Duration,
 ) -> Result<PeerRun> {
     let setup = setup(cfg, data, target, exe)?;
     write(dir, &setup, cfg, data)?;
@@ -341,7 +342,7 @@ pub fn run(
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting peer {}: {command}", peer.name))?;
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -349,8 +350,9 @@ pub fn run(
         if Instant::now() > deadline {
             let _ = child.kill();
             bail!(
-                "peer {} still running after an hour; see {}",
+                "peer {} still running after {} s (raise --real-timeout-minutes if the run needs longer); see {}",
                 peer.name,
+                timeout.as_secs(),
                 log_path.display()
             );
         }
@@ -558,9 +560,38 @@ mod tests {
         cfg.model = ModelSpec::Mlp { hidden: vec![8] };
         let dir = tempfile::tempdir().unwrap();
         let peer: PeerCommand = "broken=echo oops >&2; exit 3; true".parse().unwrap();
-        let e = run(&peer, &cfg, &data, 0.9, Path::new("w"), dir.path()).unwrap_err();
+        let hour = Duration::from_secs(3600);
+        let e = run(&peer, &cfg, &data, 0.9, Path::new("w"), dir.path(), hour).unwrap_err();
         assert!(e.to_string().contains("peer broken failed"), "{e}");
         let log = std::fs::read_to_string(dir.path().join("peer.log")).unwrap();
         assert!(log.contains("oops"), "{log}");
+    }
+
+    #[test]
+    fn a_peer_past_its_time_is_stopped_and_named() {
+        let data = embedded_digits().unwrap();
+        let mut cfg = SimConfig::demo(3, 0);
+        cfg.model = ModelSpec::Mlp { hidden: vec![8] };
+        let dir = tempfile::tempdir().unwrap();
+        let peer: PeerCommand = "stuck=sleep 30; true".parse().unwrap();
+        let began = Instant::now();
+        let e = run(
+            &peer,
+            &cfg,
+            &data,
+            0.9,
+            Path::new("w"),
+            dir.path(),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("peer stuck still running after 0 s"),
+            "{e}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "it was not stopped"
+        );
     }
 }

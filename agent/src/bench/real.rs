@@ -61,6 +61,12 @@ pub struct RealCheck {
     /// outside the emulator, from an agent or the relay not reading in time. `None` where
     /// the counter cannot be read.
     pub host_receive_buffer_drops: Option<u64>,
+    /// Compute threads each agent had ([`compute_threads`]).
+    pub compute_threads: usize,
+    /// Datagram bytes the emulator delivered on the links' data directions over the update
+    /// bytes the agents counted: what their transport added (the simulator's links are
+    /// calibrated per link by it).
+    pub wire_overhead: f64,
     /// The agents' evaluations on one clock ([`curve`]): `virtual_seconds` holds real
     /// seconds from the earliest first round; no LAN bytes.
     pub curve: Vec<EvalPoint>,
@@ -299,6 +305,14 @@ pub fn first_reaching(reports: &[serde_json::Value], target: f64) -> Option<(f64
     crate::sim::first_reaching(&curve(reports), target).map(|p| (p.virtual_seconds, p.wan_bytes))
 }
 
+/// Compute threads for each of `agents` agents sharing this host's cores: its share, at
+/// least one (a peer's ranks get one each). A thread pool larger than its share spins
+/// waiting for threads another agent's work has taken the cores from.
+pub fn compute_threads(agents: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / agents.max(1)).max(1)
+}
+
 /// Runs `policy` under `cfg` as real `agents`, each reading its shard of `source` (loaded
 /// here as `data`), then the calibrated simulation on the same data; `policy` must be a
 /// built-in name. Time and WAN bytes to target are measured to the top-1 `target`.
@@ -354,6 +368,7 @@ pub fn check(
         }
     }
     let mut children = Children(Vec::new());
+    let threads = compute_threads(n);
     let host_drops_before = host_receive_buffer_errors();
     let run_dir = dir.join(policy);
     std::fs::create_dir_all(&run_dir)?;
@@ -383,6 +398,8 @@ pub fn check(
                 .arg(&config)
                 .arg("--report")
                 .arg(run_dir.join(format!("{region}.json")))
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .env("CANDLE_NUM_THREADS", threads.to_string())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -416,7 +433,7 @@ pub fn check(
         .zip(host_receive_buffer_errors())
         .map(|(before, after)| after.saturating_sub(before));
     let (mut datagrams, mut queue_drops) = (0, 0);
-    let mut queue_loss = Vec::new();
+    let mut measured = Vec::new();
     for (r, link) in &relays {
         for d in [&r.stats().up, &r.stats().down] {
             datagrams += d.delivered.load(Ordering::Relaxed);
@@ -428,7 +445,12 @@ pub fn check(
             up.delivered.load(Ordering::Relaxed),
             up.queue_drops.load(Ordering::Relaxed),
         );
-        queue_loss.push((*link, dropped as f64 / (delivered + dropped).max(1) as f64));
+        measured.push(LinkMeasure {
+            link: *link,
+            queue_loss: dropped as f64 / (delivered + dropped).max(1) as f64,
+            wire_bytes: up.delivered_bytes.load(Ordering::Relaxed),
+            update_bytes: 0,
+        });
     }
     drop(relays);
     let reports: Vec<serde_json::Value> = regions
@@ -458,7 +480,20 @@ pub fn check(
         .iter()
         .map(|r| f(r, "test_accuracy"))
         .fold(1.0, f64::min);
-    let sim = simulate(&calibrated(cfg, busy, &queue_loss), data, policy)?;
+    // What each region's agent sent each peer, as it counted the bytes it encoded.
+    for m in &mut measured {
+        let (from, to) = m.link;
+        m.update_bytes = reports[from]["links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["peer"] == regions[to].as_str())
+            .and_then(|l| l["bytes_sent"].as_u64())
+            .unwrap_or(0);
+    }
+    let wire_overhead = measured.iter().map(|m| m.wire_bytes).sum::<u64>() as f64
+        / measured.iter().map(|m| m.update_bytes).sum::<u64>().max(1) as f64;
+    let sim = simulate(&calibrated(cfg, busy, &measured), data, policy)?;
     let real_to_target = first_reaching(&reports, target);
     Ok(RealCheck {
         curve: curve(&reports),
@@ -476,6 +511,8 @@ pub fn check(
         emulator_datagrams: datagrams,
         emulator_queue_drops: queue_drops,
         host_receive_buffer_drops,
+        compute_threads: threads,
+        wire_overhead,
         sim_accuracy: sim
             .regions
             .iter()
@@ -484,20 +521,40 @@ pub fn check(
     })
 }
 
+/// What the emulator measured on one link's data direction during a `--real` run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LinkMeasure {
+    /// (from, to): the sending region and its peer.
+    link: (usize, usize),
+    /// Share of the direction's datagrams its queue dropped.
+    queue_loss: f64,
+    /// Datagram bytes it delivered: the updates with their transport's packets around them
+    /// (headers, acknowledgements, retransmissions).
+    wire_bytes: u64,
+    /// Bytes of updates the sender counted for this peer.
+    update_bytes: u64,
+}
+
 /// The simulator's setup for comparing with the agents: their measured per-round work
-/// (`compute_s`) as its step cost, and each link's loss raised by the share of the link's
-/// datagrams the emulator's queue dropped (`queue_loss`: `((from, to), share)`). Those
-/// drops are the agents' own congestion control overfilling the queue; the simulator's
-/// links, which carry their whole bandwidth from the first byte, would not have them, and
-/// each costs its message a round trip, which a policy reading its links' backlog sees.
-fn calibrated(cfg: &SimConfig, compute_s: f64, queue_loss: &[((usize, usize), f64)]) -> SimConfig {
+/// (`compute_s`) as its step cost; each link's loss raised by the share of the link's
+/// datagrams the emulator's queue dropped (those drops are the agents' own congestion
+/// control overfilling the queue; the simulator's links, which carry their whole
+/// bandwidth from the first byte, would not have them, and each costs its message a round
+/// trip, which a policy reading its links' backlog sees); and each link's bandwidth, which
+/// the simulator spends on update bytes alone, cut by the measured share of the wire that
+/// was not update bytes (packet headers, acknowledgements, retransmissions).
+fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
-    for &((from, to), share) in queue_loss {
+    for m in measured {
+        let (from, to) = m.link;
         let link = &mut c.topology.links[from][to];
-        let share = share.clamp(0.0, 1.0);
+        let share = m.queue_loss.clamp(0.0, 1.0);
         // Dropped by either: 1 - (1 - loss)(1 - share).
         link.loss += share - link.loss * share;
+        if m.update_bytes > 0 && m.wire_bytes > m.update_bytes {
+            link.bandwidth_bps *= m.update_bytes as f64 / m.wire_bytes as f64;
+        }
     }
     c
 }
@@ -522,12 +579,12 @@ fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -544,7 +601,8 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.sim_accuracy * 100.0,
             c.emulator_queue_drops,
             c.emulator_datagrams,
-            or_dash(c.host_receive_buffer_drops)
+            or_dash(c.host_receive_buffer_drops),
+            c.wire_overhead
         );
     }
     out
@@ -711,7 +769,13 @@ mod tests {
         let mut cfg = SimConfig::demo(3, 7);
         crate::bench::apply_scenario("ec2-3dc", &mut cfg).unwrap();
         cfg.topology.links[1][2].loss = 0.5;
-        let c = calibrated(&cfg, 0.07, &[((0, 2), 0.01), ((1, 2), 0.5)]);
+        let drops = |link, queue_loss| LinkMeasure {
+            link,
+            queue_loss,
+            wire_bytes: 100,
+            update_bytes: 100,
+        };
+        let c = calibrated(&cfg, 0.07, &[drops((0, 2), 0.01), drops((1, 2), 0.5)]);
         assert_eq!(c.compute_s, 0.07);
         assert_eq!(c.topology.link(0, 2).loss, 0.01);
         assert_eq!(
@@ -726,6 +790,46 @@ mod tests {
             c.topology.link(0, 2).bandwidth_bps,
             cfg.topology.link(0, 2).bandwidth_bps
         );
+    }
+
+    #[test]
+    fn the_simulator_spends_each_links_bandwidth_as_the_agents_wire_did() {
+        let mut cfg = SimConfig::demo(3, 7);
+        crate::bench::apply_scenario("ec2-3dc", &mut cfg).unwrap();
+        let sent = |link, wire_bytes, update_bytes| LinkMeasure {
+            link,
+            queue_loss: 0.0,
+            wire_bytes,
+            update_bytes,
+        };
+        let c = calibrated(
+            &cfg,
+            0.07,
+            &[
+                sent((0, 1), 110, 100),
+                sent((1, 0), 0, 0),
+                sent((2, 0), 90, 100),
+            ],
+        );
+        let (was, now) = (cfg.topology.link(0, 1), c.topology.link(0, 1));
+        assert!((now.bandwidth_bps / was.bandwidth_bps - 100.0 / 110.0).abs() < 1e-12);
+        assert_eq!(now.loss, was.loss);
+        // Nothing measured, or less on the wire than counted (a run cut short): unchanged.
+        for (from, to) in [(1, 0), (2, 0), (0, 2)] {
+            assert_eq!(
+                c.topology.link(from, to).bandwidth_bps,
+                cfg.topology.link(from, to).bandwidth_bps
+            );
+        }
+    }
+
+    #[test]
+    fn co_located_agents_share_the_cores_and_each_gets_at_least_one() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(compute_threads(1), cores);
+        assert_eq!(compute_threads(cores * 2), 1);
+        assert_eq!(compute_threads(0), cores);
+        assert!((1..=8).all(|n| compute_threads(n) * n <= cores.max(n)));
     }
 
     #[test]

@@ -382,6 +382,8 @@ mod tests {
             emulator_datagrams: 0,
             emulator_queue_drops: 0,
             host_receive_buffer_drops: None,
+            compute_threads: 1,
+            wire_overhead: 1.0,
             curve: Vec::new(),
         }
     }

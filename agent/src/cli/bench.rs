@@ -112,7 +112,13 @@ pub struct BenchArgs {
     /// simulator's comparison, includes; the host's receive-buffer drops are the host's.
     #[arg(long, value_delimiter = ',', requires = "real")]
     real_concurrent: Vec<String>,
-    /// Minutes one `--real` run may take before it is stopped as stuck.
+    /// The peers run for every seed at once, beside the `--real-concurrent` agents, instead
+    /// of one at a time after them. For peers whose steps wait on the WAN (a gradient
+    /// all-reduce over thin links): it takes their hours off the end of the run. They share
+    /// the cores with those agents, as those agents share them with each other.
+    #[arg(long, requires = "peer")]
+    peer_concurrent: bool,
+    /// Minutes one `--real` run (or one `--peer` run) may take before it is stopped as stuck.
     #[arg(long, default_value_t = 60, requires = "real")]
     real_timeout_minutes: u64,
 }
@@ -274,7 +280,10 @@ impl SeedRun {
     fn markdown(&self) -> String {
         let mut md = bench::markdown(&self.report);
         if !self.checks.is_empty() {
-            md += "\nReal agents through the WAN emulator against the simulator with the measured per-round work and each link's measured queue drops as loss:\n\n";
+            md += &format!(
+                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue drops as loss:\n\n",
+                self.checks[0].compute_threads
+            );
             md += &bench::real::markdown(&self.checks);
             md += "\nSide by side on the same emulated links, wall-clock (agents and peers):\n\n";
             md += &bench::peer::markdown(&self.peers, &self.checks);
@@ -349,7 +358,9 @@ fn simulate_seed(
 
 /// Runs the `--real` policies of every seed as agents (in a directory of their own per
 /// seed when there are several): one at a time, then the `--real-concurrent` ones of all
-/// seeds at once; then the peers, one at a time. Each seed's checks keep `--real`'s order.
+/// seeds at once; then the peers, one at a time (with `--peer-concurrent`, all at once
+/// beside the concurrent agents). Each seed's checks keep `--real`'s order, its peers
+/// `--peer`'s.
 fn run_real(
     args: &BenchArgs,
     source: &DataSource,
@@ -408,46 +419,85 @@ fn run_real(
         .filter(concurrent)
         .flat_map(|k| (0..runs.len()).map(move |i| (i, k)))
         .collect();
-    if !together.is_empty() {
-        eprintln!(
-            "running {} as real agents, {} runs at once ...",
-            args.real_concurrent.join(", "),
-            together.len()
-        );
+    // The peers to run beside them: (seed, peer).
+    let beside: Vec<(usize, usize)> = if args.peer_concurrent {
+        (0..runs.len())
+            .flat_map(|i| (0..args.peer.len()).map(move |p| (i, p)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let peer_dir =
+        |run: &SeedRun, p: usize| work(run.report.seed).join(format!("peer-{}", args.peer[p].name));
+    let peer = |run: &SeedRun, p: usize| {
+        let peer = &args.peer[p];
+        let dir = peer_dir(run, p);
+        eprintln!("running peer {} in {} ...", peer.name, dir.display());
+        bench::peer::run(
+            peer,
+            &run.cfg,
+            &run.data,
+            run.report.target_accuracy,
+            &exe,
+            &dir,
+            std::time::Duration::from_secs(args.real_timeout_minutes * 60),
+        )
+        .with_context(|| format!("peer {}, seed {}", peer.name, run.report.seed))
+    };
+    let mut peers: Vec<Vec<Option<bench::peer::PeerRun>>> =
+        runs.iter().map(|_| vec![None; args.peer.len()]).collect();
+    if !together.is_empty() || !beside.is_empty() {
+        if !together.is_empty() {
+            eprintln!(
+                "running {} as real agents, {} runs at once ...",
+                args.real_concurrent.join(", "),
+                together.len()
+            );
+        }
         let shared: &[SeedRun] = runs;
-        let results: Vec<Result<bench::real::RealCheck>> = std::thread::scope(|s| {
-            let handles: Vec<_> = together
+        let (agents, beside_runs) = std::thread::scope(|s| {
+            let agents: Vec<_> = together
                 .iter()
                 .map(|&(i, k)| s.spawn(move || check(&shared[i], &args.real[k])))
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a real run's thread panicked")))
-                })
-                .collect()
+            let beside_runs: Vec<_> = beside
+                .iter()
+                .map(|&(i, p)| s.spawn(move || peer(&shared[i], p)))
+                .collect();
+            (joined(agents), joined(beside_runs))
         });
-        for ((i, k), result) in together.into_iter().zip(results) {
+        for ((i, k), result) in together.into_iter().zip(agents) {
             done[i][k] = Some(result?);
         }
+        for ((i, p), result) in beside.into_iter().zip(beside_runs) {
+            peers[i][p] = Some(result?);
+        }
     }
-    for (run, checks) in runs.iter_mut().zip(done) {
+    for ((run, checks), ran) in runs.iter_mut().zip(done).zip(peers) {
         run.checks = checks
             .into_iter()
             .map(|c| c.expect("every real run is done"))
             .collect();
-        let dir = work(run.report.seed);
-        for peer in &args.peer {
-            let dir = dir.join(format!("peer-{}", peer.name));
-            eprintln!("running peer {} in {} ...", peer.name, dir.display());
-            let target = run.report.target_accuracy;
-            run.peers.push(bench::peer::run(
-                peer, &run.cfg, &run.data, target, &exe, &dir,
-            )?);
+        for (p, ran) in ran.into_iter().enumerate() {
+            let result = match ran {
+                Some(r) => r,
+                None => peer(run, p)?,
+            };
+            run.peers.push(result);
         }
     }
     Ok(())
+}
+
+/// Each thread's result, in order; a thread that panicked is an error.
+fn joined<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Vec<Result<T>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a real run's thread panicked")))
+        })
+        .collect()
 }
 
 /// The simulated and the real summaries over the seeds (the real one empty without

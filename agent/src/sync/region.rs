@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use weightgrad_codec::filter::{l2_norm, update_stats};
 use weightgrad_codec::{
     CodecError, DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Selection, Update, decode,
-    encode, significance_filter,
+    encode, significant_top,
 };
 use weightgrad_sdk::{LinkInput, LinkPlan, LinkStats, TensorPlan, TensorRole, TensorStats};
 
@@ -715,8 +715,8 @@ impl RegionSync {
                     link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
                     continue;
                 }
-                let mut selection = significance_filter(acc, &weights[t], tensor_plan.tau);
-                cap_to_top(&mut selection, acc, tensor_plan.top_fraction);
+                let cap = top_count(acc.len(), tensor_plan.top_fraction);
+                let selection = significant_top(acc, &weights[t], tensor_plan.tau, cap);
                 if selection.is_empty() {
                     link.rounds_since_sent[t] = link.rounds_since_sent[t].saturating_add(1);
                     continue;
@@ -930,32 +930,13 @@ impl RegionSync {
     }
 }
 
-/// Keeps the `fraction · len` largest-magnitude elements of `selection` and returns the
-/// rest to the accumulator they were taken from (top-k with error feedback).
-fn cap_to_top(selection: &mut Selection, acc: &mut [f32], fraction: f32) {
+/// How many of `len` elements a plan's `top_fraction` lets through (at least one; all of
+/// them at 1 or more).
+fn top_count(len: usize, fraction: f32) -> usize {
     if fraction >= 1.0 {
-        return;
+        return usize::MAX;
     }
-    let k = ((acc.len() as f64 * f64::from(fraction.max(0.0))).ceil() as usize).max(1);
-    if selection.len() <= k {
-        return;
-    }
-    let (kept, _) = weightgrad_codec::top_k(&selection.values, k);
-    let mut keep = vec![false; selection.len()];
-    for i in kept {
-        keep[i as usize] = true;
-    }
-    let mut indices = Vec::with_capacity(k);
-    let mut values = Vec::with_capacity(k);
-    for ((&i, &v), keep) in selection.indices.iter().zip(&selection.values).zip(keep) {
-        if keep {
-            indices.push(i);
-            values.push(v);
-        } else {
-            acc[i as usize] += v;
-        }
-    }
-    *selection = Selection { indices, values };
+    ((len as f64 * f64::from(fraction.max(0.0))).ceil() as usize).max(1)
 }
 
 /// The quantizer for a plan's bit-width.
