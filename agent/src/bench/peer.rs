@@ -553,15 +553,23 @@ mod tests {
         assert!(e.contains("not a peer result"), "{e}");
     }
 
-    #[test]
-    fn a_peer_that_fails_is_named_with_its_log() {
+    /// Runs `command` as a peer on a tiny MLP over the embedded digits, in a directory of
+    /// its own (returned, to read its log), stopped after `timeout`.
+    fn run_tiny(command: &str, timeout: Duration) -> (Result<PeerRun>, tempfile::TempDir) {
         let data = embedded_digits().unwrap();
         let mut cfg = SimConfig::demo(3, 0);
         cfg.model = ModelSpec::Mlp { hidden: vec![8] };
         let dir = tempfile::tempdir().unwrap();
-        let peer: PeerCommand = "broken=echo oops >&2; exit 3; true".parse().unwrap();
+        let peer: PeerCommand = command.parse().unwrap();
+        let result = run(&peer, &cfg, &data, 0.9, Path::new("w"), dir.path(), timeout);
+        (result, dir)
+    }
+
+    #[test]
+    fn a_peer_that_fails_is_named_with_its_log() {
         let hour = Duration::from_secs(3600);
-        let e = run(&peer, &cfg, &data, 0.9, Path::new("w"), dir.path(), hour).unwrap_err();
+        let (result, dir) = run_tiny("broken=echo oops >&2; exit 3; true", hour);
+        let e = result.unwrap_err();
         assert!(e.to_string().contains("peer broken failed"), "{e}");
         let log = std::fs::read_to_string(dir.path().join("peer.log")).unwrap();
         assert!(log.contains("oops"), "{log}");
@@ -569,22 +577,9 @@ mod tests {
 
     #[test]
     fn a_peer_past_its_time_is_stopped_and_named() {
-        let data = embedded_digits().unwrap();
-        let mut cfg = SimConfig::demo(3, 0);
-        cfg.model = ModelSpec::Mlp { hidden: vec![8] };
-        let dir = tempfile::tempdir().unwrap();
-        let peer: PeerCommand = "stuck=sleep 30; true".parse().unwrap();
         let began = Instant::now();
-        let e = run(
-            &peer,
-            &cfg,
-            &data,
-            0.9,
-            Path::new("w"),
-            dir.path(),
-            Duration::from_millis(300),
-        )
-        .unwrap_err();
+        let (result, _dir) = run_tiny("stuck=sleep 30; true", Duration::from_millis(300));
+        let e = result.unwrap_err();
         assert!(
             e.to_string().contains("peer stuck still running after 0 s"),
             "{e}"

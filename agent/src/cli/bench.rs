@@ -427,11 +427,9 @@ fn run_real(
     } else {
         Vec::new()
     };
-    let peer_dir =
-        |run: &SeedRun, p: usize| work(run.report.seed).join(format!("peer-{}", args.peer[p].name));
     let peer = |run: &SeedRun, p: usize| {
         let peer = &args.peer[p];
-        let dir = peer_dir(run, p);
+        let dir = work(run.report.seed).join(format!("peer-{}", peer.name));
         eprintln!("running peer {} in {} ...", peer.name, dir.display());
         bench::peer::run(
             peer,
