@@ -542,7 +542,9 @@ struct LinkMeasure {
 /// bandwidth from the first byte, would not have them, and each costs its message a round
 /// trip, which a policy reading its links' backlog sees); and each link's bandwidth, which
 /// the simulator spends on update bytes alone, cut by the measured share of the wire that
-/// was not update bytes (packet headers, acknowledgements, retransmissions).
+/// was not update bytes (packet headers, acknowledgements, retransmissions; a dropped
+/// datagram's retransmission is so charged twice, here and as loss: a share of a percent
+/// at the drop rates measured).
 fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
