@@ -382,6 +382,8 @@ fn run_real(
             base.clone()
         }
     };
+    // How long one run of agents, or one peer's run, may take before it is stopped as stuck.
+    let timeout = std::time::Duration::from_secs(args.real_timeout_minutes * 60);
     let check = |run: &SeedRun, policy: &str| {
         let dir = work(run.report.seed);
         bench::real::check(
@@ -396,7 +398,7 @@ fn run_real(
                 congestion: args.congestion.unwrap_or_default(),
                 initial_window: args.initial_window.unwrap_or_default(),
                 overlap: args.overlap.unwrap_or(true),
-                timeout: std::time::Duration::from_secs(args.real_timeout_minutes * 60),
+                timeout,
             },
         )
         .with_context(|| format!("{policy} as real agents, seed {}", run.report.seed))
@@ -438,7 +440,7 @@ fn run_real(
             run.report.target_accuracy,
             &exe,
             &dir,
-            std::time::Duration::from_secs(args.real_timeout_minutes * 60),
+            timeout,
         )
         .with_context(|| format!("peer {}, seed {}", peer.name, run.report.seed))
     };

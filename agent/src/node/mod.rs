@@ -278,7 +278,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         configured: (cfg.wan.bandwidth_mbps * 1e6, cfg.wan.rtt_ms / 1e3),
         total_rounds,
         steps_per_epoch: spe,
-        evaluate_every: t.evaluate_every_rounds.unwrap_or(spe).max(1),
+        evaluate_every: crate::train::evaluation_interval(t.evaluate_every_rounds, spe),
         lr: t.lr,
         regions: (peers.len() + 1) as u32,
         deadline: Duration::try_from_secs_f64(cfg.wan.peer_deadline_s).unwrap_or(Duration::MAX),

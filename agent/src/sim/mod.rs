@@ -94,7 +94,7 @@ impl SimConfig {
 
     /// Rounds between evaluations: [`Self::evaluate_every`], or an epoch's rounds.
     pub fn evaluation_interval(&self, steps_per_epoch: u64) -> u64 {
-        self.evaluate_every.unwrap_or(steps_per_epoch).max(1)
+        crate::train::evaluation_interval(self.evaluate_every, steps_per_epoch)
     }
 }
 

@@ -32,5 +32,5 @@ pub use eval::Evaluation;
 pub use manifest::{Manifest, TensorKind, TensorSpec};
 pub use model::{Model, ModelSpec};
 pub use optim::{Optimizer, OptimizerSpec};
-pub use schedule::LrSchedule;
+pub use schedule::{LrSchedule, evaluation_interval};
 pub use trainer::{EpochReport, TrainConfig, Trainer};

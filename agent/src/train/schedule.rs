@@ -2,6 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Rounds between evaluations on the test set: `every`, or one epoch's rounds when unset
+/// (at least 1). The agent and the simulator both evaluate at its multiples and at the
+/// last round.
+pub fn evaluation_interval(every: Option<u64>, steps_per_epoch: u64) -> u64 {
+    every.unwrap_or(steps_per_epoch).max(1)
+}
+
 /// How the learning rate evolves over a run of `total_steps`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -74,6 +81,13 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evaluations_default_to_once_an_epoch_and_never_to_zero() {
+        assert_eq!(evaluation_interval(None, 625), 625);
+        assert_eq!(evaluation_interval(Some(25), 625), 25);
+        assert_eq!(evaluation_interval(None, 0), 1);
+    }
 
     #[test]
     fn schedules_follow_their_formulas() {
