@@ -277,12 +277,36 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     let agent =
         std::fs::read_to_string(dir.path().join("out/real/full-sync/us-east.toml")).unwrap();
     assert!(agent.contains("congestion = \"bbr\""), "{agent}");
+    // The staleness both trained at, from the agents' reports and the simulator's: every
+    // step counted (a region with a peer at 0 rounds starts its second step 1 behind).
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/real/full-sync/us-east.json")).unwrap(),
+    )
+    .unwrap();
+    for link in report["links"].as_array().unwrap() {
+        let mean = link["rounds_behind_mean"].as_f64().unwrap();
+        let max = link["rounds_behind_max"].as_f64().unwrap();
+        assert!(mean > 0.0 && mean <= max, "{link}");
+    }
+    let evaluation = &report["evaluations"][0];
+    assert_eq!(
+        evaluation["peer_rounds_complete"].as_array().unwrap().len(),
+        2,
+        "{evaluation}"
+    );
+    for side in ["real_rounds_behind_mean", "sim_rounds_behind_mean"] {
+        assert!(real[side].as_f64().unwrap() > 0.0, "{side}: {real}");
+    }
     let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
     assert!(
         md.contains("model `logreg` (logreg[4-2], 10 parameters"),
         "{md}"
     );
     assert!(md.contains("| stand-in | 2.00 | 2000 | 95.00% |"), "{md}");
+    assert!(
+        md.contains("rounds behind at a step, agents / simulator"),
+        "{md}"
+    );
     let svg = std::fs::read_to_string(dir.path().join("out/real_accuracy_vs_time.svg")).unwrap();
     assert!(svg.contains("stand-in"), "the peer is not in the plot");
 }

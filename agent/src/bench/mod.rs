@@ -211,6 +211,9 @@ pub struct PolicyResult {
     pub wan_bytes: u64,
     /// Whole-run virtual seconds.
     pub virtual_seconds: f64,
+    /// Mean rounds a peer's delivered rounds were behind a region's finished ones when
+    /// its steps started: the staleness the run trained at ([`SimReport::rounds_behind_mean`]).
+    pub rounds_behind_mean: f64,
     /// Evaluations: (WAN bytes, virtual seconds, lowest top-1).
     pub curve: Vec<EvalPoint>,
 }
@@ -263,6 +266,7 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
         full_sync_baseline: None,
         wan_bytes: report.wan_bytes,
         virtual_seconds: report.virtual_seconds,
+        rounds_behind_mean: report.rounds_behind_mean,
         curve: report.curve.clone(),
     }
 }
@@ -321,6 +325,8 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
         rounds: total,
         curve,
         rejected: 0,
+        rounds_behind_mean: 0.0,
+        rounds_behind_max: 0,
     })
 }
 

@@ -67,6 +67,12 @@ pub struct RealCheck {
     /// bytes the agents counted: what their transport added (the simulator's links are
     /// calibrated per link by it).
     pub wire_overhead: f64,
+    /// Mean over the agents' steps and links of the rounds the peer's delivered rounds
+    /// were behind the agent's finished ones when a step started: the staleness the
+    /// agents actually trained at.
+    pub real_rounds_behind_mean: f64,
+    /// The same in the simulator.
+    pub sim_rounds_behind_mean: f64,
     /// The agents' evaluations on one clock ([`curve`]): `virtual_seconds` holds real
     /// seconds from the earliest first round; no LAN bytes.
     pub curve: Vec<EvalPoint>,
@@ -495,7 +501,18 @@ pub fn check(
         / measured.iter().map(|m| m.update_bytes).sum::<u64>().max(1) as f64;
     let sim = simulate(&calibrated(cfg, busy, &measured), data, policy)?;
     let real_to_target = first_reaching(&reports, target);
+    let agent_links: Vec<&serde_json::Value> = reports
+        .iter()
+        .flat_map(|r| r["links"].as_array().into_iter().flatten())
+        .collect();
+    let real_rounds_behind_mean = agent_links
+        .iter()
+        .map(|l| l["rounds_behind_mean"].as_f64().unwrap_or(f64::NAN))
+        .sum::<f64>()
+        / agent_links.len().max(1) as f64;
     Ok(RealCheck {
+        real_rounds_behind_mean,
+        sim_rounds_behind_mean: sim.rounds_behind_mean,
         curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
         real_wan_bytes_to_target: real_to_target.map(|t| t.1),
@@ -581,12 +598,12 @@ fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} | {:.1} / {:.1} |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -604,7 +621,9 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.emulator_queue_drops,
             c.emulator_datagrams,
             or_dash(c.host_receive_buffer_drops),
-            c.wire_overhead
+            c.wire_overhead,
+            c.real_rounds_behind_mean,
+            c.sim_rounds_behind_mean
         );
     }
     out

@@ -384,6 +384,8 @@ mod tests {
             host_receive_buffer_drops: None,
             compute_threads: 1,
             wire_overhead: 1.0,
+            real_rounds_behind_mean: 1.0,
+            sim_rounds_behind_mean: 1.0,
             curve: Vec::new(),
         }
     }

@@ -52,6 +52,11 @@ pub struct LinkReport {
     /// Per-link conservation gap relative to the largest Σ local update (float rounding:
     /// about 1e-6); absent when the model is too large to audit.
     pub conservation_error: Option<f64>,
+    /// Mean rounds the peer's delivered rounds were behind this region's finished ones
+    /// when its steps started: the staleness the run actually trained at.
+    pub rounds_behind_mean: f64,
+    /// The most rounds the peer was behind at a step's start.
+    pub rounds_behind_max: u64,
 }
 
 /// What an agent did, written at the end of its run.
@@ -113,7 +118,7 @@ pub struct AgentReport {
 }
 
 /// One test-set evaluation during a run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Evaluation {
     /// The round just trained.
     pub round: u64,
@@ -123,6 +128,9 @@ pub struct Evaluation {
     pub test_accuracy: f64,
     /// WAN bytes this region had sent by then.
     pub wan_bytes: u64,
+    /// Each peer's rounds fully arrived by then, in link order.
+    #[serde(default)]
+    pub peer_rounds_complete: Vec<u64>,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -577,6 +585,7 @@ impl Core {
         metrics::histogram!(m::WAIT_SECONDS).record(st.waited.as_secs_f64());
         st.waited = Duration::ZERO;
         let round = self.next_round(st);
+        self.sync.note_step_start(round);
         let lr = schedule.lr_at(self.lr, round - 1, self.total_rounds);
         let plan = st.lan_plan.clone();
         let pending = st.pending_encode.take();
@@ -685,6 +694,9 @@ impl Core {
                 unix_seconds: unix_now(),
                 test_accuracy: e.accuracy,
                 wan_bytes: st.wan_sent,
+                peer_rounds_complete: (0..self.sync.link_count())
+                    .map(|l| self.sync.clock().complete(l))
+                    .collect(),
             });
             metrics::gauge!(m::ACCURACY).set(e.accuracy);
             tracing::info!(
@@ -1129,6 +1141,8 @@ impl Core {
                     fresh_redials: shared.fresh_redials.load(Ordering::Relaxed),
                     goodput_bps: shared.goodput_bps(),
                     conservation_error: self.sync.conservation_error(l),
+                    rounds_behind_mean: c.rounds_behind_mean(),
+                    rounds_behind_max: c.rounds_behind_max,
                 }
             })
             .collect();

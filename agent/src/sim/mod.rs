@@ -8,6 +8,8 @@ use crate::lan::{LanPlacement, RegionTrainer};
 use crate::sync::{RegionSync, SyncConfig};
 use crate::train::dataset::{RegionLayout, ShardStrategy};
 use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
+use crate::wan::framing::group_for_streams;
+use crate::wan::link::STREAM_TARGET_BYTES;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use std::cmp::Reverse;
@@ -144,6 +146,12 @@ pub struct SimReport {
     pub curve: Vec<EvalPoint>,
     /// Messages refused by receivers (should be 0).
     pub rejected: u64,
+    /// Mean over every region's steps and links of the rounds the peer's delivered
+    /// rounds were behind the region's finished ones when the step started: the
+    /// staleness the run actually trained at.
+    pub rounds_behind_mean: f64,
+    /// The most rounds any peer was behind at a step's start.
+    pub rounds_behind_max: u64,
 }
 
 impl SimReport {
@@ -172,11 +180,66 @@ struct RegionRt {
 
 enum Event {
     StepDone(usize),
+    /// Link `link` of region `from` changes by itself (a stream through or starting);
+    /// stale when the link changed since (`version`).
+    LinkChange {
+        from: usize,
+        link: usize,
+        version: u64,
+    },
     Arrival {
         to: usize,
         from: usize,
         bytes: Vec<u8>,
     },
+}
+
+/// Every region's outgoing links, with the streams on them not yet through.
+struct Wan {
+    /// `links[a][l]`: region `a`'s link `l`.
+    links: Vec<Vec<VirtualLink>>,
+    /// Bumped whenever a link is touched: a scheduled [`Event::LinkChange`] with an older
+    /// one is stale.
+    versions: Vec<Vec<u64>>,
+    /// The messages of each stream in flight, by (region, link, stream id).
+    in_flight: HashMap<(usize, usize, u64), Vec<Vec<u8>>>,
+}
+
+impl Wan {
+    /// The events `deliveries` on region `from`'s link `link` cause (each stream's
+    /// messages arrive in order at the stream's arrival), and the link's next change.
+    fn events_after(
+        &mut self,
+        from: usize,
+        link: usize,
+        deliveries: Vec<wan::Delivery>,
+    ) -> Vec<(f64, Event)> {
+        let to = peer_index(from, link);
+        let mut out = Vec::new();
+        for d in deliveries {
+            let messages = self
+                .in_flight
+                .remove(&(from, link, d.stream))
+                .expect("a delivered stream was sent");
+            out.extend(
+                messages
+                    .into_iter()
+                    .map(|bytes| (d.at, Event::Arrival { to, from, bytes })),
+            );
+        }
+        self.versions[from][link] += 1;
+        if let Some(at) = self.links[from][link].next_change() {
+            out.push((
+                at,
+                Event::LinkChange {
+                    from,
+                    link,
+                    version: self.versions[from][link],
+                },
+            ));
+        }
+        out
+    }
 }
 
 fn link_index(me: usize, peer: usize) -> usize {
@@ -249,7 +312,7 @@ pub fn run(
     let total_rounds = steps_per_epoch * cfg.epochs as u64;
     let evaluate_every = cfg.evaluation_interval(steps_per_epoch);
     let schedule = LrSchedule::Cosine { min_factor: 0.0 };
-    let mut links: Vec<Vec<VirtualLink>> = (0..n)
+    let links: Vec<Vec<VirtualLink>> = (0..n)
         .map(|a| {
             (0..n)
                 .filter(|&b| b != a)
@@ -262,6 +325,11 @@ pub fn run(
                 .collect()
         })
         .collect();
+    let mut wan = Wan {
+        versions: vec![vec![0; n - 1]; n],
+        links,
+        in_flight: HashMap::new(),
+    };
 
     // First LAN plan: ask the policy once with empty residuals.
     for (r, rt) in regions.iter_mut().enumerate() {
@@ -273,7 +341,7 @@ pub fn run(
             regions: n as u32,
             final_round: false,
         };
-        let input = policy_input(rt, r, &links, &names, context, 0.0);
+        let input = policy_input(rt, r, &wan.links, &names, context, 0.0);
         let out = policy.decide(&input);
         validate_output(&input, &out)
             .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -313,7 +381,13 @@ pub fn run(
                 {
                     dropped = true;
                     for (x, y) in [(d.a, d.b), (d.b, d.a)] {
-                        links[x][link_index(x, y)].model.bandwidth_bps *= d.factor;
+                        let l = link_index(x, y);
+                        let link = &mut wan.links[x][l];
+                        let arrived =
+                            link.set_bandwidth(now, link.model().bandwidth_bps * d.factor);
+                        for (t, e) in wan.events_after(x, l, arrived) {
+                            push(&mut queue, &mut events, t, e);
+                        }
                     }
                 }
                 let lr = schedule.lr_at(cfg.lr, round - 1, total_rounds);
@@ -328,7 +402,7 @@ pub fn run(
                     regions: n as u32,
                     final_round: round == total_rounds,
                 };
-                let input = policy_input(rt, r, &links, &names, context, now);
+                let input = policy_input(rt, r, &wan.links, &names, context, now);
                 let out = policy.decide(&input);
                 validate_output(&input, &out)
                     .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
@@ -337,17 +411,24 @@ pub fn run(
                 rt.state = out.state;
                 rt.busy = false;
                 for o in outgoing {
-                    let to = peer_index(r, o.link);
-                    for m in o.messages {
-                        let bytes = m.to_bytes();
-                        rt.wan_sent += bytes.len() as u64;
-                        let at = links[r][o.link].send(now, bytes.len() as u64);
-                        push(
-                            &mut queue,
-                            &mut events,
-                            at,
-                            Event::Arrival { to, from: r, bytes },
-                        );
+                    // In streams, grouped as the agent's link groups a round's messages.
+                    let mut messages: Vec<Option<Vec<u8>>> =
+                        o.messages.iter().map(|m| Some(m.to_bytes())).collect();
+                    let sizes: Vec<usize> = messages.iter().flatten().map(Vec::len).collect();
+                    let mut arrived = Vec::new();
+                    for group in group_for_streams(&sizes, STREAM_TARGET_BYTES) {
+                        let stream: Vec<Vec<u8>> = group
+                            .iter()
+                            .map(|&i| messages[i].take().expect("each message is in one group"))
+                            .collect();
+                        let bytes: u64 = stream.iter().map(|m| m.len() as u64).sum();
+                        rt.wan_sent += bytes;
+                        let (id, done) = wan.links[r][o.link].send(now, bytes);
+                        arrived.extend(done);
+                        wan.in_flight.insert((r, o.link, id), stream);
+                    }
+                    for (t, e) in wan.events_after(r, o.link, arrived) {
+                        push(&mut queue, &mut events, t, e);
                     }
                 }
                 if round % evaluate_every == 0 || round == total_rounds {
@@ -359,6 +440,18 @@ pub fn run(
                 progress(done_rounds, total_rounds * n as u64);
                 if let Some(t) = try_start(&mut regions[r], total_rounds, &schedule, cfg, now)? {
                     push(&mut queue, &mut events, t, Event::StepDone(r));
+                }
+            }
+            Event::LinkChange {
+                from,
+                link,
+                version,
+            } => {
+                if version == wan.versions[from][link] {
+                    let arrived = wan.links[from][link].advance(now);
+                    for (t, e) in wan.events_after(from, link, arrived) {
+                        push(&mut queue, &mut events, t, e);
+                    }
                 }
             }
             Event::Arrival { to, from, bytes } => {
@@ -398,6 +491,21 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let wan_bytes = regions.iter().map(|r| r.wan_sent).sum();
     let lan_bytes = regions.iter().map(|r| r.trainer.lan_bytes()).sum();
+    let link_counters: Vec<_> = regions
+        .iter()
+        .flat_map(|r| (0..r.sync.link_count()).map(|l| r.sync.counters(l)))
+        .collect();
+    let steps: u64 = link_counters.iter().map(|c| c.steps_started).sum();
+    let rounds_behind_mean = link_counters
+        .iter()
+        .map(|c| c.rounds_behind_sum)
+        .sum::<u64>() as f64
+        / steps.max(1) as f64;
+    let rounds_behind_max = link_counters
+        .iter()
+        .map(|c| c.rounds_behind_max)
+        .max()
+        .unwrap_or(0);
     let mut curve: Vec<EvalPoint> = (0..points)
         .map(|k| EvalPoint {
             round: ((k as u64 + 1) * evaluate_every).min(total_rounds),
@@ -424,6 +532,8 @@ pub fn run(
         rounds: total_rounds,
         curve,
         rejected,
+        rounds_behind_mean,
+        rounds_behind_max,
     })
 }
 
@@ -445,6 +555,7 @@ fn try_start(
         return Ok(None);
     }
     let lr = schedule.lr_at(cfg.lr, rt.sync.round(), total);
+    rt.sync.note_step_start(rt.sync.round() + 1);
     let step = rt.trainer.step(&rt.lan_plan, lr)?;
     rt.pending = Some((step.delta, step.loss));
     rt.busy = true;
@@ -465,9 +576,9 @@ fn policy_input(
         .enumerate()
         .map(|(l, link)| weightgrad_sdk::LinkStats {
             peer: names[peer_index(r, l)].clone(),
-            bandwidth_bps: link.model.bandwidth_bps,
-            rtt_s: link.model.rtt_s,
-            loss: link.model.loss,
+            bandwidth_bps: link.model().bandwidth_bps,
+            rtt_s: link.model().rtt_s,
+            loss: link.model().loss,
             queued_bytes: link.queued(now),
         })
         .collect();

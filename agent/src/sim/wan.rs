@@ -1,5 +1,12 @@
-//! A virtual-time WAN link: bandwidth, round-trip time, jitter, loss (as retransmission
-//! delay) and a FIFO queue. Every quantity is a pure function of the seed, so a run's bytes
+//! A virtual-time WAN link, carrying streams as the agents' QUIC links do: the streams
+//! being sent share the bandwidth equally (the transport takes turns between streams
+//! with data), a stream starts once the one queued before it has at most a send buffer
+//! of bytes left (the agent opens the next stream once the previous one has handed its
+//! last bytes to its send buffer), and a stream arrives whole, half a round trip after
+//! its last byte left. So a round's small frames overtake the large frame queued before
+//! them, and a link backed up with several rounds finishes them close together, as the
+//! agents' links do. Round-trip time, jitter and loss (as retransmission delay) come
+//! from the link's model; every quantity is a pure function of the seed, so a run's bytes
 //! and times are exact and repeatable.
 
 use rand::{Rng, SeedableRng};
@@ -9,6 +16,25 @@ use std::collections::VecDeque;
 
 /// Bytes per packet used to turn loss rates into retransmissions.
 const PACKET: u64 = 1200;
+
+/// The agents' smallest flow-control window and per-stream send buffer
+/// (`wan::endpoint::window_bytes`): one MiB, or two bandwidth-delay products of the link.
+const MIN_SEND_BUFFER: f64 = (1u64 << 20) as f64;
+
+/// Bits below which a stream counts as sent (float rounding of the shared drain).
+const SENT_EPSILON_BITS: f64 = 1e-3;
+
+/// The simulator's event queue keeps time in nanoseconds: a change due within one of
+/// `now` has happened.
+const TIME_RESOLUTION: f64 = 1e-9;
+
+/// What changes next on a link: the started streams send `bits` each, then the least of
+/// them is through, or the first waiting stream starts.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Through { bits: f64 },
+    Start { bits: f64 },
+}
 
 /// The physical properties of one direction of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,16 +49,52 @@ pub struct LinkModel {
     pub loss: f64,
 }
 
+impl LinkModel {
+    /// The send buffer of an agent's stream on this link, in bits: two bandwidth-delay
+    /// products, at least one MiB (as the agents size it).
+    fn send_buffer_bits(&self) -> f64 {
+        (2.0 * self.bandwidth_bps / 8.0 * self.rtt_s).max(MIN_SEND_BUFFER) * 8.0
+    }
+}
+
+/// A stream that arrived: its id (from [`VirtualLink::send`]) and when its last byte
+/// reached the peer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Delivery {
+    /// The stream.
+    pub stream: u64,
+    /// Arrival time, seconds.
+    pub at: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Stream {
+    id: u64,
+    bytes: u64,
+    /// Bits still to send (retransmitted packets included).
+    bits_left: f64,
+    /// One-way delay after its last bit left: half a round trip, jitter, and a round trip
+    /// more when a packet of it was lost.
+    delay: f64,
+    /// Whether it is being sent (else it waits for the stream before it).
+    started: bool,
+}
+
 /// One direction of a link in virtual time.
 #[derive(Debug, Clone)]
 pub struct VirtualLink {
-    /// Its properties.
-    pub model: LinkModel,
-    free_at: f64,
-    last_arrival: f64,
-    /// Messages not yet acknowledged: when the receiver's acknowledgement reaches the
-    /// sender, and the message's bytes, in the order sent.
-    unacknowledged: VecDeque<(f64, u64)>,
+    model: LinkModel,
+    /// Streams not yet through, in the order sent; the started ones come first.
+    streams: VecDeque<Stream>,
+    /// The stream started last (a waiting stream starts once it has a send buffer left
+    /// or is through).
+    last_started: Option<u64>,
+    /// The time up to which `streams` have been drained.
+    clock: f64,
+    /// Streams through and not yet acknowledged: when the acknowledgement reaches the
+    /// sender, and the stream's bytes.
+    unacknowledged: Vec<(f64, u64)>,
+    next_id: u64,
     rng: ChaCha8Rng,
 }
 
@@ -41,18 +103,25 @@ impl VirtualLink {
     pub fn new(model: LinkModel, seed: u64) -> Self {
         Self {
             model,
-            free_at: 0.0,
-            last_arrival: 0.0,
-            unacknowledged: VecDeque::new(),
+            streams: VecDeque::new(),
+            last_started: None,
+            clock: 0.0,
+            unacknowledged: Vec::new(),
+            next_id: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
 
-    /// Hands `bytes` to the link at time `now`; returns when the last byte arrives.
-    /// Messages arrive in the order sent (one stream).
-    pub fn send(&mut self, now: f64, bytes: u64) -> f64 {
-        let start = self.free_at.max(now);
-        let mut tx = bytes as f64 * 8.0 / self.model.bandwidth_bps;
+    /// Its properties.
+    pub fn model(&self) -> LinkModel {
+        self.model
+    }
+
+    /// Hands a stream of `bytes` to the link at `now`; returns its id, and the streams
+    /// that arrived up to `now` (see [`Self::advance`]).
+    pub fn send(&mut self, now: f64, bytes: u64) -> (u64, Vec<Delivery>) {
+        let arrived = self.advance(now);
+        let mut bits = bytes as f64 * 8.0;
         let mut delay = self.model.rtt_s / 2.0;
         if self.model.loss > 0.0 {
             let packets = bytes.div_ceil(PACKET);
@@ -61,37 +130,154 @@ impl VirtualLink {
                 .count() as u64;
             if lost > 0 {
                 // Lost packets are resent (using bandwidth) after about one round trip.
-                tx += (lost * PACKET) as f64 * 8.0 / self.model.bandwidth_bps;
+                bits += (lost * PACKET * 8) as f64;
                 delay += self.model.rtt_s;
             }
         }
         if self.model.jitter_s > 0.0 {
             delay += self.rng.random_range(0.0..self.model.jitter_s);
         }
-        self.free_at = start + tx;
-        let arrival = (self.free_at + delay).max(self.last_arrival);
-        self.last_arrival = arrival;
-        while self
-            .unacknowledged
-            .front()
-            .is_some_and(|&(at, _)| at <= now)
-        {
-            self.unacknowledged.pop_front();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.streams.push_back(Stream {
+            id,
+            bytes,
+            bits_left: bits,
+            delay,
+            started: false,
+        });
+        // Admit it now if it may start; `advance` keeps the rest in step.
+        let more = self.advance(now);
+        debug_assert!(more.is_empty(), "nothing arrives in no time");
+        (id, arrived)
+    }
+
+    /// Changes the bandwidth at `now` (what was sent before went at the old rate);
+    /// returns the streams that arrived up to `now`.
+    pub fn set_bandwidth(&mut self, now: f64, bandwidth_bps: f64) -> Vec<Delivery> {
+        let arrived = self.advance(now);
+        self.model.bandwidth_bps = bandwidth_bps;
+        arrived
+    }
+
+    /// When the link next changes by itself (a stream through, or one starting): the
+    /// time to call [`Self::advance`] at; `None` when nothing is in flight.
+    pub fn next_change(&self) -> Option<f64> {
+        self.next_step().map(|(at, _)| at)
+    }
+
+    /// The next change of the started streams: when, and what it is.
+    fn next_step(&self) -> Option<(f64, Step)> {
+        let started = self.streams.iter().filter(|s| s.started).count();
+        if started == 0 {
+            return None;
         }
-        self.unacknowledged
-            .push_back((arrival + self.model.rtt_s / 2.0, bytes));
-        arrival
+        let rate = self.model.bandwidth_bps / started as f64;
+        let least = self
+            .streams
+            .iter()
+            .filter(|s| s.started)
+            .map(|s| s.bits_left)
+            .fold(f64::INFINITY, f64::min);
+        let through = (self.clock + least / rate, Step::Through { bits: least });
+        Some(match self.bits_until_next_start() {
+            Some(bits) if bits < least => (self.clock + bits / rate, Step::Start { bits }),
+            _ => through,
+        })
+    }
+
+    /// Bits each started stream sends before the first waiting stream may start (`None`
+    /// when none waits): until the stream started last has a send buffer left.
+    fn bits_until_next_start(&self) -> Option<f64> {
+        self.streams.iter().find(|s| !s.started)?;
+        let buffer = self.model.send_buffer_bits();
+        let before = self
+            .last_started
+            .and_then(|id| self.streams.iter().find(|s| s.id == id));
+        Some(match before {
+            Some(s) if s.bits_left > buffer => s.bits_left - buffer,
+            _ => 0.0,
+        })
+    }
+
+    /// Starts the first waiting stream.
+    fn start_next(&mut self) {
+        if let Some(s) = self.streams.iter_mut().find(|s| !s.started) {
+            s.started = true;
+            self.last_started = Some(s.id);
+        }
+    }
+
+    /// Sends up to `now`: the started streams drain at an equal share of the bandwidth,
+    /// waiting ones start in order as the rule allows. Returns the streams whose last
+    /// byte left by `now`, with their arrival times (which may lie after `now`).
+    pub fn advance(&mut self, now: f64) -> Vec<Delivery> {
+        let mut arrived = Vec::new();
+        loop {
+            if self.streams.iter().all(|s| !s.started) {
+                if self.streams.is_empty() {
+                    self.clock = self.clock.max(now);
+                    return arrived;
+                }
+                // An idle link starts the next stream at once.
+                self.start_next();
+                continue;
+            }
+            if self.bits_until_next_start() == Some(0.0) {
+                self.start_next();
+                continue;
+            }
+            let (at, step) = self.next_step().expect("a stream is being sent");
+            let started = self.streams.iter().filter(|s| s.started).count();
+            // Within the event queue's resolution of `now`, the change has happened.
+            if at > now + TIME_RESOLUTION {
+                let bits = (now - self.clock).max(0.0) * self.model.bandwidth_bps / started as f64;
+                self.drain(bits);
+                self.clock = self.clock.max(now);
+                return arrived;
+            }
+            self.clock = self.clock.max(at);
+            match step {
+                Step::Start { bits } => {
+                    self.drain(bits);
+                    self.start_next();
+                }
+                Step::Through { bits } => self.drain(bits),
+            }
+            let rtt = self.model.rtt_s;
+            let clock = self.clock;
+            let unacknowledged = &mut self.unacknowledged;
+            unacknowledged.retain(|&(at, _)| at > clock);
+            self.streams.retain(|s| {
+                let through = s.started && s.bits_left <= SENT_EPSILON_BITS;
+                if through {
+                    let at = clock + s.delay;
+                    arrived.push(Delivery { stream: s.id, at });
+                    unacknowledged.push((at + rtt / 2.0, s.bytes));
+                }
+                !through
+            });
+        }
+    }
+
+    /// Takes `bits` off every started stream.
+    fn drain(&mut self, bits: f64) {
+        for s in self.streams.iter_mut().filter(|s| s.started) {
+            s.bits_left -= bits;
+        }
     }
 
     /// Bytes sent and not yet acknowledged at `now`, as a real link counts them: a
-    /// message stays queued until the receiver's acknowledgement is back, half a round
-    /// trip after its last byte arrived (what the `adaptive` policy reads as backlog).
+    /// stream stays queued until the receiver's acknowledgement is back, half a round
+    /// trip after it arrived (what the `adaptive` policy reads as backlog).
     pub fn queued(&self, now: f64) -> u64 {
-        self.unacknowledged
-            .iter()
-            .filter(|&&(at, _)| at > now)
-            .map(|&(_, bytes)| bytes)
-            .sum()
+        self.streams.iter().map(|s| s.bytes).sum::<u64>()
+            + self
+                .unacknowledged
+                .iter()
+                .filter(|&&(at, _)| at > now)
+                .map(|&(_, b)| b)
+                .sum::<u64>()
     }
 }
 
@@ -99,7 +285,8 @@ impl VirtualLink {
 mod tests {
     use super::*;
 
-    /// 8 Mbit/s (a megabyte a second), 100 ms round trip, no jitter or loss.
+    /// 8 Mbit/s (a megabyte a second), 100 ms round trip, no jitter or loss; its send
+    /// buffer is the 1 MiB floor.
     const CLEAN_8_MBIT: LinkModel = LinkModel {
         bandwidth_bps: 8e6,
         rtt_s: 0.1,
@@ -107,51 +294,118 @@ mod tests {
         loss: 0.0,
     };
 
+    /// Runs the link until every stream is through; arrival times by stream id.
+    fn drain(link: &mut VirtualLink, mut arrived: Vec<Delivery>) -> Vec<f64> {
+        while let Some(at) = link.next_change() {
+            arrived.extend(link.advance(at));
+        }
+        arrived.sort_by_key(|d| d.stream);
+        arrived.iter().map(|d| d.at).collect()
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
     #[test]
-    fn transfer_time_is_bytes_over_bandwidth_plus_half_rtt() {
+    fn a_lone_stream_takes_bytes_over_bandwidth_plus_half_a_round_trip() {
         let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
-        assert!((l.send(0.0, 1_000_000) - 1.05).abs() < 1e-9);
-        // Queued behind the first message.
-        assert!((l.send(0.5, 1_000_000) - 2.05).abs() < 1e-9);
-        assert!((l.send(10.0, 0) - 10.05).abs() < 1e-9);
+        let (id, now) = l.send(0.0, 1_000_000);
+        assert_eq!((id, now), (0, vec![]));
+        let at = drain(&mut l, vec![]);
+        assert!(close(at[0], 1.05), "{at:?}");
+        // An idle link starts the next one at once.
+        l.send(10.0, 500_000);
+        assert!(close(drain(&mut l, vec![])[0], 10.55));
+    }
+
+    #[test]
+    fn streams_in_flight_share_the_link_so_a_small_one_overtakes_a_large_one() {
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
+        l.send(0.0, 1_000_000);
+        l.send(0.0, 10_000);
+        let at = drain(&mut l, vec![]);
+        // The small one at half the rate: 20 ms; the large one keeps the rest.
+        assert!(close(at[1], 0.02 + 0.05), "{at:?}");
+        assert!(close(at[0], 1.01 + 0.05), "{at:?}");
+        assert!(at[1] < at[0]);
+    }
+
+    #[test]
+    fn a_stream_larger_than_the_send_buffer_holds_the_next_back_until_a_buffer_is_left() {
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
+        let buffer = MIN_SEND_BUFFER / 1e6; // seconds of the link's time
+        l.send(0.0, 3_000_000);
+        l.send(0.0, 1_000);
+        let at = drain(&mut l, vec![]);
+        // The second waits until the first has one buffer left, then shares for 2 ms.
+        let starts = 3.0 - buffer;
+        assert!(close(at[1], starts + 0.002 + 0.05), "{at:?}");
+        assert!(close(at[0], 3.001 + 0.05), "{at:?}");
+    }
+
+    #[test]
+    fn several_rounds_backed_up_finish_close_together() {
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
+        for _ in 0..4 {
+            l.send(0.0, 250_000);
+        }
+        let at = drain(&mut l, vec![]);
+        // One at a time they would arrive at 0.3, 0.55, 0.8, 1.05 s.
+        assert!(at.iter().all(|&t| close(t, 1.05)), "{at:?}");
     }
 
     #[test]
     fn bytes_stay_queued_until_the_acknowledgement_is_back() {
         let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
         assert_eq!(l.queued(0.0), 0);
-        // Arrives at 1.05 s, acknowledged back at 1.10 s.
         l.send(0.0, 1_000_000);
         l.send(0.5, 500);
         assert_eq!(l.queued(0.9), 1_000_500);
-        assert_eq!(l.queued(1.06), 1_000_500, "arrived, not yet acknowledged");
-        assert_eq!(l.queued(1.11), 0, "both acknowledged");
-        // Sending later forgets what was acknowledged and counts only the new message.
-        l.send(2.0, 700);
-        assert_eq!(l.queued(2.0), 700);
-        assert_eq!(l.unacknowledged.len(), 1);
+        // The small one left at 0.501 s, arrived at 0.551 s, acknowledged at 0.601 s.
+        l.advance(0.9);
+        assert_eq!(l.queued(0.9), 1_000_000);
+        // The large one arrives at 1.0505 s, its acknowledgement is back at 1.1005 s.
+        let at = drain(&mut l, vec![]);
+        assert!(close(at[0], 1.0505), "{at:?}");
+        assert_eq!(l.queued(1.08), 1_000_000, "arrived, not yet acknowledged");
+        assert_eq!(l.queued(1.11), 0);
     }
 
     #[test]
-    fn loss_and_jitter_only_delay_and_keep_order() {
+    fn a_bandwidth_change_applies_to_what_is_left() {
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
+        l.send(0.0, 1_000_000);
+        assert!(l.set_bandwidth(0.5, 4e6).is_empty());
+        // Half sent at 8 Mbit/s, the other half at 4: one more second.
+        assert!(close(drain(&mut l, vec![])[0], 1.55));
+    }
+
+    #[test]
+    fn loss_and_jitter_only_delay_and_are_repeatable_from_the_seed() {
         let m = LinkModel {
             bandwidth_bps: 1e8,
             rtt_s: 0.2,
             jitter_s: 0.05,
             loss: 0.01,
         };
-        let mut a = VirtualLink::new(m, 3);
-        let mut b = VirtualLink::new(m, 3);
-        let mut last = 0.0;
-        for i in 0..200 {
-            let t = a.send(i as f64 * 0.01, 50_000);
-            assert_eq!(
-                t,
-                b.send(i as f64 * 0.01, 50_000),
-                "deterministic from the seed"
-            );
-            assert!(t >= last && t >= i as f64 * 0.01 + 0.1);
-            last = t;
+        let run = |seed| {
+            let mut l = VirtualLink::new(m, seed);
+            let mut arrived = Vec::new();
+            for i in 0..200 {
+                arrived.extend(l.send(i as f64 * 0.01, 50_000).1);
+            }
+            drain(&mut l, arrived)
+        };
+        let a = run(3);
+        assert_eq!(a, run(3), "deterministic from the seed");
+        for (i, t) in a.iter().enumerate() {
+            // Never sooner than alone on a clean link.
+            assert!(*t >= i as f64 * 0.01 + 0.004 + 0.1 - 1e-9, "{i}: {t}");
         }
+        assert!(
+            a.iter().any(|t| *t > 0.35),
+            "some packet was lost and resent"
+        );
     }
 }

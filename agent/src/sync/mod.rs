@@ -358,6 +358,67 @@ mod tests {
     }
 
     #[test]
+    fn steps_count_the_rounds_each_peer_was_behind_when_they_started() {
+        let metas = metas();
+        let names = names();
+        let peers = |me: usize| -> Vec<String> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != me)
+                .map(|(_, n)| n.clone())
+                .collect()
+        };
+        let cfg = SyncConfig {
+            max_staleness: 8,
+            ..SyncConfig::default()
+        };
+        let mut a = RegionSync::new(&names[0], &peers(0), metas.clone(), cfg.clone(), 1);
+        let mut b = RegionSync::new(&names[1], &peers(1), metas.clone(), cfg, 2);
+        let mut wa: Vec<Vec<f32>> = metas.iter().map(|m| vec![1.0; m.numel]).collect();
+        let wb = wa.clone();
+        let send_all = LinkPlan {
+            tensors: vec![
+                TensorPlan {
+                    send: true,
+                    tau: 0.0,
+                    bits: 32,
+                    top_fraction: 1.0,
+                };
+                metas.len()
+            ],
+        };
+        let delta: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.01; m.numel]).collect();
+        // b finishes one round; a trains rounds 1..=3 before it arrives, round 4 after.
+        b.add_local_update(&delta);
+        let to_a = b
+            .finish_round(&wb, &[send_all.clone(), send_all.clone()])
+            .unwrap();
+        for round in 1..=4 {
+            if round == 4 {
+                for m in &to_a[0].messages {
+                    a.receive(0, &m.to_bytes(), &mut wa).unwrap();
+                }
+            }
+            a.note_step_start(round);
+            a.add_local_update(&delta);
+            a.finish_round(&wa, &[send_all.clone(), send_all.clone()])
+                .unwrap();
+        }
+        // Behind b: 0, 1, 2, then 3 − 1 = 2 once its round 1 is in.
+        let c = a.counters(0);
+        assert_eq!(
+            (c.steps_started, c.rounds_behind_sum, c.rounds_behind_max),
+            (4, 5, 2)
+        );
+        assert_eq!(c.rounds_behind_mean(), 1.25);
+        // r2 never sent anything: 0, 1, 2, 3.
+        let c = a.counters(1);
+        assert_eq!((c.rounds_behind_sum, c.rounds_behind_max), (6, 3));
+        assert_eq!(b.counters(0).rounds_behind_mean(), 0.0, "no step started");
+    }
+
+    #[test]
     fn snapshot_serve_adopt_and_resume_keep_every_link_conserved() {
         let metas = metas();
         let cfg = SyncConfig {

@@ -121,6 +121,28 @@ pub struct LinkCounters {
     pub rejected: u64,
     /// Updates received again and not applied again.
     pub duplicates: u64,
+    /// Steps started (see [`RegionSync::note_step_start`]).
+    #[serde(default)]
+    pub steps_started: u64,
+    /// Σ over steps started of the rounds this region had finished beyond the peer's
+    /// delivered ones: the staleness its steps actually ran at.
+    #[serde(default)]
+    pub rounds_behind_sum: u64,
+    /// The most rounds the peer's delivered ones were behind at a step's start.
+    #[serde(default)]
+    pub rounds_behind_max: u64,
+}
+
+impl LinkCounters {
+    /// Mean rounds the peer's delivered rounds were behind this region's finished ones
+    /// when its steps started (0 before any step).
+    pub fn rounds_behind_mean(&self) -> f64 {
+        if self.steps_started == 0 {
+            0.0
+        } else {
+            self.rounds_behind_sum as f64 / self.steps_started as f64
+        }
+    }
 }
 
 struct Link {
@@ -629,6 +651,22 @@ impl RegionSync {
             after: snapshot.round,
             source: snapshot.source.clone(),
         }))
+    }
+
+    /// Notes that the step of `round` starts now: for every link, how many rounds this
+    /// region has finished (`round - 1`, a round whose WAN work is still pending included)
+    /// beyond the peer's delivered ones. Both the agent and the simulator call it, so
+    /// the staleness each ran at can be compared.
+    pub fn note_step_start(&mut self, round: u64) {
+        for (l, link) in self.links.iter_mut().enumerate() {
+            let behind = round
+                .saturating_sub(1)
+                .saturating_sub(self.clock.complete(l));
+            let c = &mut link.counters;
+            c.steps_started += 1;
+            c.rounds_behind_sum += behind;
+            c.rounds_behind_max = c.rounds_behind_max.max(behind);
+        }
     }
 
     /// Whether the next round may start: under the staleness bound, and with no outer
