@@ -44,6 +44,13 @@ mod tests {
         (0..REGIONS).map(|i| format!("r{i}")).collect()
     }
 
+    /// Every region's name but `me`'s, in order: region `me`'s peers.
+    fn peers(me: usize) -> Vec<String> {
+        let mut names = names();
+        names.remove(me);
+        names
+    }
+
     fn random_plan(rng: &mut ChaCha8Rng, tensors: usize) -> LinkPlan {
         LinkPlan {
             tensors: (0..tensors)
@@ -361,14 +368,6 @@ mod tests {
     fn steps_count_the_rounds_each_peer_was_behind_when_they_started() {
         let metas = metas();
         let names = names();
-        let peers = |me: usize| -> Vec<String> {
-            names
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != me)
-                .map(|(_, n)| n.clone())
-                .collect()
-        };
         let cfg = SyncConfig {
             max_staleness: 8,
             ..SyncConfig::default()
@@ -426,14 +425,6 @@ mod tests {
             ..SyncConfig::default()
         };
         let names = names();
-        let peers = |me: usize| -> Vec<String> {
-            names
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != me)
-                .map(|(_, n)| n.clone())
-                .collect()
-        };
         let mut a = RegionSync::new(&names[0], &peers(0), metas.clone(), cfg.clone(), 1);
         let mut b = RegionSync::new(&names[1], &peers(1), metas.clone(), cfg.clone(), 2);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
