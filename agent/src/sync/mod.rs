@@ -44,6 +44,19 @@ mod tests {
         (0..REGIONS).map(|i| format!("r{i}")).collect()
     }
 
+    /// A plan that sends each of `tensors` tensors whole, in fp32.
+    fn send_all_fp32(tensors: usize) -> LinkPlan {
+        let whole = TensorPlan {
+            send: true,
+            tau: 0.0,
+            bits: 32,
+            top_fraction: 1.0,
+        };
+        LinkPlan {
+            tensors: vec![whole; tensors],
+        }
+    }
+
     /// Every region's name but `me`'s, in order: region `me`'s peers.
     fn peers(me: usize) -> Vec<String> {
         let mut names = names();
@@ -242,17 +255,7 @@ mod tests {
         let mut wb = wa.clone();
         let delta: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.5; m.numel]).collect();
         a.add_local_update(&delta);
-        let plan = LinkPlan {
-            tensors: vec![
-                TensorPlan {
-                    send: true,
-                    tau: 0.0,
-                    bits: 32,
-                    top_fraction: 1.0,
-                };
-                3
-            ],
-        };
+        let plan = send_all_fp32(3);
         let out = a.finish_round(&wa, &[plan]).unwrap();
         let frame = out[0].messages[0].to_bytes();
 
@@ -376,17 +379,7 @@ mod tests {
         let mut b = RegionSync::new(&names[1], &peers(1), metas.clone(), cfg, 2);
         let mut wa: Vec<Vec<f32>> = metas.iter().map(|m| vec![1.0; m.numel]).collect();
         let wb = wa.clone();
-        let send_all = LinkPlan {
-            tensors: vec![
-                TensorPlan {
-                    send: true,
-                    tau: 0.0,
-                    bits: 32,
-                    top_fraction: 1.0,
-                };
-                metas.len()
-            ],
-        };
+        let send_all = send_all_fp32(metas.len());
         let delta: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.01; m.numel]).collect();
         // b finishes one round; a trains rounds 1..=3 before it arrives, round 4 after.
         b.add_local_update(&delta);
