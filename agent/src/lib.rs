@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod lan;
+pub mod loopback_port;
 pub mod node;
 pub mod policies;
 pub mod policy;

@@ -2,23 +2,15 @@
 //! and the calls the tests make.
 
 use crate::binary;
-use crate::cluster::{Agent, REGIONS, loopback_regions, wait_for};
+use crate::cluster::{Agent, REGIONS, free_port, loopback_regions, wait_for};
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 /// The admin token the test clusters share.
 pub const TOKEN: &str = "an-admin-token-for-tests-0123456789";
-
-/// A free TCP port on loopback.
-pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// An HTTP client that returns error statuses as answers.
 pub fn http() -> ureq::Agent {
@@ -95,7 +87,7 @@ pub fn builtin(name: &str, dir: &Path) -> Vec<u8> {
 pub fn cluster(dir: &Path, epochs: usize, extra: &str) -> (Vec<Agent>, Vec<SocketAddr>) {
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).unwrap();
-    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_tcp()).collect();
+    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_port()).collect();
     let training = |i: usize| {
         format!(
             "epochs = {epochs}\n{extra}\n[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"",

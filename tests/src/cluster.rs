@@ -4,7 +4,7 @@
 use crate::binary;
 use serde_json::Value;
 use std::fs::File;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -15,11 +15,10 @@ pub static HEAVY: Mutex<()> = Mutex::new(());
 
 pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 
-pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A loopback address free for UDP and TCP that no other socket will be given before the
+/// process it is meant for binds it (see `weightgrad::loopback_port`).
+pub fn free_port() -> SocketAddr {
+    weightgrad::loopback_port::unused().expect("a free loopback port")
 }
 
 /// One agent process, its files, and its log.
@@ -259,7 +258,7 @@ pub fn loopback(
     training: &dyn Fn(usize) -> String,
     checkpoint: &str,
 ) -> Vec<Agent> {
-    let listen: Vec<SocketAddr> = names.iter().map(|_| free_udp()).collect();
+    let listen: Vec<SocketAddr> = names.iter().map(|_| free_port()).collect();
     let to = listen.clone();
     regions(
         dir,

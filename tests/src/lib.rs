@@ -27,14 +27,18 @@ pub fn weightgrad_ok(args: &[&str]) -> Output {
     succeeded(args, weightgrad(args))
 }
 
-/// [`weightgrad_ok`] with `dir` as the working directory (for relative paths in `args`).
-pub fn weightgrad_ok_in(dir: &std::path::Path, args: &[&str]) -> Output {
-    let out = Command::new(binary())
+/// [`weightgrad`] with `dir` as the working directory (for relative paths in `args`).
+pub fn weightgrad_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(binary())
         .current_dir(dir)
         .args(args)
         .output()
-        .expect("run weightgrad");
-    succeeded(args, out)
+        .expect("run weightgrad")
+}
+
+/// [`weightgrad_ok`] with `dir` as the working directory (for relative paths in `args`).
+pub fn weightgrad_ok_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    succeeded(args, weightgrad_in(dir, args))
 }
 
 fn succeeded(args: &[&str], out: Output) -> Output {

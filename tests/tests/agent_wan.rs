@@ -16,7 +16,7 @@ use weightgrad_tests::cluster::*;
 fn three_agents_through_the_wan_emulator_train_digits_and_match_the_simulator() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+    let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_port()).collect();
     // One relay per direction of dialling: i dials j through relays[i][j], which shapes
     // both directions at 50 Mbit/s with the pair's one-way delay (RTT 40, 80, 120 ms).
     let one_way_ms = |i: usize, j: usize| match (i.min(j), i.max(j)) {
@@ -119,7 +119,7 @@ fn refused(
     } else {
         good.clone()
     };
-    let (a, b, absent) = (free_udp(), free_udp(), free_udp());
+    let (a, b, absent) = (free_port(), free_port(), free_port());
     write_config(
         dir.path(),
         &good,
@@ -394,7 +394,7 @@ struct Relayed {
 impl Relayed {
     fn new(dir: &std::path::Path) -> Self {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp()).collect();
+        let listen: Vec<SocketAddr> = REGIONS.iter().map(|_| free_port()).collect();
         let mut relays = Vec::new();
         for i in 0..3 {
             for j in (0..3).filter(|&j| j != i) {

@@ -1,7 +1,9 @@
 //! `weightgrad bench` as users run it: JSON results with the documented fields, the
 //! Markdown table and plots under `--out`, and clear errors for bad options.
 
-use weightgrad_tests::{last_json_line, weightgrad, weightgrad_ok, weightgrad_ok_in};
+use weightgrad_tests::{
+    last_json_line, weightgrad, weightgrad_in, weightgrad_ok, weightgrad_ok_in,
+};
 
 #[test]
 fn bench_reports_every_policy_and_writes_table_and_plots() {
@@ -395,6 +397,36 @@ fn concurrent_real_policies_and_peers_run_for_every_seed_at_once_after_the_other
 /// A peer that trains nothing: it notes when it started (unix seconds, in `started` in its
 /// setup directory), checks what the bench wrote and reports one evaluation per epoch, a
 /// second and 1000 bytes apart, at 85% and then 95%.
+#[test]
+fn a_failing_peer_is_reported_with_the_end_of_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("blobs.csv");
+    blobs_csv(&csv, 200);
+    let peer = dir.path().join("broken.py");
+    std::fs::write(
+        &peer,
+        "import sys\nprint('rank 0 starting')\nsys.exit('rank 1 unreachable through its relay')\n",
+    )
+    .unwrap();
+    let peer = format!("broken=python3 {}", peer.display());
+    let out = weightgrad_in(
+        dir.path(),
+        // The data named relative to the bench's working directory, as a user would.
+        &csv_bench(
+            std::path::Path::new("blobs.csv"),
+            &["--real", "full-sync", "--peer", &peer],
+        ),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // The cause is in the bench's own error, not only in a log file.
+    assert!(err.contains("peer broken failed (exit status: 1)"), "{err}");
+    assert!(
+        err.contains("  | rank 0 starting\n  | rank 1 unreachable through its relay"),
+        "{err}"
+    );
+}
+
 const STAND_IN_PEER: &str = r#"
 import json, os, struct, sys, time
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))

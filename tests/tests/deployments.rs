@@ -10,7 +10,7 @@
 use clap::Parser;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -1060,13 +1060,6 @@ fn systemd_analyze_verifies_the_unit() {
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
 
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[test]
 fn a_real_prometheus_scrapes_running_agents() {
     let Some(prometheus) = tool("prometheus") else {
@@ -1074,7 +1067,7 @@ fn a_real_prometheus_scrapes_running_agents() {
     };
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_tcp()).collect();
+    let admin: Vec<SocketAddr> = REGIONS.iter().map(|_| free_port()).collect();
     let mut agents = loopback_regions(
         dir.path(),
         "",
@@ -1125,7 +1118,7 @@ fn a_real_prometheus_scrapes_running_agents() {
         .dump(&config)
         .unwrap();
     std::fs::write(dir.path().join("prometheus.yml"), text).unwrap();
-    let web = free_tcp();
+    let web = free_port();
     let log = dir.path().join("prometheus.log");
     let mut server = Command::new(prometheus)
         .arg(format!(

@@ -2,6 +2,7 @@
 //! virtual-time WAN, plus a LAN-only reference (all workers in one region, no WAN) as the
 //! speed limit; what each spends to reach a target accuracy, side by side.
 
+mod child_log;
 pub mod peer;
 pub mod plot;
 pub mod real;

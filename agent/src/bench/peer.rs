@@ -360,9 +360,10 @@ pub fn run(
     };
     if !status.success() {
         bail!(
-            "peer {} failed ({status}); see {}",
+            "peer {} failed ({status}); see {}; it ended with:\n{}",
             peer.name,
-            log_path.display()
+            log_path.display(),
+            super::child_log::tail(&log_path, super::child_log::QUOTED_LINES)
         );
     }
     let mut run = PeerRun {

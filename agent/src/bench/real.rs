@@ -14,7 +14,7 @@ use crate::wan::shaper::Shaping;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -114,17 +114,15 @@ fn host_receive_buffer_errors() -> Option<u64> {
     udp_receive_buffer_errors(&std::fs::read_to_string("/proc/net/snmp").ok()?)
 }
 
-fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// A TOML string literal holding `s`.
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// `p` as a TOML string.
+/// `p` as a TOML string, made absolute: an agent reads a config's relative paths against
+/// the config file's directory, not the bench's working directory.
 fn toml_path(p: &Path) -> String {
+    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     toml_string(&p.display().to_string())
 }
 
@@ -345,7 +343,9 @@ pub fn check(
     if !certs.join("ca.pem").exists() {
         crate::wan::certs::init(regions, &certs, false)?;
     }
-    let listen: Vec<SocketAddr> = (0..n).map(|_| free_udp()).collect::<Result<_>>()?;
+    let listen: Vec<SocketAddr> = (0..n)
+        .map(|_| crate::loopback_port::unused())
+        .collect::<Result<_>>()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -417,10 +417,12 @@ pub fn check(
         loop {
             if let Some(status) = child.try_wait()? {
                 if !status.success() {
+                    let log = run_dir.join(format!("{}.log", regions[i]));
                     bail!(
-                        "agent {} failed ({status}); see {}",
+                        "agent {} failed ({status}); see {}; it ended with:\n{}",
                         regions[i],
-                        run_dir.join(format!("{}.log", regions[i])).display()
+                        log.display(),
+                        super::child_log::tail(&log, super::child_log::QUOTED_LINES)
                     );
                 }
                 break;
@@ -768,6 +770,26 @@ mod tests {
             ]
         );
         assert!(curve(&[reports[0].clone(), unstarted]).is_empty());
+    }
+
+    #[test]
+    fn data_given_relative_to_the_bench_is_named_absolute_to_the_agents() {
+        let keys = data_keys(&DataSource::Csv {
+            train: "blobs.csv".into(),
+            test: Some("held-out.csv".into()),
+            label_column: None,
+        });
+        let cwd = std::env::current_dir().unwrap();
+        let want = |f: &str| toml_path(&cwd.join(f));
+        assert!(
+            keys.contains(&format!("path = {}", want("blobs.csv"))),
+            "{keys}"
+        );
+        assert!(
+            keys.contains(&format!("test = {}", want("held-out.csv"))),
+            "{keys}"
+        );
+        assert!(cwd.is_absolute());
     }
 
     #[test]
