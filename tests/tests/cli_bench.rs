@@ -299,6 +299,24 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     for side in ["real_rounds_behind_mean", "sim_rounds_behind_mean"] {
         assert!(real[side].as_f64().unwrap() > 0.0, "{side}: {real}");
     }
+    // How busy the busiest link was, in both: each link sent every round, so some time.
+    for side in [
+        "real_busiest_link_busy_share",
+        "sim_busiest_link_busy_share",
+    ] {
+        let share = real[side].as_f64().unwrap();
+        assert!(share > 0.0 && share <= 1.0, "{side}: {real}");
+    }
+    for link in report["links"].as_array().unwrap() {
+        assert!(link["busy_seconds"].as_f64().unwrap() > 0.0, "{link}");
+    }
+    // The emulator's measurements the simulator was calibrated by: every directed link.
+    let measured = real["links"].as_array().unwrap();
+    assert_eq!(measured.len(), 6, "{real}");
+    for m in measured {
+        assert!(m["update_bytes"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["wire_bytes"].as_u64() > m["update_bytes"].as_u64(), "{m}");
+    }
     let md = std::fs::read_to_string(dir.path().join("out/results.md")).unwrap();
     assert!(
         md.contains("model `logreg` (logreg[4-2], 10 parameters"),
@@ -306,7 +324,9 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     assert!(md.contains("| stand-in | 2.00 | 2000 | 95.00% |"), "{md}");
     assert!(
-        md.contains("rounds behind at a step, agents / simulator"),
+        md.contains(
+            "rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |"
+        ),
         "{md}"
     );
     let svg = std::fs::read_to_string(dir.path().join("out/real_accuracy_vs_time.svg")).unwrap();

@@ -328,6 +328,7 @@ pub fn lan_only(cfg: &SimConfig, data: &DataSplit) -> Result<SimReport> {
         rejected: 0,
         rounds_behind_mean: 0.0,
         rounds_behind_max: 0,
+        busiest_link_busy_share: 0.0,
     })
 }
 

@@ -73,6 +73,15 @@ pub struct RealCheck {
     pub real_rounds_behind_mean: f64,
     /// The same in the simulator.
     pub sim_rounds_behind_mean: f64,
+    /// The largest share of the run any agent's link was busy (a stream sent and not yet
+    /// acknowledged by the peer): near 1 where a link sets the pace.
+    pub real_busiest_link_busy_share: f64,
+    /// The same in the simulator ([`SimReport::busiest_link_busy_share`]).
+    pub sim_busiest_link_busy_share: f64,
+    /// What the emulator measured on each link's data direction, which the simulator was
+    /// calibrated by: kept so the calibrated simulation can be studied again without
+    /// running the agents.
+    pub links: Vec<LinkMeasure>,
     /// The agents' evaluations on one clock ([`curve`]): `virtual_seconds` holds real
     /// seconds from the earliest first round; no LAN bytes.
     pub curve: Vec<EvalPoint>,
@@ -512,9 +521,16 @@ pub fn check(
         .map(|l| l["rounds_behind_mean"].as_f64().unwrap_or(f64::NAN))
         .sum::<f64>()
         / agent_links.len().max(1) as f64;
+    let real_busiest_link_busy_share = agent_links
+        .iter()
+        .map(|l| (l["busy_seconds"].as_f64().unwrap_or(0.0) / real_seconds).min(1.0))
+        .fold(0.0, f64::max);
     Ok(RealCheck {
         real_rounds_behind_mean,
         sim_rounds_behind_mean: sim.rounds_behind_mean,
+        real_busiest_link_busy_share,
+        sim_busiest_link_busy_share: sim.busiest_link_busy_share,
+        links: measured,
         curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
         real_wan_bytes_to_target: real_to_target.map(|t| t.1),
@@ -541,17 +557,17 @@ pub fn check(
 }
 
 /// What the emulator measured on one link's data direction during a `--real` run.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct LinkMeasure {
-    /// (from, to): the sending region and its peer.
-    link: (usize, usize),
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LinkMeasure {
+    /// (from, to): the sending region and its peer, as indices in the scenario's regions.
+    pub link: (usize, usize),
     /// Share of the direction's datagrams its queue dropped.
-    queue_loss: f64,
+    pub queue_loss: f64,
     /// Datagram bytes it delivered: the updates with their transport's packets around them
     /// (headers, acknowledgements, retransmissions).
-    wire_bytes: u64,
+    pub wire_bytes: u64,
     /// Bytes of updates the sender counted for this peer.
-    update_bytes: u64,
+    pub update_bytes: u64,
 }
 
 /// The simulator's setup for comparing with the agents: their measured per-round work
@@ -600,12 +616,12 @@ fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} | {:.1} / {:.1} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -625,7 +641,9 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             or_dash(c.host_receive_buffer_drops),
             c.wire_overhead,
             c.real_rounds_behind_mean,
-            c.sim_rounds_behind_mean
+            c.sim_rounds_behind_mean,
+            c.real_busiest_link_busy_share * 100.0,
+            c.sim_busiest_link_busy_share * 100.0
         );
     }
     out

@@ -386,6 +386,9 @@ mod tests {
             wire_overhead: 1.0,
             real_rounds_behind_mean: 1.0,
             sim_rounds_behind_mean: 1.0,
+            real_busiest_link_busy_share: 0.5,
+            sim_busiest_link_busy_share: 0.5,
+            links: Vec::new(),
             curve: Vec::new(),
         }
     }

@@ -49,6 +49,8 @@ pub struct LinkReport {
     pub fresh_redials: u64,
     /// Measured goodput to it while busy, bit/s.
     pub goodput_bps: f64,
+    /// Seconds during which a stream to it was sent and not yet acknowledged.
+    pub busy_seconds: f64,
     /// Per-link conservation gap relative to the largest Σ local update (float rounding:
     /// about 1e-6); absent when the model is too large to audit.
     pub conservation_error: Option<f64>,
@@ -1140,6 +1142,7 @@ impl Core {
                     connects: shared.connects.load(Ordering::Relaxed),
                     fresh_redials: shared.fresh_redials.load(Ordering::Relaxed),
                     goodput_bps: shared.goodput_bps(),
+                    busy_seconds: shared.busy_micros.load(Ordering::Relaxed) as f64 / 1e6,
                     conservation_error: self.sync.conservation_error(l),
                     rounds_behind_mean: c.rounds_behind_mean(),
                     rounds_behind_max: c.rounds_behind_max,

@@ -152,6 +152,10 @@ pub struct SimReport {
     pub rounds_behind_mean: f64,
     /// The most rounds any peer was behind at a step's start.
     pub rounds_behind_max: u64,
+    /// The largest share of the run any link was busy (a stream sent and not yet
+    /// acknowledged), as the agents count their links' busy time: near 1 where a link
+    /// sets the pace, lower where the links wait on each other or on compute.
+    pub busiest_link_busy_share: f64,
 }
 
 impl SimReport {
@@ -534,6 +538,12 @@ pub fn run(
         rejected,
         rounds_behind_mean,
         rounds_behind_max,
+        busiest_link_busy_share: wan
+            .links
+            .iter()
+            .flatten()
+            .map(|l| (l.busy_seconds() / now.max(f64::MIN_POSITIVE)).min(1.0))
+            .fold(0.0, f64::max),
     })
 }
 

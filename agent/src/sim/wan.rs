@@ -94,6 +94,12 @@ pub struct VirtualLink {
     /// Streams through and not yet acknowledged: when the acknowledgement reaches the
     /// sender, and the stream's bytes.
     unacknowledged: Vec<(f64, u64)>,
+    /// Seconds of the busy periods that ended (see [`Self::busy_seconds`]).
+    busy_before: f64,
+    /// When the current busy period began.
+    busy_from: Option<f64>,
+    /// When the last acknowledgement so far reaches the sender.
+    acked_until: f64,
     next_id: u64,
     rng: ChaCha8Rng,
 }
@@ -107,6 +113,9 @@ impl VirtualLink {
             last_started: None,
             clock: 0.0,
             unacknowledged: Vec::new(),
+            busy_before: 0.0,
+            busy_from: None,
+            acked_until: 0.0,
             next_id: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
@@ -121,6 +130,13 @@ impl VirtualLink {
     /// that arrived up to `now` (see [`Self::advance`]).
     pub fn send(&mut self, now: f64, bytes: u64) -> (u64, Vec<Delivery>) {
         let arrived = self.advance(now);
+        if self.streams.is_empty() && self.acked_until <= now {
+            // Idle until now: a new busy period begins.
+            if let Some(from) = self.busy_from {
+                self.busy_before += self.acked_until - from;
+            }
+            self.busy_from = Some(now);
+        }
         let mut bits = bytes as f64 * 8.0;
         let mut delay = self.model.rtt_s / 2.0;
         if self.model.loss > 0.0 {
@@ -247,6 +263,7 @@ impl VirtualLink {
             let rtt = self.model.rtt_s;
             let clock = self.clock;
             let unacknowledged = &mut self.unacknowledged;
+            let acked_until = &mut self.acked_until;
             unacknowledged.retain(|&(at, _)| at > clock);
             self.streams.retain(|s| {
                 let through = s.started && s.bits_left <= SENT_EPSILON_BITS;
@@ -254,6 +271,7 @@ impl VirtualLink {
                     let at = clock + s.delay;
                     arrived.push(Delivery { stream: s.id, at });
                     unacknowledged.push((at + rtt / 2.0, s.bytes));
+                    *acked_until = acked_until.max(at + rtt / 2.0);
                 }
                 !through
             });
@@ -265,6 +283,13 @@ impl VirtualLink {
         for s in self.streams.iter_mut().filter(|s| s.started) {
             s.bits_left -= bits;
         }
+    }
+
+    /// Seconds during which the link had a stream sent and not yet acknowledged, as the
+    /// agents' links count their busy time, up to the last acknowledgement of the
+    /// streams through so far (the whole run once every stream is through).
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy_before + self.busy_from.map_or(0.0, |from| self.acked_until - from)
     }
 
     /// Bytes sent and not yet acknowledged at `now`, as a real link counts them: a
@@ -407,5 +432,23 @@ mod tests {
             a.iter().any(|t| *t > 0.35),
             "some packet was lost and resent"
         );
+    }
+
+    #[test]
+    fn a_link_is_busy_from_a_send_to_the_last_acknowledgement_before_it_idles() {
+        let mut l = VirtualLink::new(CLEAN_8_MBIT, 0);
+        assert_eq!(l.busy_seconds(), 0.0);
+        // One megabyte: through at 1.0 s, arrives at 1.05, acknowledged at 1.1.
+        l.send(0.0, 1_000_000);
+        drain(&mut l, vec![]);
+        assert!(close(l.busy_seconds(), 1.1), "{}", l.busy_seconds());
+        // Idle from 1.1 to 3.0; then two streams whose busy times overlap count once:
+        // half a megabyte each, the second sent while the first is acknowledged.
+        l.send(3.0, 500_000);
+        let arrived = l.send(3.58, 500_000).1;
+        drain(&mut l, arrived);
+        // The first is through at 3.5 and acknowledged at 3.6; the second, alone from
+        // 3.58, at 4.08 and 4.18.
+        assert!(close(l.busy_seconds(), 1.1 + 1.18), "{}", l.busy_seconds());
     }
 }
