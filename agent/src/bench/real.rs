@@ -56,6 +56,9 @@ pub struct RealCheck {
     /// Datagrams it dropped on a full queue (a queue of one bandwidth-delay product),
     /// every direction: each is a loss the senders' congestion control reacts to.
     pub emulator_queue_drops: u64,
+    /// The congestion episodes those drops fell in, every direction: drops within a round
+    /// trip of an episode's first are one episode (the senders react to them once).
+    pub emulator_queue_drop_episodes: u64,
     /// UDP datagrams the host's kernel dropped on full socket receive buffers while the
     /// agents ran (`RcvbufErrors` in `/proc/net/snmp`, every socket on the host): losses
     /// outside the emulator, from an agent or the relay not reading in time. `None` where
@@ -449,22 +452,26 @@ pub fn check(
     let host_receive_buffer_drops = host_drops_before
         .zip(host_receive_buffer_errors())
         .map(|(before, after)| after.saturating_sub(before));
-    let (mut datagrams, mut queue_drops) = (0, 0);
+    let (mut datagrams, mut queue_drops, mut queue_drop_episodes) = (0, 0, 0);
     let mut measured = Vec::new();
     for (r, link) in &relays {
         for d in [&r.stats().up, &r.stats().down] {
             datagrams += d.delivered.load(Ordering::Relaxed);
             queue_drops += d.queue_drops.load(Ordering::Relaxed);
+            queue_drop_episodes += d.queue_drop_episodes.load(Ordering::Relaxed);
         }
         // The data direction: the dialler's updates to the listener.
         let up = &r.stats().up;
-        let (delivered, dropped) = (
+        let (delivered, dropped, episodes) = (
             up.delivered.load(Ordering::Relaxed),
             up.queue_drops.load(Ordering::Relaxed),
+            up.queue_drop_episodes.load(Ordering::Relaxed),
         );
         measured.push(LinkMeasure {
             link: *link,
-            queue_loss: dropped as f64 / (delivered + dropped).max(1) as f64,
+            queue_loss: episodes as f64 / (delivered + dropped).max(1) as f64,
+            queue_drops: dropped,
+            queue_drop_episodes: episodes,
             wire_bytes: up.delivered_bytes.load(Ordering::Relaxed),
             update_bytes: 0,
         });
@@ -545,6 +552,7 @@ pub fn check(
         real_accuracy,
         emulator_datagrams: datagrams,
         emulator_queue_drops: queue_drops,
+        emulator_queue_drop_episodes: queue_drop_episodes,
         host_receive_buffer_drops,
         compute_threads: threads,
         wire_overhead,
@@ -561,8 +569,14 @@ pub fn check(
 pub struct LinkMeasure {
     /// (from, to): the sending region and its peer, as indices in the scenario's regions.
     pub link: (usize, usize),
-    /// Share of the direction's datagrams its queue dropped.
+    /// Share of the direction's datagrams that began a queue-drop episode: the loss rate
+    /// the simulator's link is given (each of its losses holds a stream up a round trip,
+    /// as an episode does the streams in flight then).
     pub queue_loss: f64,
+    /// Datagrams the direction's queue dropped.
+    pub queue_drops: u64,
+    /// The congestion episodes they fell in (`DirectionStats::queue_drop_episodes`).
+    pub queue_drop_episodes: u64,
     /// Datagram bytes it delivered: the updates with their transport's packets around them
     /// (headers, acknowledgements, retransmissions).
     pub wire_bytes: u64,
@@ -572,14 +586,16 @@ pub struct LinkMeasure {
 
 /// The simulator's setup for comparing with the agents: their measured per-round work
 /// (`compute_s`) as its step cost; each link's loss raised by the share of the link's
-/// datagrams the emulator's queue dropped (those drops are the agents' own congestion
+/// datagrams that began a queue-drop episode (those drops are the agents' own congestion
 /// control overfilling the queue; the simulator's links, which carry their whole
-/// bandwidth from the first byte, would not have them, and each costs its message a round
-/// trip, which a policy reading its links' backlog sees); and each link's bandwidth, which
-/// the simulator spends on update bytes alone, cut by the measured share of the wire that
-/// was not update bytes (packet headers, acknowledgements, retransmissions; a dropped
-/// datagram's retransmission is so charged twice, here and as loss: a share of a percent
-/// at the drop rates measured).
+/// bandwidth from the first byte, would not have them; an episode holds the streams in
+/// flight up about a round trip, which a policy reading its links' backlog sees, and the
+/// simulator's loss costs the stream it hits a round trip, so episodes, not dropped
+/// datagrams, are its rate: a full queue drops datagrams in runs); and each link's
+/// bandwidth, which the simulator spends on update bytes alone, cut by the measured share
+/// of the wire that was not update bytes (packet headers, acknowledgements,
+/// retransmissions; a lost packet's resend is so charged twice, here and by the
+/// simulator's loss: a share of a percent at the rates measured).
 fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
@@ -621,7 +637,7 @@ pub fn markdown(checks: &[RealCheck]) -> String {
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} ({} episodes) of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
@@ -637,6 +653,7 @@ pub fn markdown(checks: &[RealCheck]) -> String {
             c.real_accuracy * 100.0,
             c.sim_accuracy * 100.0,
             c.emulator_queue_drops,
+            c.emulator_queue_drop_episodes,
             c.emulator_datagrams,
             or_dash(c.host_receive_buffer_drops),
             c.wire_overhead,
@@ -833,6 +850,8 @@ mod tests {
         let drops = |link, queue_loss| LinkMeasure {
             link,
             queue_loss,
+            queue_drops: 0,
+            queue_drop_episodes: 0,
             wire_bytes: 100,
             update_bytes: 100,
         };
@@ -860,6 +879,8 @@ mod tests {
         let sent = |link, wire_bytes, update_bytes| LinkMeasure {
             link,
             queue_loss: 0.0,
+            queue_drops: 0,
+            queue_drop_episodes: 0,
             wire_bytes,
             update_bytes,
         };

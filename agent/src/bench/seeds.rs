@@ -381,6 +381,7 @@ mod tests {
             sim_accuracy: accuracy,
             emulator_datagrams: 0,
             emulator_queue_drops: 0,
+            emulator_queue_drop_episodes: 0,
             host_receive_buffer_drops: None,
             compute_threads: 1,
             wire_overhead: 1.0,

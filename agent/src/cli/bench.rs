@@ -281,7 +281,7 @@ impl SeedRun {
         let mut md = bench::markdown(&self.report);
         if !self.checks.is_empty() {
             md += &format!(
-                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue drops as loss:\n\n",
+                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue-drop episodes as loss:\n\n",
                 self.checks[0].compute_threads
             );
             md += &bench::real::markdown(&self.checks);

@@ -70,10 +70,22 @@ pub struct DirectionStats {
     pub lost: AtomicU64,
     /// Datagrams dropped on a full queue.
     pub queue_drops: AtomicU64,
+    /// Congestion episodes among those drops: a drop more than one round trip of the link
+    /// after the drop that began the current episode begins a new one. A sender cuts its
+    /// congestion window once per round trip of losses, and a stream in flight then waits
+    /// about one round trip for what was resent, however many of its datagrams the episode
+    /// dropped: a full queue drops datagrams in runs, so drops over datagrams overstates
+    /// how often a stream was held up.
+    pub queue_drop_episodes: AtomicU64,
+    /// When the current episode began, microseconds on the relay's clock, plus one (0:
+    /// no drop yet).
+    episode_began: AtomicU64,
 }
 
 impl DirectionStats {
-    fn count(&self, fate: Fate, len: usize) {
+    /// Counts `fate` of a datagram of `len` bytes at `now_s` on the relay's clock, on a
+    /// link whose round trip is `round_trip_s`.
+    fn count(&self, fate: Fate, len: usize, now_s: f64, round_trip_s: f64) {
         match fate {
             Fate::Deliver(_) => {
                 self.delivered.fetch_add(1, Relaxed);
@@ -84,6 +96,12 @@ impl DirectionStats {
             }
             Fate::QueueFull => {
                 self.queue_drops.fetch_add(1, Relaxed);
+                let now_us = (now_s * 1e6) as u64;
+                let began = self.episode_began.load(Relaxed).checked_sub(1);
+                if begins_episode(began, now_us, (round_trip_s * 1e6) as u64) {
+                    self.episode_began.store(now_us + 1, Relaxed);
+                    self.queue_drop_episodes.fetch_add(1, Relaxed);
+                }
             }
         }
     }
@@ -91,13 +109,21 @@ impl DirectionStats {
     /// `delivered / lost / queue drops` as one line.
     pub fn summary(&self) -> String {
         format!(
-            "{} datagrams ({} bytes) delivered, {} lost, {} dropped on a full queue",
+            "{} datagrams ({} bytes) delivered, {} lost, {} dropped on a full queue in {} episodes",
             self.delivered.load(Relaxed),
             self.delivered_bytes.load(Relaxed),
             self.lost.load(Relaxed),
-            self.queue_drops.load(Relaxed)
+            self.queue_drops.load(Relaxed),
+            self.queue_drop_episodes.load(Relaxed)
         )
     }
+}
+
+/// Whether a queue drop at `now` (microseconds) begins a new congestion episode, the
+/// current one having begun at `began`: the first drop does, and so does one more than a
+/// round trip (`round_trip`, microseconds) after the current episode began.
+fn begins_episode(began: Option<u64>, now: u64, round_trip: u64) -> bool {
+    began.is_none_or(|b| now.saturating_sub(b) > round_trip)
 }
 
 /// Both directions' counters.
@@ -201,6 +227,8 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
     let (shutdown, mut shutdown_rx) = oneshot::channel::<()>();
     let at = move |t: f64| epoch + Duration::from_secs_f64(t);
     let now = move || epoch.elapsed().as_secs_f64();
+    // The link's round trip, which groups queue drops into congestion episodes.
+    let round_trip = cfg.up.delay_s + cfg.down.delay_s;
     let bind_for_upstream: SocketAddr = if cfg.upstream.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -251,8 +279,9 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                             if src != cfg.upstream {
                                 continue;
                             }
-                            let fate = down2.lock().expect("shaper lock").admit(now(), n);
-                            stats2.down.count(fate, n);
+                            let t = now();
+                            let fate = down2.lock().expect("shaper lock").admit(t, n);
+                            stats2.down.count(fate, n, t, round_trip);
                             if let Fate::Deliver(t) = fate {
                                 let _ = tx2.send(Pending {
                                     at: at(t),
@@ -267,8 +296,9 @@ pub async fn start(cfg: RelayConfig) -> Result<Relay> {
                     s
                 }
             };
-            let fate = up.lock().expect("shaper lock").admit(now(), n);
-            forward_stats.up.count(fate, n);
+            let t = now();
+            let fate = up.lock().expect("shaper lock").admit(t, n);
+            forward_stats.up.count(fate, n, t, round_trip);
             if let Fate::Deliver(t) = fate {
                 let _ = up_tx.send(Pending {
                     at: at(t),
@@ -303,6 +333,44 @@ mod tests {
             }
         });
         (addr, task)
+    }
+
+    #[test]
+    fn queue_drops_within_a_round_trip_of_an_episodes_start_are_that_episode() {
+        let d = DirectionStats::default();
+        let rtt = 0.1;
+        // A run of drops with deliveries between them: one congestion episode.
+        for (t, fate) in [
+            (1.00, Fate::QueueFull),
+            (1.01, Fate::QueueFull),
+            (1.02, Fate::Deliver(1.2)),
+            (1.09, Fate::QueueFull),
+        ] {
+            d.count(fate, 1200, t, rtt);
+        }
+        assert_eq!(d.queue_drops.load(Relaxed), 3);
+        assert_eq!(d.queue_drop_episodes.load(Relaxed), 1);
+        // Drops that go on past a round trip from the episode's start are the next one,
+        // and so is a drop long after.
+        d.count(Fate::QueueFull, 1200, 1.15, rtt);
+        d.count(Fate::QueueFull, 1200, 1.20, rtt);
+        d.count(Fate::QueueFull, 1200, 5.0, rtt);
+        assert_eq!(d.queue_drops.load(Relaxed), 6);
+        assert_eq!(d.queue_drop_episodes.load(Relaxed), 3);
+        // A random loss is no queue drop.
+        d.count(Fate::Lost, 1200, 9.0, rtt);
+        assert_eq!(d.queue_drop_episodes.load(Relaxed), 3);
+        assert!(
+            d.summary()
+                .ends_with("6 dropped on a full queue in 3 episodes")
+        );
+    }
+
+    #[test]
+    fn the_first_drop_begins_an_episode_at_time_zero_too() {
+        assert!(begins_episode(None, 0, 100_000));
+        assert!(!begins_episode(Some(0), 100_000, 100_000));
+        assert!(begins_episode(Some(0), 100_001, 100_000));
     }
 
     fn config(upstream: SocketAddr, shaping: Shaping) -> RelayConfig {
