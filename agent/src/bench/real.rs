@@ -54,7 +54,7 @@ pub struct RealCheck {
     /// Datagrams the WAN emulator delivered, every direction.
     pub emulator_datagrams: u64,
     /// Datagrams it dropped on a full queue (a queue of one bandwidth-delay product),
-    /// every direction: each is a loss the senders' congestion control reacts to.
+    /// every direction: each a lost datagram its sender resends.
     pub emulator_queue_drops: u64,
     /// The congestion episodes those drops fell in, every direction: drops within a round
     /// trip of an episode's first are one episode (the senders react to them once).
