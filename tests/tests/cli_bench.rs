@@ -204,6 +204,8 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
                 "full-sync",
                 "--congestion",
                 "bbr",
+                "--sim-draws",
+                "3",
                 "--peer",
                 &peer,
                 "--json",
@@ -238,6 +240,19 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     assert!((a / s - 1.0).abs() < 0.1, "agents {a}, simulator {s}");
     assert!(real["real_accuracy"].as_f64().unwrap() > 0.9, "{real}");
+    // The simulator's time is the mean over the draws of the links' jitter and loss.
+    let draws: Vec<f64> = real["sim_seconds_draws"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap())
+        .collect();
+    assert_eq!(draws.len(), 3, "{real}");
+    let mean = draws.iter().sum::<f64>() / 3.0;
+    assert!(
+        (real["sim_seconds"].as_f64().unwrap() - mean).abs() < 1e-9 * mean,
+        "{real}"
+    );
     // Decoding and merging peers' updates is part of the measured work, not all of it.
     let (work, receiving) = (
         real["busy_seconds_per_round"].as_f64().unwrap(),
@@ -323,6 +338,10 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
         "{md}"
     );
     assert!(md.contains("| stand-in | 2.00 | 2000 | 95.00% |"), "{md}");
+    assert!(
+        md.contains("its time the mean over 3 draw(s) of the links' jitter and loss"),
+        "{md}"
+    );
     assert!(
         md.contains(
             "rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |"
@@ -555,6 +574,11 @@ fn bad_workload_options_are_named() {
             ],
             "--real-timeout-minutes must be at least 1",
         ),
+        (
+            vec!["bench", "--real", "weightgrad", "--sim-draws", "0"],
+            "--sim-draws must be at least 1",
+        ),
+        (vec!["bench", "--sim-draws", "2"], "--real"),
         (
             vec!["bench", "--real", "weightgrad", "--peer", "no-command"],
             "NAME=COMMAND",

@@ -1,8 +1,9 @@
 //! `weightgrad bench --real`: runs a policy as real agent processes talking QUIC through
 //! the WAN emulator (one relay per direction of dialling, shaped like the scenario's
 //! links), then runs the simulator with its per-step cost set to the agents' measured
-//! per-round work and each link's loss to the share of its datagrams the emulator's queue
-//! dropped, so the two can be compared on WAN bytes and on time.
+//! per-round work and each link's loss to the share of its datagrams that began a
+//! queue-drop episode in the emulator, over several draws of the links' jitter and loss
+//! (`--sim-draws`), so the two can be compared on WAN bytes and on time.
 
 use crate::config::{Congestion, InitialWindow};
 use crate::node::Evaluation;
@@ -27,21 +28,27 @@ pub struct RealCheck {
     pub policy: String,
     /// WAN bytes all agents sent.
     pub real_wan_bytes: u64,
-    /// WAN bytes in the simulator.
+    /// WAN bytes in the simulator (mean over the draws).
     pub sim_wan_bytes: u64,
     /// Seconds from the first round to every region having every peer's last round (the
     /// slowest region).
     pub real_seconds: f64,
-    /// Virtual seconds of the simulator with the measured per-round cost and queue drops.
+    /// Virtual seconds of the simulator with the measured per-round cost and queue drops:
+    /// the mean over [`Self::sim_seconds_draws`].
     pub sim_seconds: f64,
+    /// The simulator's virtual seconds for each draw of the links' jitter and loss, in
+    /// draw order (0, 1, ...).
+    pub sim_seconds_draws: Vec<f64>,
     /// Seconds from the first agent's first round to the first evaluation round at which
     /// every agent had reached the target top-1 (when the last of them measured it); none
     /// when they never did.
     pub real_seconds_to_target: Option<f64>,
     /// WAN bytes all agents had sent by that evaluation.
     pub real_wan_bytes_to_target: Option<u64>,
-    /// The same in the simulator, virtual seconds.
+    /// The same in the simulator, virtual seconds (mean over the draws that reached it).
     pub sim_seconds_to_target: Option<f64>,
+    /// How many of the simulator's draws reached the target.
+    pub sim_draws_reaching_target: usize,
     /// The measured per-round cost (mean over regions), seconds: the region's own work
     /// (step, policy, encoding, evaluations) plus decoding and merging its peers' updates.
     pub busy_seconds_per_round: f64,
@@ -49,7 +56,7 @@ pub struct RealCheck {
     pub receive_seconds_per_round: f64,
     /// Lowest final top-1 of the agents.
     pub real_accuracy: f64,
-    /// Lowest final top-1 in the simulator.
+    /// Lowest final top-1 in the simulator (mean over the draws).
     pub sim_accuracy: f64,
     /// Datagrams the WAN emulator delivered, every direction.
     pub emulator_datagrams: u64,
@@ -74,12 +81,13 @@ pub struct RealCheck {
     /// were behind the agent's finished ones when a step started: the staleness the
     /// agents actually trained at.
     pub real_rounds_behind_mean: f64,
-    /// The same in the simulator.
+    /// The same in the simulator (mean over the draws).
     pub sim_rounds_behind_mean: f64,
     /// The largest share of the run any agent's link was busy (a stream sent and not yet
     /// acknowledged by the peer): near 1 where a link sets the pace.
     pub real_busiest_link_busy_share: f64,
-    /// The same in the simulator ([`SimReport::busiest_link_busy_share`]).
+    /// The same in the simulator ([`SimReport::busiest_link_busy_share`], mean over the
+    /// draws).
     pub sim_busiest_link_busy_share: f64,
     /// What the emulator measured on each link's data direction, which the simulator was
     /// calibrated by: kept so the calibrated simulation can be studied again without
@@ -181,6 +189,9 @@ pub struct Agents<'a> {
     pub overlap: bool,
     /// How long the run may take before it is stopped as stuck.
     pub timeout: Duration,
+    /// Draws of the links' jitter and loss the simulator's prediction averages (at least
+    /// one): a WAN-bound run's time depends on where its losses fall.
+    pub sim_draws: u64,
 }
 
 /// One agent of a `--real` run: what its config file says.
@@ -517,7 +528,17 @@ pub fn check(
     }
     let wire_overhead = measured.iter().map(|m| m.wire_bytes).sum::<u64>() as f64
         / measured.iter().map(|m| m.update_bytes).sum::<u64>().max(1) as f64;
-    let sim = simulate(&calibrated(cfg, busy, &measured), data, policy)?;
+    let calibrated = calibrated(cfg, busy, &measured);
+    let draws = (0..agents.sim_draws.max(1))
+        .map(|link_draw| {
+            let c = SimConfig {
+                link_draw,
+                ..calibrated.clone()
+            };
+            simulate(&c, data, policy)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sim = Prediction::of(&draws, target);
     let real_to_target = first_reaching(&reports, target);
     let agent_links: Vec<&serde_json::Value> = reports
         .iter()
@@ -537,16 +558,18 @@ pub fn check(
         sim_rounds_behind_mean: sim.rounds_behind_mean,
         real_busiest_link_busy_share,
         sim_busiest_link_busy_share: sim.busiest_link_busy_share,
+        sim_seconds_draws: sim.seconds_draws,
         links: measured,
         curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
         real_wan_bytes_to_target: real_to_target.map(|t| t.1),
-        sim_seconds_to_target: sim.first_reaching(target).map(|p| p.virtual_seconds),
+        sim_seconds_to_target: sim.seconds_to_target,
+        sim_draws_reaching_target: sim.draws_reaching_target,
         policy: policy.to_string(),
         real_wan_bytes,
         sim_wan_bytes: sim.wan_bytes,
         real_seconds,
-        sim_seconds: sim.virtual_seconds,
+        sim_seconds: sim.seconds,
         busy_seconds_per_round: busy,
         receive_seconds_per_round: receive,
         real_accuracy,
@@ -556,12 +579,53 @@ pub fn check(
         host_receive_buffer_drops,
         compute_threads: threads,
         wire_overhead,
-        sim_accuracy: sim
-            .regions
-            .iter()
-            .map(|r| r.test_accuracy)
-            .fold(1.0, f64::min),
+        sim_accuracy: sim.accuracy,
     })
+}
+
+/// The simulator's prediction for a `--real` run: the mean over draws of the links'
+/// jitter and loss.
+#[derive(Debug, Clone, PartialEq)]
+struct Prediction {
+    seconds: f64,
+    seconds_draws: Vec<f64>,
+    /// Mean over the draws that reached the target; none when none did.
+    seconds_to_target: Option<f64>,
+    draws_reaching_target: usize,
+    wan_bytes: u64,
+    /// Mean of each draw's lowest top-1.
+    accuracy: f64,
+    rounds_behind_mean: f64,
+    busiest_link_busy_share: f64,
+}
+
+impl Prediction {
+    /// The prediction from each draw's report, for time to `target` top-1.
+    fn of(draws: &[SimReport], target: f64) -> Self {
+        let mean = |f: &dyn Fn(&SimReport) -> f64| {
+            draws.iter().map(f).sum::<f64>() / draws.len().max(1) as f64
+        };
+        let reached: Vec<f64> = draws
+            .iter()
+            .filter_map(|d| d.first_reaching(target).map(|p| p.virtual_seconds))
+            .collect();
+        Self {
+            seconds: mean(&|d| d.virtual_seconds),
+            seconds_draws: draws.iter().map(|d| d.virtual_seconds).collect(),
+            seconds_to_target: (!reached.is_empty())
+                .then(|| reached.iter().sum::<f64>() / reached.len() as f64),
+            draws_reaching_target: reached.len(),
+            wan_bytes: mean(&|d| d.wan_bytes as f64).round() as u64,
+            accuracy: mean(&|d| {
+                d.regions
+                    .iter()
+                    .map(|r| r.test_accuracy)
+                    .fold(1.0, f64::min)
+            }),
+            rounds_behind_mean: mean(&|d| d.rounds_behind_mean),
+            busiest_link_busy_share: mean(&|d| d.busiest_link_busy_share),
+        }
+    }
 }
 
 /// What the emulator measured on one link's data direction during a `--real` run.
@@ -589,9 +653,11 @@ pub struct LinkMeasure {
 /// datagrams that began a queue-drop episode (those drops are the agents' own congestion
 /// control overfilling the queue; the simulator's links, which carry their whole
 /// bandwidth from the first byte, would not have them; an episode holds the streams in
-/// flight up about a round trip, which a policy reading its links' backlog sees, and the
-/// simulator's loss costs the stream it hits a round trip, so episodes, not dropped
-/// datagrams, are its rate: a full queue drops datagrams in runs); and each link's
+/// flight up, which a policy reading its links' backlog sees, and a full queue drops
+/// datagrams in runs, so episodes, not dropped datagrams, are its rate: the simulator
+/// charges a lost packet its resent bytes, and a round trip when it falls in its
+/// stream's last round trip of sending; the agents' congestion control backing off after
+/// an episode is not modelled); and each link's
 /// bandwidth, which the simulator spends on update bytes alone, cut by the measured share
 /// of the wire that was not update bytes (packet headers, acknowledgements,
 /// retransmissions; a lost packet's resend is so charged twice, here and by the
@@ -619,6 +685,29 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str) -> Result<SimReport
     run(&c, p.as_ref(), data, &mut |_, _| {})
 }
 
+/// The lowest and highest of the draws' seconds ("lowest–highest"), or a dash for none.
+fn draw_range(draws: &[f64]) -> String {
+    let lowest = draws.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = draws.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if draws.is_empty() {
+        "—".into()
+    } else {
+        format!("{lowest:.2}–{highest:.2}")
+    }
+}
+
+/// The simulator's seconds to the target, saying how many draws reached it when not all.
+fn sim_to_target(c: &RealCheck) -> String {
+    match c.sim_seconds_to_target {
+        Some(s) if c.sim_draws_reaching_target < c.sim_seconds_draws.len() => format!(
+            "{s:.2} ({} of {} draws)",
+            c.sim_draws_reaching_target,
+            c.sim_seconds_draws.len()
+        ),
+        other => seconds(other),
+    }
+}
+
 /// Seconds with two decimals, or a dash for a target never reached.
 fn seconds(s: Option<f64>) -> String {
     or_dash(s.map(|s| format!("{s:.2}")))
@@ -632,21 +721,22 @@ fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator (draws: lowest–highest) | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} ({} episodes) of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} ({}) | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} ({} episodes) of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
             c.bytes_ratio(),
             c.real_seconds,
             c.sim_seconds,
+            draw_range(&c.sim_seconds_draws),
             c.time_ratio(),
             seconds(c.real_seconds_to_target),
-            seconds(c.sim_seconds_to_target),
+            sim_to_target(c),
             or_dash(c.real_wan_bytes_to_target),
             c.busy_seconds_per_round * 1e3,
             c.receive_seconds_per_round * 1e3,
@@ -696,6 +786,112 @@ mod tests {
         })
         .unwrap();
         AgentConfig::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn the_prediction_is_the_mean_over_the_link_draws() {
+        let draw = |seconds: f64, bytes: u64, reached_at: Option<f64>| SimReport {
+            policy: "p".into(),
+            regions: ["a", "b"]
+                .iter()
+                .enumerate()
+                .map(|(i, name)| crate::sim::RegionReport {
+                    name: (*name).into(),
+                    // The lowest region's: seconds / 20.
+                    test_accuracy: seconds / 20.0 + i as f64 * 0.1,
+                    test_loss: 0.5,
+                })
+                .collect(),
+            wan_bytes: bytes,
+            lan_bytes: 0,
+            virtual_seconds: seconds,
+            rounds: 10,
+            curve: vec![EvalPoint {
+                round: 10,
+                virtual_seconds: reached_at.unwrap_or(seconds),
+                wan_bytes: bytes,
+                lan_bytes: 0,
+                min_accuracy: if reached_at.is_some() { 0.9 } else { 0.1 },
+            }],
+            rejected: 0,
+            rounds_behind_mean: seconds / 10.0,
+            rounds_behind_max: 3,
+            busiest_link_busy_share: seconds / 100.0,
+        };
+        let p = Prediction::of(
+            &[
+                draw(10.0, 100, Some(4.0)),
+                draw(14.0, 200, None),
+                draw(12.0, 302, Some(8.0)),
+            ],
+            0.85,
+        );
+        assert_eq!(p.seconds, 12.0);
+        assert_eq!(p.seconds_draws, vec![10.0, 14.0, 12.0]);
+        assert_eq!(p.wan_bytes, 201, "200.67 rounded");
+        assert_eq!(
+            p.seconds_to_target,
+            Some(6.0),
+            "over the draws that reached it"
+        );
+        assert!((p.rounds_behind_mean - 1.2).abs() < 1e-12);
+        // Each draw's lowest region (0.5, 0.7, 0.6), averaged; the busy shares likewise.
+        assert!((p.accuracy - 0.6).abs() < 1e-12, "{}", p.accuracy);
+        assert!((p.busiest_link_busy_share - 0.12).abs() < 1e-12);
+        assert_eq!(p.draws_reaching_target, 2);
+        assert_eq!(
+            Prediction::of(&[draw(10.0, 100, None)], 0.85).seconds_to_target,
+            None
+        );
+    }
+
+    #[test]
+    fn the_table_gives_the_draws_range_and_how_many_reached_the_target() {
+        assert_eq!(draw_range(&[]), "—");
+        assert_eq!(draw_range(&[3.0, 1.5, 2.0]), "1.50–3.00");
+        let mut c: RealCheck = RealCheck {
+            sim_seconds_to_target: Some(5.0),
+            sim_draws_reaching_target: 4,
+            sim_seconds_draws: vec![1.0; 4],
+            ..placeholder_check()
+        };
+        assert_eq!(sim_to_target(&c), "5.00");
+        c.sim_draws_reaching_target = 3;
+        assert_eq!(sim_to_target(&c), "5.00 (3 of 4 draws)");
+        c.sim_seconds_to_target = None;
+        c.sim_draws_reaching_target = 0;
+        assert_eq!(sim_to_target(&c), "—");
+    }
+
+    fn placeholder_check() -> RealCheck {
+        RealCheck {
+            policy: "p".into(),
+            real_wan_bytes: 0,
+            sim_wan_bytes: 0,
+            real_seconds: 0.0,
+            sim_seconds: 0.0,
+            sim_seconds_draws: Vec::new(),
+            real_seconds_to_target: None,
+            real_wan_bytes_to_target: None,
+            sim_seconds_to_target: None,
+            sim_draws_reaching_target: 0,
+            busy_seconds_per_round: 0.0,
+            receive_seconds_per_round: 0.0,
+            real_accuracy: 0.0,
+            sim_accuracy: 0.0,
+            emulator_datagrams: 0,
+            emulator_queue_drops: 0,
+            emulator_queue_drop_episodes: 0,
+            host_receive_buffer_drops: None,
+            compute_threads: 1,
+            wire_overhead: 1.0,
+            real_rounds_behind_mean: 0.0,
+            sim_rounds_behind_mean: 0.0,
+            real_busiest_link_busy_share: 0.0,
+            sim_busiest_link_busy_share: 0.0,
+            links: Vec::new(),
+            curve: Vec::new(),
+        }
     }
 
     #[test]

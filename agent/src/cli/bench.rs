@@ -121,6 +121,11 @@ pub struct BenchArgs {
     /// Minutes one `--real` run (or one `--peer` run) may take before it is stopped as stuck.
     #[arg(long, default_value_t = 60, requires = "real")]
     real_timeout_minutes: u64,
+    /// Draws of the links' jitter and loss the simulator's prediction of a `--real` run
+    /// averages: a WAN-bound run's time depends on where its losses fall (each draw is
+    /// one more simulation of the policy).
+    #[arg(long, default_value_t = 4, requires = "real")]
+    sim_draws: u64,
 }
 
 /// Runs `weightgrad bench`.
@@ -171,6 +176,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.real_timeout_minutes == 0 {
         bail!("--real-timeout-minutes must be at least 1");
+    }
+    if args.sim_draws == 0 {
+        bail!("--sim-draws must be at least 1");
     }
     let model = match &args.model {
         Some(m) => ModelSpec::parse(m).context("--model")?,
@@ -281,8 +289,9 @@ impl SeedRun {
         let mut md = bench::markdown(&self.report);
         if !self.checks.is_empty() {
             md += &format!(
-                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue-drop episodes as loss:\n\n",
-                self.checks[0].compute_threads
+                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue-drop episodes as loss, its time the mean over {} draw(s) of the links' jitter and loss:\n\n",
+                self.checks[0].compute_threads,
+                self.checks[0].sim_seconds_draws.len()
             );
             md += &bench::real::markdown(&self.checks);
             md += "\nSide by side on the same emulated links, wall-clock (agents and peers):\n\n";
@@ -399,6 +408,7 @@ fn run_real(
                 initial_window: args.initial_window.unwrap_or_default(),
                 overlap: args.overlap.unwrap_or(true),
                 timeout,
+                sim_draws: args.sim_draws,
             },
         )
         .with_context(|| format!("{policy} as real agents, seed {}", run.report.seed))

@@ -5,7 +5,8 @@
 //! last bytes to its send buffer), and a stream arrives whole, half a round trip after
 //! its last byte left. So a round's small frames overtake the large frame queued before
 //! them, and a link backed up with several rounds finishes them close together, as the
-//! agents' links do. Round-trip time, jitter and loss (as retransmission delay) come
+//! agents' links do. Round-trip time, jitter and loss (resent bytes, and a round trip's
+//! delay when a stream loses a packet in its last round trip of sending) come
 //! from the link's model; every quantity is a pure function of the seed, so a run's bytes
 //! and times are exact and repeatable.
 
@@ -45,11 +46,21 @@ pub struct LinkModel {
     pub rtt_s: f64,
     /// Extra one-way delay drawn uniformly from `[0, jitter_s)`.
     pub jitter_s: f64,
-    /// Packet loss probability; each lost packet is resent after one RTT.
+    /// Packet loss probability. A lost packet is resent (its bytes cross again); one lost
+    /// in its stream's last round trip of sending holds the stream's end back a round
+    /// trip (an earlier loss is detected and resent while the rest is still being sent).
     pub loss: f64,
 }
 
 impl LinkModel {
+    /// Packets the link carries in a round trip: a stream's last round trip of sending is
+    /// at most this many of its packets.
+    fn round_trip_packets(&self) -> u64 {
+        ((self.bandwidth_bps / 8.0 * self.rtt_s) / PACKET as f64)
+            .ceil()
+            .max(1.0) as u64
+    }
+
     /// The send buffer of an agent's stream on this link, in bits: two bandwidth-delay
     /// products, at least one MiB (as the agents size it).
     fn send_buffer_bits(&self) -> f64 {
@@ -74,7 +85,7 @@ struct Stream {
     /// Bits still to send (retransmitted packets included).
     bits_left: f64,
     /// One-way delay after its last bit left: half a round trip, jitter, and a round trip
-    /// more when a packet of it was lost.
+    /// more when a packet of its last round trip of sending was lost.
     delay: f64,
     /// Whether it is being sent (else it waits for the stream before it).
     started: bool,
@@ -141,12 +152,19 @@ impl VirtualLink {
         let mut delay = self.model.rtt_s / 2.0;
         if self.model.loss > 0.0 {
             let packets = bytes.div_ceil(PACKET);
-            let lost = (0..packets)
-                .filter(|_| self.rng.random_bool(self.model.loss.min(1.0)))
-                .count() as u64;
-            if lost > 0 {
-                // Lost packets are resent (using bandwidth) after about one round trip.
-                bits += (lost * PACKET * 8) as f64;
+            let tail = self.model.round_trip_packets();
+            let mut lost = 0u64;
+            let mut lost_in_tail = false;
+            for p in 0..packets {
+                if self.rng.random_bool(self.model.loss.min(1.0)) {
+                    lost += 1;
+                    lost_in_tail |= packets - p <= tail;
+                }
+            }
+            // Lost packets are resent (using bandwidth); one lost in the stream's last
+            // round trip of sending holds its end back about a round trip.
+            bits += (lost * PACKET * 8) as f64;
+            if lost_in_tail {
                 delay += self.model.rtt_s;
             }
         }
@@ -432,6 +450,38 @@ mod tests {
             a.iter().any(|t| *t > 0.35),
             "some packet was lost and resent"
         );
+    }
+
+    #[test]
+    fn only_a_loss_in_a_streams_last_round_trip_holds_its_end_back() {
+        // 8 Mbit/s at 100 ms: a round trip carries 100 kB, 84 packets.
+        let lossy = LinkModel {
+            loss: 0.002,
+            ..CLEAN_8_MBIT
+        };
+        assert_eq!(lossy.round_trip_packets(), 84);
+        // Streams of 1,000 packets, each alone on the link: every one's resent bytes cost
+        // time, but a round trip's delay only where a loss fell in its last 84 packets.
+        let (mut delayed, mut streams_with_loss) = (0, 0);
+        let mut l = VirtualLink::new(lossy, 5);
+        for i in 0..200 {
+            let sent = i as f64 * 10.0;
+            l.send(sent, 1_200_000);
+            let at = drain(&mut l, vec![])[0] - sent;
+            // 1.2 MB at a megabyte a second, half a round trip to arrive; each resent
+            // packet adds 1.2 ms.
+            let clean = 1.2 + 0.05;
+            assert!(at >= clean - 1e-9, "{at}");
+            if at - clean > 0.09 {
+                delayed += 1;
+            }
+            if at > clean + 1e-9 {
+                streams_with_loss += 1;
+            }
+        }
+        // P(some loss in 1,000 packets) = 86%; in the last 84: 15%.
+        assert!(streams_with_loss > 150, "{streams_with_loss}");
+        assert!((15..=50).contains(&delayed), "{delayed} of 200 held back");
     }
 
     #[test]
