@@ -98,6 +98,41 @@ pub struct RealCheck {
     pub curve: Vec<EvalPoint>,
 }
 
+#[cfg(test)]
+impl RealCheck {
+    /// A check of `policy` with every figure zero or empty, for tests to fill in.
+    pub(crate) fn placeholder(policy: &str) -> Self {
+        Self {
+            policy: policy.into(),
+            real_wan_bytes: 0,
+            sim_wan_bytes: 0,
+            real_seconds: 0.0,
+            sim_seconds: 0.0,
+            sim_seconds_draws: Vec::new(),
+            real_seconds_to_target: None,
+            real_wan_bytes_to_target: None,
+            sim_seconds_to_target: None,
+            sim_draws_reaching_target: 0,
+            busy_seconds_per_round: 0.0,
+            receive_seconds_per_round: 0.0,
+            real_accuracy: 0.0,
+            sim_accuracy: 0.0,
+            emulator_datagrams: 0,
+            emulator_queue_drops: 0,
+            emulator_queue_drop_episodes: 0,
+            host_receive_buffer_drops: None,
+            compute_threads: 1,
+            wire_overhead: 1.0,
+            real_rounds_behind_mean: 0.0,
+            sim_rounds_behind_mean: 0.0,
+            real_busiest_link_busy_share: 0.0,
+            sim_busiest_link_busy_share: 0.0,
+            links: Vec::new(),
+            curve: Vec::new(),
+        }
+    }
+}
+
 impl RealCheck {
     /// Real over simulated WAN bytes.
     pub fn bytes_ratio(&self) -> f64 {
@@ -853,7 +888,7 @@ mod tests {
             sim_seconds_to_target: Some(5.0),
             sim_draws_reaching_target: 4,
             sim_seconds_draws: vec![1.0; 4],
-            ..placeholder_check()
+            ..RealCheck::placeholder("p")
         };
         assert_eq!(sim_to_target(&c), "5.00");
         c.sim_draws_reaching_target = 3;
@@ -861,37 +896,6 @@ mod tests {
         c.sim_seconds_to_target = None;
         c.sim_draws_reaching_target = 0;
         assert_eq!(sim_to_target(&c), "—");
-    }
-
-    fn placeholder_check() -> RealCheck {
-        RealCheck {
-            policy: "p".into(),
-            real_wan_bytes: 0,
-            sim_wan_bytes: 0,
-            real_seconds: 0.0,
-            sim_seconds: 0.0,
-            sim_seconds_draws: Vec::new(),
-            real_seconds_to_target: None,
-            real_wan_bytes_to_target: None,
-            sim_seconds_to_target: None,
-            sim_draws_reaching_target: 0,
-            busy_seconds_per_round: 0.0,
-            receive_seconds_per_round: 0.0,
-            real_accuracy: 0.0,
-            sim_accuracy: 0.0,
-            emulator_datagrams: 0,
-            emulator_queue_drops: 0,
-            emulator_queue_drop_episodes: 0,
-            host_receive_buffer_drops: None,
-            compute_threads: 1,
-            wire_overhead: 1.0,
-            real_rounds_behind_mean: 0.0,
-            sim_rounds_behind_mean: 0.0,
-            real_busiest_link_busy_share: 0.0,
-            sim_busiest_link_busy_share: 0.0,
-            links: Vec::new(),
-            curve: Vec::new(),
-        }
     }
 
     #[test]

@@ -367,7 +367,6 @@ mod tests {
 
     fn check(policy: &str, accuracy: f64, seconds: Option<f64>) -> RealCheck {
         RealCheck {
-            policy: policy.into(),
             real_wan_bytes: 100,
             sim_wan_bytes: 100,
             real_seconds: 10.0,
@@ -381,18 +380,11 @@ mod tests {
             receive_seconds_per_round: 0.01,
             real_accuracy: accuracy,
             sim_accuracy: accuracy,
-            emulator_datagrams: 0,
-            emulator_queue_drops: 0,
-            emulator_queue_drop_episodes: 0,
-            host_receive_buffer_drops: None,
-            compute_threads: 1,
-            wire_overhead: 1.0,
             real_rounds_behind_mean: 1.0,
             sim_rounds_behind_mean: 1.0,
             real_busiest_link_busy_share: 0.5,
             sim_busiest_link_busy_share: 0.5,
-            links: Vec::new(),
-            curve: Vec::new(),
+            ..RealCheck::placeholder(policy)
         }
     }
 
