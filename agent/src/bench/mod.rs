@@ -243,11 +243,7 @@ fn result_from(policy: &str, report: &SimReport, target: f64) -> PolicyResult {
     PolicyResult {
         policy: policy.to_string(),
         max_staleness: None,
-        final_accuracy: report
-            .regions
-            .iter()
-            .map(|r| r.test_accuracy)
-            .fold(1.0, f64::min),
+        final_accuracy: report.lowest_accuracy(),
         final_loss: report
             .regions
             .iter()
@@ -442,18 +438,12 @@ pub fn run_all(
     let reports = run_parallel(&jobs, plan.jobs, &run_job)?;
     let rounds = reports.first().map_or(0, |r| r.rounds);
     // Each run's target: fixed, or full-sync's final top-1 at the run's bound.
-    let lowest = |r: &SimReport| {
-        r.regions
-            .iter()
-            .map(|g| g.test_accuracy)
-            .fold(1.0, f64::min)
-    };
     let full_sync_final = |bound: Option<u64>| {
         let bound = bound.or(plan.staleness_bounds.first().copied());
         jobs.iter()
             .zip(&reports)
             .find(|(j, _)| j.policy == "full-sync" && j.bound == bound)
-            .map(|(_, r)| lowest(r))
+            .map(|(_, r)| r.lowest_accuracy())
     };
     let target_of = |job: &Job| -> Result<f64> {
         match plan.target {

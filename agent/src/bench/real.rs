@@ -651,12 +651,7 @@ impl Prediction {
                 .then(|| reached.iter().sum::<f64>() / reached.len() as f64),
             draws_reaching_target: reached.len(),
             wan_bytes: mean(&|d| d.wan_bytes as f64).round() as u64,
-            accuracy: mean(&|d| {
-                d.regions
-                    .iter()
-                    .map(|r| r.test_accuracy)
-                    .fold(1.0, f64::min)
-            }),
+            accuracy: mean(&|d| d.lowest_accuracy()),
             rounds_behind_mean: mean(&|d| d.rounds_behind_mean),
             busiest_link_busy_share: mean(&|d| d.busiest_link_busy_share),
         }
@@ -669,8 +664,8 @@ pub struct LinkMeasure {
     /// (from, to): the sending region and its peer, as indices in the scenario's regions.
     pub link: (usize, usize),
     /// Share of the direction's datagrams that began a queue-drop episode: the loss rate
-    /// the simulator's link is given (each of its losses holds a stream up a round trip,
-    /// as an episode does the streams in flight then).
+    /// the simulator's link is given (a loss there costs its resent bytes, and a round
+    /// trip when it falls in its stream's last round trip of sending).
     pub queue_loss: f64,
     /// Datagrams the direction's queue dropped.
     pub queue_drops: u64,
@@ -686,17 +681,15 @@ pub struct LinkMeasure {
 /// The simulator's setup for comparing with the agents: their measured per-round work
 /// (`compute_s`) as its step cost; each link's loss raised by the share of the link's
 /// datagrams that began a queue-drop episode (those drops are the agents' own congestion
-/// control overfilling the queue; the simulator's links, which carry their whole
-/// bandwidth from the first byte, would not have them; an episode holds the streams in
-/// flight up, which a policy reading its links' backlog sees, and a full queue drops
-/// datagrams in runs, so episodes, not dropped datagrams, are its rate: the simulator
-/// charges a lost packet its resent bytes, and a round trip when it falls in its
-/// stream's last round trip of sending; the agents' congestion control backing off after
-/// an episode is not modelled); and each link's
-/// bandwidth, which the simulator spends on update bytes alone, cut by the measured share
-/// of the wire that was not update bytes (packet headers, acknowledgements,
-/// retransmissions; a lost packet's resend is so charged twice, here and by the
-/// simulator's loss: a share of a percent at the rates measured).
+/// control overfilling the queue, which the simulator's links, carrying their whole
+/// bandwidth from the first byte, would not have; a full queue drops datagrams in runs,
+/// so episodes, not dropped datagrams, are the rate; the simulator charges a lost packet
+/// its resent bytes, and a round trip when it falls in its stream's last round trip of
+/// sending; the agents' congestion control backing off after an episode is not
+/// modelled); and each link's bandwidth, which the simulator spends on update bytes
+/// alone, cut by the measured share of the wire that was not update bytes (packet
+/// headers, acknowledgements, retransmissions; a lost packet's resend is so charged
+/// twice, here and by the simulator's loss: a share of a percent at the rates measured).
 fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;

@@ -165,6 +165,14 @@ pub struct SimReport {
 }
 
 impl SimReport {
+    /// The lowest region's final test top-1.
+    pub fn lowest_accuracy(&self) -> f64 {
+        self.regions
+            .iter()
+            .map(|r| r.test_accuracy)
+            .fold(1.0, f64::min)
+    }
+
     /// The first evaluation at which every region reached `accuracy`.
     pub fn first_reaching(&self, accuracy: f64) -> Option<&EvalPoint> {
         first_reaching(&self.curve, accuracy)
