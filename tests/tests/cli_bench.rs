@@ -253,6 +253,18 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
         (real["sim_seconds"].as_f64().unwrap() - mean).abs() < 1e-9 * mean,
         "{real}"
     );
+    // So are its bytes, each draw's kept beside the mean.
+    let byte_draws: Vec<f64> = real["sim_wan_bytes_draws"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap())
+        .collect();
+    assert_eq!(byte_draws.len(), 3, "{real}");
+    assert!(
+        (s - (byte_draws.iter().sum::<f64>() / 3.0).round()).abs() < 0.5,
+        "{real}"
+    );
     // Decoding and merging peers' updates is part of the measured work, not all of it.
     let (work, receiving) = (
         real["busy_seconds_per_round"].as_f64().unwrap(),
@@ -339,7 +351,7 @@ fn bench_trains_logistic_regression_on_a_csv_and_runs_it_as_real_agents() {
     );
     assert!(md.contains("| stand-in | 2.00 | 2000 | 95.00% |"), "{md}");
     assert!(
-        md.contains("its time the mean over 3 draw(s) of the links' jitter and loss"),
+        md.contains("its bytes and time the means over 3 draw(s) of the links' jitter and loss"),
         "{md}"
     );
     assert!(

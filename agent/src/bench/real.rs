@@ -28,8 +28,12 @@ pub struct RealCheck {
     pub policy: String,
     /// WAN bytes all agents sent.
     pub real_wan_bytes: u64,
-    /// WAN bytes in the simulator (mean over the draws).
+    /// WAN bytes in the simulator: the mean over [`Self::sim_wan_bytes_draws`], rounded.
     pub sim_wan_bytes: u64,
+    /// The simulator's WAN bytes for each draw of the links' jitter and loss, in draw
+    /// order: where a run's timing moves its trajectory (a policy reading its links'
+    /// backlog, staleness changing which updates are non-zero), its bytes move with it.
+    pub sim_wan_bytes_draws: Vec<u64>,
     /// Seconds from the first round to every region having every peer's last round (the
     /// slowest region).
     pub real_seconds: f64,
@@ -106,6 +110,7 @@ impl RealCheck {
             policy: policy.into(),
             real_wan_bytes: 0,
             sim_wan_bytes: 0,
+            sim_wan_bytes_draws: Vec::new(),
             real_seconds: 0.0,
             sim_seconds: 0.0,
             sim_seconds_draws: Vec::new(),
@@ -594,6 +599,7 @@ pub fn check(
         real_busiest_link_busy_share,
         sim_busiest_link_busy_share: sim.busiest_link_busy_share,
         sim_seconds_draws: sim.seconds_draws,
+        sim_wan_bytes_draws: sim.wan_bytes_draws,
         links: measured,
         curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
@@ -628,6 +634,7 @@ struct Prediction {
     seconds_to_target: Option<f64>,
     draws_reaching_target: usize,
     wan_bytes: u64,
+    wan_bytes_draws: Vec<u64>,
     /// Mean of each draw's lowest top-1.
     accuracy: f64,
     rounds_behind_mean: f64,
@@ -651,6 +658,7 @@ impl Prediction {
                 .then(|| reached.iter().sum::<f64>() / reached.len() as f64),
             draws_reaching_target: reached.len(),
             wan_bytes: mean(&|d| d.wan_bytes as f64).round() as u64,
+            wan_bytes_draws: draws.iter().map(|d| d.wan_bytes).collect(),
             accuracy: mean(&|d| d.lowest_accuracy()),
             rounds_behind_mean: mean(&|d| d.rounds_behind_mean),
             busiest_link_busy_share: mean(&|d| d.busiest_link_busy_share),
@@ -713,14 +721,18 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str) -> Result<SimReport
     run(&c, p.as_ref(), data, &mut |_, _| {})
 }
 
-/// The lowest and highest of the draws' seconds ("lowest–highest"), or a dash for none.
-fn draw_range(draws: &[f64]) -> String {
-    let lowest = draws.iter().copied().fold(f64::INFINITY, f64::min);
-    let highest = draws.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if draws.is_empty() {
-        "—".into()
-    } else {
-        format!("{lowest:.2}–{highest:.2}")
+/// The lowest and highest of the draws' figures, each as `show` writes it
+/// ("lowest–highest"), or a dash for none.
+fn draw_range<T: Copy + PartialOrd>(draws: &[T], show: impl Fn(T) -> String) -> String {
+    let pick = |better: fn(&T, &T) -> bool| {
+        draws
+            .iter()
+            .copied()
+            .reduce(|a, b| if better(&b, &a) { b } else { a })
+    };
+    match (pick(|b, a| b < a), pick(|b, a| b > a)) {
+        (Some(lowest), Some(highest)) => format!("{}–{}", show(lowest), show(highest)),
+        _ => "—".into(),
     }
 }
 
@@ -749,19 +761,20 @@ fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 /// The checks as a Markdown table.
 pub fn markdown(checks: &[RealCheck]) -> String {
     let mut out = String::from(
-        "| policy | WAN bytes, agents | WAN bytes, simulator | ratio | seconds, agents | virtual s, simulator (draws: lowest–highest) | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| policy | WAN bytes, agents | WAN bytes, simulator (draws: lowest–highest) | ratio | seconds, agents | virtual s, simulator (draws: lowest–highest) | ratio | seconds to target, agents / simulator | WAN bytes to target, agents | measured work per round | of it, receiving | top-1 agents / simulator | emulator queue drops | host receive-buffer drops | wire bytes / update bytes | rounds behind at a step, agents / simulator | busiest link busy, agents / simulator |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for c in checks {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} ({}) | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} ({} episodes) of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
+            "| {} | {} | {} ({}) | {:.3} | {:.2} | {:.2} ({}) | {:.3} | {} / {} | {} | {:.1} ms | {:.1} ms | {:.2}% / {:.2}% | {} ({} episodes) of {} | {} | {:.3} | {:.1} / {:.1} | {:.0}% / {:.0}% |",
             c.policy,
             c.real_wan_bytes,
             c.sim_wan_bytes,
+            draw_range(&c.sim_wan_bytes_draws, |b| b.to_string()),
             c.bytes_ratio(),
             c.real_seconds,
             c.sim_seconds,
-            draw_range(&c.sim_seconds_draws),
+            draw_range(&c.sim_seconds_draws, |s| format!("{s:.2}")),
             c.time_ratio(),
             seconds(c.real_seconds_to_target),
             sim_to_target(c),
@@ -857,6 +870,7 @@ mod tests {
         assert_eq!(p.seconds, 12.0);
         assert_eq!(p.seconds_draws, vec![10.0, 14.0, 12.0]);
         assert_eq!(p.wan_bytes, 201, "200.67 rounded");
+        assert_eq!(p.wan_bytes_draws, vec![100, 200, 302]);
         assert_eq!(
             p.seconds_to_target,
             Some(6.0),
@@ -875,8 +889,11 @@ mod tests {
 
     #[test]
     fn the_table_gives_the_draws_range_and_how_many_reached_the_target() {
-        assert_eq!(draw_range(&[]), "—");
-        assert_eq!(draw_range(&[3.0, 1.5, 2.0]), "1.50–3.00");
+        let secs = |s: f64| format!("{s:.2}");
+        assert_eq!(draw_range(&[], secs), "—");
+        assert_eq!(draw_range(&[3.0, 1.5, 2.0], secs), "1.50–3.00");
+        assert_eq!(draw_range(&[7u64], |b| b.to_string()), "7–7");
+        assert_eq!(draw_range(&[20u64, 9, 31], |b| b.to_string()), "9–31");
         let mut c: RealCheck = RealCheck {
             sim_seconds_to_target: Some(5.0),
             sim_draws_reaching_target: 4,

@@ -372,6 +372,7 @@ mod tests {
             real_seconds: 10.0,
             sim_seconds: 10.0,
             sim_seconds_draws: vec![9.0, 11.0],
+            sim_wan_bytes_draws: vec![90, 110],
             real_seconds_to_target: seconds,
             real_wan_bytes_to_target: seconds.map(|s| s as u64 * 10),
             sim_seconds_to_target: seconds,

@@ -289,7 +289,7 @@ impl SeedRun {
         let mut md = bench::markdown(&self.report);
         if !self.checks.is_empty() {
             md += &format!(
-                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue-drop episodes as loss, its time the mean over {} draw(s) of the links' jitter and loss:\n\n",
+                "\nReal agents through the WAN emulator ({} compute thread(s) each) against the simulator with the measured per-round work and each link's measured queue-drop episodes as loss, its bytes and time the means over {} draw(s) of the links' jitter and loss:\n\n",
                 self.checks[0].compute_threads,
                 self.checks[0].sim_seconds_draws.len()
             );
