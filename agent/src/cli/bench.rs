@@ -85,7 +85,8 @@ pub struct BenchArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Also run these policies (comma-separated) as real agents over QUIC through the WAN
-    /// emulator and compare with the simulator on bytes and time.
+    /// emulator and compare with the simulator on bytes and time; a policy named twice
+    /// runs twice (the agents' own run-to-run spread).
     #[arg(long, value_delimiter = ',')]
     real: Vec<String>,
     /// Congestion controller of the `--real` agents' WAN connections (default: the agent's,
