@@ -373,7 +373,7 @@ fn concurrent_real_policies_and_peers_run_for_every_seed_at_once_after_the_other
                 "--seeds",
                 "0,1",
                 "--real",
-                "full-sync,weightgrad",
+                "full-sync,weightgrad,weightgrad",
                 "--real-concurrent",
                 "full-sync",
                 "--peer",
@@ -386,7 +386,7 @@ fn concurrent_real_policies_and_peers_run_for_every_seed_at_once_after_the_other
         ),
     );
     let v = last_json_line(&out);
-    // Each seed's checks keep --real's order.
+    // Each seed's checks keep --real's order; a policy named twice ran twice.
     for run in v["runs"].as_array().unwrap() {
         let policies: Vec<&str> = run["real"]
             .as_array()
@@ -394,7 +394,12 @@ fn concurrent_real_policies_and_peers_run_for_every_seed_at_once_after_the_other
             .iter()
             .map(|c| c["policy"].as_str().unwrap())
             .collect();
-        assert_eq!(policies, ["full-sync", "weightgrad"], "{run}");
+        assert_eq!(policies, ["full-sync", "weightgrad", "weightgrad"], "{run}");
+        // Two runs of the agents, each timed on its own wall clock.
+        assert_ne!(
+            run["real"][1]["real_seconds"], run["real"][2]["real_seconds"],
+            "{run}"
+        );
         assert_eq!(run["peers"][0]["name"], "stand-in", "{run}");
     }
     // When each run's agents trained: (start, end), unix seconds, over the regions.
