@@ -230,14 +230,18 @@ fn watch_canary(
     rounds: u64,
     timeout: std::time::Duration,
 ) -> Result<()> {
+    // The baseline takes the failures before the round, and each look below the round
+    // before the failures: a failure after the baseline is counted, and every round a
+    // look counts ran before its failures were read (read the other way round, rounds
+    // that ran between the two reads would count with their failed calls unseen).
+    let failures_before = failure_total(&policies(agent_url)?);
     let start_round = get_json(agent_url, "/status")?["round"]
         .as_u64()
         .unwrap_or(0);
-    let failures_before = failure_total(&policies(agent_url)?);
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let p = policies(agent_url)?;
         let s = get_json(agent_url, "/status")?;
+        let p = policies(agent_url)?;
         if p["active"]["digest"].as_str() != Some(digest) {
             let why = p["breaker"]["quarantined"]
                 .as_array()
