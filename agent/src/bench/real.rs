@@ -724,16 +724,13 @@ fn simulate(cfg: &SimConfig, data: &DataSplit, policy: &str) -> Result<SimReport
 /// The lowest and highest of the draws' figures, each as `show` writes it
 /// ("lowest–highest"), or a dash for none.
 fn draw_range<T: Copy + PartialOrd>(draws: &[T], show: impl Fn(T) -> String) -> String {
-    let pick = |better: fn(&T, &T) -> bool| {
-        draws
-            .iter()
-            .copied()
-            .reduce(|a, b| if better(&b, &a) { b } else { a })
+    let Some((&first, rest)) = draws.split_first() else {
+        return "—".into();
     };
-    match (pick(|b, a| b < a), pick(|b, a| b > a)) {
-        (Some(lowest), Some(highest)) => format!("{}–{}", show(lowest), show(highest)),
-        _ => "—".into(),
-    }
+    let (lowest, highest) = rest.iter().fold((first, first), |(lo, hi), &d| {
+        (if d < lo { d } else { lo }, if d > hi { d } else { hi })
+    });
+    format!("{}–{}", show(lowest), show(highest))
 }
 
 /// The simulator's seconds to the target, saying how many draws reached it when not all.
