@@ -1395,6 +1395,15 @@ mod tests {
     /// Runs region 0's core against the scripted peer; returns what it sent, its final
     /// checkpoint file and its report.
     fn run(overlap: bool, script: Script) -> (Vec<Vec<u8>>, Vec<u8>, AgentReport) {
+        run_policy("weightgrad", overlap, script)
+    }
+
+    /// [`run`] with the shipped policy `policy`.
+    fn run_policy(
+        policy: &str,
+        overlap: bool,
+        script: Script,
+    ) -> (Vec<Vec<u8>>, Vec<u8>, AgentReport) {
         let dir = tempfile::tempdir().unwrap();
         let trainer = trainer(0);
         let sync = sync(0, &trainer);
@@ -1407,12 +1416,8 @@ mod tests {
             .unwrap(),
         );
         let policy = Arc::new(
-            PolicyRuntime::new(
-                sandbox,
-                builtin_wasm("weightgrad").unwrap(),
-                FailStrategy::Closed,
-            )
-            .unwrap(),
+            PolicyRuntime::new(sandbox, builtin_wasm(policy).unwrap(), FailStrategy::Closed)
+                .unwrap(),
         );
         let (link, sent) = LinkSender::recording();
         let (events, _) = std::sync::mpsc::channel();
@@ -1513,6 +1518,83 @@ mod tests {
                 "{label}: the final state differs"
             );
             assert_eq!(o_report.test_loss.to_bits(), report.test_loss.to_bits());
+        }
+    }
+
+    /// Region 0 as the simulator runs it, in the simulator's order: the step, the
+    /// policy's decision, the round's WAN work, then the peer's round `r` added in before
+    /// round `r + 1`; returns what it sent and its final test loss.
+    fn sequential(policy: &str, peer: &[Vec<Vec<u8>>]) -> (Vec<Vec<u8>>, f64) {
+        let policy = crate::policies::builtin(policy).unwrap();
+        let mut t = trainer(0);
+        let mut s = sync(0, &t);
+        let test = embedded_digits().unwrap().test;
+        let stats = vec![LinkStats {
+            peer: REGIONS[1].into(),
+            bandwidth_bps: 100e6,
+            rtt_s: 0.08,
+            loss: 0.0,
+            queued_bytes: 0,
+        }];
+        let context = |round, lr: f64, loss| RoundContext {
+            round,
+            lr: lr as f32,
+            base_lr: 1e-3,
+            loss,
+            regions: 2,
+            final_round: round == rounds(),
+        };
+        let first = policy.decide(&PolicyInput {
+            context: context(0, 1e-3, f32::NAN),
+            thresholds: s.stat_thresholds().to_vec(),
+            links: s.policy_links(&t.weights, &stats),
+            lan: t.lan_input(),
+            state: Vec::new(),
+        });
+        let (mut lan, mut state) = (first.lan, first.state);
+        let schedule = LrSchedule::Cosine { min_factor: 0.0 };
+        let mut sent = Vec::new();
+        for round in 1..=rounds() {
+            let lr = schedule.lr_at(1e-3, round - 1, rounds());
+            s.note_step_start(round);
+            let step = t.step(&lan, lr).unwrap();
+            s.add_local_update(&step.delta);
+            let out = policy.decide(&PolicyInput {
+                context: context(round, lr, step.loss),
+                thresholds: s.stat_thresholds().to_vec(),
+                links: s.policy_links(&t.weights, &stats),
+                lan: t.lan_input(),
+                state: state.clone(),
+            });
+            for o in s.finish_round(&t.weights, &out.links).unwrap() {
+                sent.extend(o.messages.iter().map(|m| m.to_bytes()));
+            }
+            (lan, state) = (out.lan, out.state);
+            if round.is_multiple_of(rounds() / EPOCHS) {
+                t.evaluate(&test).unwrap();
+            }
+            for m in &peer[round as usize - 1] {
+                s.receive(0, m, &mut t.weights).unwrap();
+            }
+        }
+        // The run ends with every peer's last round added in.
+        (sent, t.evaluate(&test).unwrap().loss)
+    }
+
+    #[test]
+    fn the_core_sends_and_trains_what_the_simulators_order_does_for_the_same_deliveries() {
+        let peer = peer_messages();
+        for policy in ["weightgrad", "adaptive", "full-sync"] {
+            let (want, want_loss) = sequential(policy, &peer);
+            let (sent, _, report) = run_policy(
+                policy,
+                true,
+                script(&peer, |r| Phase::Between { trained: r }),
+            );
+            assert_eq!(sent.len(), want.len(), "{policy}: messages");
+            let first = sent.iter().zip(&want).position(|(a, b)| a != b);
+            assert_eq!(first, None, "{policy}: the first message that differs");
+            assert_eq!(report.test_loss.to_bits(), want_loss.to_bits(), "{policy}");
         }
     }
 }
