@@ -1521,9 +1521,10 @@ mod tests {
         }
     }
 
-    /// Region 0 as the simulator runs it, in the simulator's order: the step, the
-    /// policy's decision, the round's WAN work, then the peer's round `r` added in before
-    /// round `r + 1`; returns what it sent and its final test loss.
+    /// Region 0 in the order `sim::run` gives a round: the step, the policy's decision
+    /// (the native build), the round's WAN work, the evaluation where one is due, then the
+    /// peer's round `r` added in before round `r + 1`; returns what it sent and its final
+    /// test loss.
     fn sequential(policy: &str, peer: &[Vec<Vec<u8>>]) -> (Vec<Vec<u8>>, f64) {
         let policy = crate::policies::builtin(policy).unwrap();
         let mut t = trainer(0);
@@ -1571,6 +1572,7 @@ mod tests {
             }
             (lan, state) = (out.lan, out.state);
             if round.is_multiple_of(rounds() / EPOCHS) {
+                // Where the simulator evaluates; an evaluation must leave training as is.
                 t.evaluate(&test).unwrap();
             }
             for m in &peer[round as usize - 1] {
