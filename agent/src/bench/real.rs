@@ -93,9 +93,6 @@ pub struct RealCheck {
     /// The same in the simulator ([`SimReport::busiest_link_busy_share`], mean over the
     /// draws).
     pub sim_busiest_link_busy_share: f64,
-    /// When each agent took its first step, seconds after the earliest, by region (what
-    /// the simulator's regions start at; see [`start_offsets`]).
-    pub real_start_offsets_s: Vec<f64>,
     /// What the emulator measured on each link's data direction, which the simulator was
     /// calibrated by: kept so the calibrated simulation can be studied again without
     /// running the agents.
@@ -135,7 +132,6 @@ impl RealCheck {
             sim_rounds_behind_mean: 0.0,
             real_busiest_link_busy_share: 0.0,
             sim_busiest_link_busy_share: 0.0,
-            real_start_offsets_s: Vec::new(),
             links: Vec::new(),
             curve: Vec::new(),
         }
@@ -321,20 +317,6 @@ fn agent_config(slot: &AgentSlot<'_>) -> Result<String> {
         toml_path(slot.state)
     )?;
     Ok(t)
-}
-
-/// When each agent took its first step, seconds after the earliest did, in report order
-/// (`training_started_unix`); empty when an agent never started a round.
-pub fn start_offsets(reports: &[serde_json::Value]) -> Vec<f64> {
-    let Some(starts) = reports
-        .iter()
-        .map(|r| r["training_started_unix"].as_f64())
-        .collect::<Option<Vec<f64>>>()
-    else {
-        return Vec::new();
-    };
-    let first = starts.iter().copied().fold(f64::INFINITY, f64::min);
-    starts.iter().map(|s| s - first).collect()
 }
 
 /// The agents' evaluations on one clock, from their reports (`training_started_unix` and
@@ -586,8 +568,7 @@ pub fn check(
     }
     let wire_overhead = measured.iter().map(|m| m.wire_bytes).sum::<u64>() as f64
         / measured.iter().map(|m| m.update_bytes).sum::<u64>().max(1) as f64;
-    let real_start_offsets_s = start_offsets(&reports);
-    let calibrated = calibrated(cfg, busy, &real_start_offsets_s, &measured);
+    let calibrated = calibrated(cfg, busy, &measured);
     let draws = (0..agents.sim_draws.max(1))
         .map(|link_draw| {
             let c = SimConfig {
@@ -620,7 +601,6 @@ pub fn check(
         sim_seconds_draws: sim.seconds_draws,
         sim_wan_bytes_draws: sim.wan_bytes_draws,
         links: measured,
-        real_start_offsets_s,
         curve: curve(&reports),
         real_seconds_to_target: real_to_target.map(|t| t.0),
         real_wan_bytes_to_target: real_to_target.map(|t| t.1),
@@ -707,9 +687,7 @@ pub struct LinkMeasure {
 }
 
 /// The simulator's setup for comparing with the agents: their measured per-round work
-/// (`compute_s`) as its step cost; each region's first step when its agent took it
-/// (`start_s`, seconds after the earliest: an agent starts once it has reached its peers,
-/// and on the slow links some take most of a second longer); each link's loss raised by the share of the link's
+/// (`compute_s`) as its step cost; each link's loss raised by the share of the link's
 /// datagrams that began a queue-drop episode (those drops are the agents' own congestion
 /// control overfilling the queue, which the simulator's links, carrying their whole
 /// bandwidth from the first byte, would not have; a full queue drops datagrams in runs,
@@ -720,15 +698,9 @@ pub struct LinkMeasure {
 /// alone, cut by the measured share of the wire that was not update bytes (packet
 /// headers, acknowledgements, retransmissions; a lost packet's resend is so charged
 /// twice, here and by the simulator's loss: a share of a percent at the rates measured).
-fn calibrated(
-    cfg: &SimConfig,
-    compute_s: f64,
-    start_s: &[f64],
-    measured: &[LinkMeasure],
-) -> SimConfig {
+fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
     c.compute_s = compute_s;
-    c.start_s = start_s.to_vec();
     for m in measured {
         let (from, to) = m.link;
         let link = &mut c.topology.links[from][to];
@@ -1078,21 +1050,6 @@ mod tests {
     }
 
     #[test]
-    fn start_offsets_are_seconds_after_the_earliest_first_step() {
-        let report = |start: Option<f64>| serde_json::json!({ "training_started_unix": start });
-        let offsets = start_offsets(&[
-            report(Some(1000.25)),
-            report(Some(1000.0)),
-            report(Some(1001.0)),
-        ]);
-        assert_eq!(offsets, [0.25, 0.0, 1.0]);
-        assert!(
-            start_offsets(&[report(Some(1000.0)), report(None)]).is_empty(),
-            "no common clock when an agent never started"
-        );
-    }
-
-    #[test]
     fn the_simulator_takes_the_measured_work_and_each_links_queue_drops_as_loss() {
         let mut cfg = SimConfig::demo(3, 7);
         crate::bench::apply_scenario("ec2-3dc", &mut cfg).unwrap();
@@ -1105,14 +1062,8 @@ mod tests {
             wire_bytes: 100,
             update_bytes: 100,
         };
-        let c = calibrated(
-            &cfg,
-            0.07,
-            &[0.0, 0.8, 0.1],
-            &[drops((0, 2), 0.01), drops((1, 2), 0.5)],
-        );
+        let c = calibrated(&cfg, 0.07, &[drops((0, 2), 0.01), drops((1, 2), 0.5)]);
         assert_eq!(c.compute_s, 0.07);
-        assert_eq!(c.start_s, [0.0, 0.8, 0.1]);
         assert_eq!(c.topology.link(0, 2).loss, 0.01);
         assert_eq!(
             c.topology.link(2, 0).loss,
@@ -1143,7 +1094,6 @@ mod tests {
         let c = calibrated(
             &cfg,
             0.07,
-            &[],
             &[
                 sent((0, 1), 110, 100),
                 sent((1, 0), 0, 0),

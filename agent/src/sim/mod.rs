@@ -36,11 +36,6 @@ pub struct SimConfig {
     pub lr: f64,
     /// Virtual seconds one training step takes (deterministic compute cost).
     pub compute_s: f64,
-    /// When each region takes its first step, virtual seconds from the run's start, by
-    /// region (agents start once they have reached their peers, some later than others);
-    /// a region not listed starts at once. Before it starts a region takes in what its
-    /// peers send.
-    pub start_s: Vec<f64>,
     /// The model.
     pub model: ModelSpec,
     /// How samples are dealt to regions and workers.
@@ -95,7 +90,6 @@ impl SimConfig {
             seed,
             lr: 1e-3,
             compute_s: 0.005,
-            start_s: Vec::new(),
             model: ModelSpec::default_mlp(),
             sharding: ShardStrategy::Iid,
             sync: SyncConfig::default(),
@@ -204,8 +198,6 @@ struct RegionRt {
 
 enum Event {
     StepDone(usize),
-    /// Region `r`'s start time (see [`SimConfig::start_s`]): it may take its first step.
-    Start(usize),
     /// Link `link` of region `from` changes by itself (a stream through or starting);
     /// stale when the link changed since (`version`).
     LinkChange {
@@ -391,17 +383,8 @@ pub fn run(
     let mut dropped = false;
     let mut rejected = 0u64;
     for (r, rt) in regions.iter_mut().enumerate() {
-        match cfg.start_s.get(r).copied().filter(|&at| at > 0.0) {
-            Some(at) => {
-                // Held until then, as a step holds it.
-                rt.busy = true;
-                push(&mut queue, &mut events, at, Event::Start(r));
-            }
-            None => {
-                if let Some(t) = try_start(rt, total_rounds, &schedule, cfg, now)? {
-                    push(&mut queue, &mut events, t, Event::StepDone(r));
-                }
-            }
+        if let Some(t) = try_start(rt, total_rounds, &schedule, cfg, now)? {
+            push(&mut queue, &mut events, t, Event::StepDone(r));
         }
     }
     while let Some(Reverse((t_ns, id))) = queue.pop() {
@@ -473,12 +456,6 @@ pub fn run(
                 }
                 done_rounds += 1;
                 progress(done_rounds, total_rounds * n as u64);
-                if let Some(t) = try_start(&mut regions[r], total_rounds, &schedule, cfg, now)? {
-                    push(&mut queue, &mut events, t, Event::StepDone(r));
-                }
-            }
-            Event::Start(r) => {
-                regions[r].busy = false;
                 if let Some(t) = try_start(&mut regions[r], total_rounds, &schedule, cfg, now)? {
                     push(&mut queue, &mut events, t, Event::StepDone(r));
                 }
@@ -676,30 +653,6 @@ mod tests {
         want.extend([total, total]);
         let rounds: Vec<u64> = report.curve.iter().map(|p| p.round).collect();
         assert_eq!(rounds, want);
-    }
-
-    #[test]
-    fn a_region_that_starts_late_takes_its_first_step_then_and_the_others_wait_for_it() {
-        let data = embedded_digits().unwrap();
-        let mut cfg = small(4);
-        cfg.epochs = 1;
-        let policy = builtin("weightgrad").unwrap();
-        let at_once = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
-        cfg.start_s = vec![0.0, 2.0];
-        let late = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
-        assert_eq!(late.rounds, at_once.rounds);
-        // The late region's steps all come after its start.
-        let steps = late.rounds as f64 * cfg.compute_s;
-        assert!(at_once.virtual_seconds < 2.0 + steps, "the start must show");
-        assert!(
-            late.virtual_seconds >= 2.0 + steps,
-            "{} s for {} rounds starting at 2 s",
-            late.virtual_seconds,
-            late.rounds
-        );
-        // The other ran at most the staleness bound ahead, then waited.
-        assert!(late.virtual_seconds < at_once.virtual_seconds + 2.0 + steps);
-        assert_eq!(late.rejected, 0);
     }
 
     #[test]
