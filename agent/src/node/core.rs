@@ -1521,15 +1521,22 @@ mod tests {
         }
     }
 
-    /// Region 0 in the order `sim::run` gives a round: the step, the policy's decision
-    /// (the native build), the round's WAN work, the evaluation where one is due, then the
-    /// peer's round `r` added in before round `r + 1`; returns what it sent and its final
-    /// test loss.
-    fn sequential(policy: &str, peer: &[Vec<Vec<u8>>]) -> (Vec<Vec<u8>>, f64) {
+    /// Region 0 as the simulator runs it ([`crate::sim::region::SimRegion`], the native
+    /// build of the policy), with the peer's round `r` delivered between this region's
+    /// rounds `r` and `r + 1`; returns what it sent and its final test loss.
+    fn simulated(policy: &str, peer: &[Vec<Vec<u8>>]) -> (Vec<Vec<u8>>, f64) {
+        use crate::sim::region::{RunShape, SimRegion};
         let policy = crate::policies::builtin(policy).unwrap();
-        let mut t = trainer(0);
-        let mut s = sync(0, &t);
+        let t = trainer(0);
+        let s = sync(0, &t);
+        let mut region = SimRegion::new(t, s);
         let test = embedded_digits().unwrap().test;
+        let shape = RunShape {
+            total_rounds: rounds(),
+            base_lr: 1e-3,
+            schedule: LrSchedule::Cosine { min_factor: 0.0 },
+            regions: 2,
+        };
         let stats = vec![LinkStats {
             peer: REGIONS[1].into(),
             bandwidth_bps: 100e6,
@@ -1537,57 +1544,31 @@ mod tests {
             loss: 0.0,
             queued_bytes: 0,
         }];
-        let context = |round, lr: f64, loss| RoundContext {
-            round,
-            lr: lr as f32,
-            base_lr: 1e-3,
-            loss,
-            regions: 2,
-            final_round: round == rounds(),
-        };
-        let first = policy.decide(&PolicyInput {
-            context: context(0, 1e-3, f32::NAN),
-            thresholds: s.stat_thresholds().to_vec(),
-            links: s.policy_links(&t.weights, &stats),
-            lan: t.lan_input(),
-            state: Vec::new(),
-        });
-        let (mut lan, mut state) = (first.lan, first.state);
-        let schedule = LrSchedule::Cosine { min_factor: 0.0 };
+        region
+            .first_decision(policy.as_ref(), &shape, &stats)
+            .unwrap();
         let mut sent = Vec::new();
         for round in 1..=rounds() {
-            let lr = schedule.lr_at(1e-3, round - 1, rounds());
-            s.note_step_start(round);
-            let step = t.step(&lan, lr).unwrap();
-            s.add_local_update(&step.delta);
-            let out = policy.decide(&PolicyInput {
-                context: context(round, lr, step.loss),
-                thresholds: s.stat_thresholds().to_vec(),
-                links: s.policy_links(&t.weights, &stats),
-                lan: t.lan_input(),
-                state: state.clone(),
-            });
-            for o in s.finish_round(&t.weights, &out.links).unwrap() {
-                sent.extend(o.messages.iter().map(|m| m.to_bytes()));
-            }
-            (lan, state) = (out.lan, out.state);
-            if round.is_multiple_of(rounds() / EPOCHS) {
-                // Where the simulator evaluates; an evaluation must leave training as is.
-                t.evaluate(&test).unwrap();
-            }
+            assert!(region.try_start(&shape).unwrap(), "round {round} starts");
+            let (finished, outgoing) = region.finish_step(policy.as_ref(), &shape, &stats).unwrap();
+            assert_eq!(finished, round);
+            sent.extend(outgoing.into_iter().flat_map(|(_, messages)| messages));
+            region
+                .evaluate_if_due(round, rounds() / EPOCHS, &shape, &test, 0.0)
+                .unwrap();
             for m in &peer[round as usize - 1] {
-                s.receive(0, m, &mut t.weights).unwrap();
+                region.receive(0, m).unwrap();
             }
         }
         // The run ends with every peer's last round added in.
-        (sent, t.evaluate(&test).unwrap().loss)
+        (sent, region.trainer.evaluate(&test).unwrap().loss)
     }
 
     #[test]
     fn the_core_sends_and_trains_what_the_simulators_order_does_for_the_same_deliveries() {
         let peer = peer_messages();
         for policy in ["weightgrad", "adaptive", "full-sync"] {
-            let (want, want_loss) = sequential(policy, &peer);
+            let (want, want_loss) = simulated(policy, &peer);
             let (sent, _, report) = run_policy(
                 policy,
                 true,

@@ -1,6 +1,7 @@
 //! In-process regions over a virtual-time WAN: the same training, sync core, codec and
 //! policies as the agent, with time simulated so bytes and times are exact and repeatable.
 
+pub mod region;
 pub mod topology;
 pub mod wan;
 
@@ -11,12 +12,13 @@ use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
 use crate::wan::framing::group_for_streams;
 use crate::wan::link::STREAM_TARGET_BYTES;
 use anyhow::{Result, bail};
+use region::{RunShape, SimRegion};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use topology::Topology;
 use wan::VirtualLink;
-use weightgrad_sdk::{LanPlan, Policy, PolicyInput, RoundContext, validate_output};
+use weightgrad_sdk::{LinkStats, Policy};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -185,17 +187,6 @@ pub fn first_reaching(curve: &[EvalPoint], accuracy: f64) -> Option<&EvalPoint> 
     curve.iter().find(|p| p.min_accuracy >= accuracy)
 }
 
-struct RegionRt {
-    trainer: RegionTrainer,
-    sync: RegionSync,
-    busy: bool,
-    pending: Option<(Vec<Vec<f32>>, f32)>,
-    lan_plan: LanPlan,
-    state: Vec<u8>,
-    wan_sent: u64,
-    evals: Vec<(f64, u64, u64, f64)>,
-}
-
 enum Event {
     StepDone(usize),
     /// Link `link` of region `from` changes by itself (a stream through or starting);
@@ -224,6 +215,46 @@ struct Wan {
 }
 
 impl Wan {
+    /// Sends one round's messages on region `from`'s link `link` at `now`, in streams
+    /// grouped as the agent's link groups them; returns the events that causes.
+    fn send_round(
+        &mut self,
+        now: f64,
+        from: usize,
+        link: usize,
+        messages: Vec<Vec<u8>>,
+    ) -> Vec<(f64, Event)> {
+        let sizes: Vec<usize> = messages.iter().map(Vec::len).collect();
+        let mut messages: Vec<Option<Vec<u8>>> = messages.into_iter().map(Some).collect();
+        let mut arrived = Vec::new();
+        for group in group_for_streams(&sizes, STREAM_TARGET_BYTES) {
+            let stream: Vec<Vec<u8>> = group
+                .iter()
+                .map(|&i| messages[i].take().expect("each message is in one group"))
+                .collect();
+            let bytes: u64 = stream.iter().map(|m| m.len() as u64).sum();
+            let (id, done) = self.links[from][link].send(now, bytes);
+            arrived.extend(done);
+            self.in_flight.insert((from, link, id), stream);
+        }
+        self.events_after(from, link, arrived)
+    }
+
+    /// Region `r`'s links as its policy sees them at `now`.
+    fn link_stats(&self, r: usize, names: &[String], now: f64) -> Vec<LinkStats> {
+        self.links[r]
+            .iter()
+            .enumerate()
+            .map(|(l, link)| LinkStats {
+                peer: names[peer_index(r, l)].clone(),
+                bandwidth_bps: link.model().bandwidth_bps,
+                rtt_s: link.model().rtt_s,
+                loss: link.model().loss,
+                queued_bytes: link.queued(now),
+            })
+            .collect()
+    }
+
     /// The events `deliveries` on region `from`'s link `link` cause (each stream's
     /// messages arrive in order at the stream's arrival), and the link's next change.
     fn events_after(
@@ -315,21 +346,17 @@ pub fn run(
             cfg.seed ^ (r as u64 + 1) << 32,
         );
         sync.start(&trainer.weights);
-        regions.push(RegionRt {
-            trainer,
-            sync,
-            busy: false,
-            pending: None,
-            lan_plan: LanPlan::FULL_PRECISION,
-            state: Vec::new(),
-            wan_sent: 0,
-            evals: Vec::new(),
-        });
+        regions.push(SimRegion::new(trainer, sync));
     }
     let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total_rounds = steps_per_epoch * cfg.epochs as u64;
     let evaluate_every = cfg.evaluation_interval(steps_per_epoch);
-    let schedule = LrSchedule::Cosine { min_factor: 0.0 };
+    let shape = RunShape {
+        total_rounds,
+        base_lr: cfg.lr,
+        schedule: LrSchedule::Cosine { min_factor: 0.0 },
+        regions: n as u32,
+    };
     let links: Vec<Vec<VirtualLink>> = (0..n)
         .map(|a| {
             (0..n)
@@ -351,20 +378,7 @@ pub fn run(
 
     // First LAN plan: ask the policy once with empty residuals.
     for (r, rt) in regions.iter_mut().enumerate() {
-        let context = RoundContext {
-            round: 0,
-            lr: cfg.lr as f32,
-            base_lr: cfg.lr as f32,
-            loss: f32::NAN,
-            regions: n as u32,
-            final_round: false,
-        };
-        let input = policy_input(rt, r, &wan.links, &names, context, 0.0);
-        let out = policy.decide(&input);
-        validate_output(&input, &out)
-            .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
-        rt.lan_plan = out.lan;
-        rt.state = out.state;
+        rt.first_decision(policy, &shape, &wan.link_stats(r, &names, 0.0))?;
     }
 
     let mut queue: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
@@ -383,8 +397,13 @@ pub fn run(
     let mut dropped = false;
     let mut rejected = 0u64;
     for (r, rt) in regions.iter_mut().enumerate() {
-        if let Some(t) = try_start(rt, total_rounds, &schedule, cfg, now)? {
-            push(&mut queue, &mut events, t, Event::StepDone(r));
+        if rt.try_start(&shape)? {
+            push(
+                &mut queue,
+                &mut events,
+                now + cfg.compute_s,
+                Event::StepDone(r),
+            );
         }
     }
     while let Some(Reverse((t_ns, id))) = queue.pop() {
@@ -408,56 +427,25 @@ pub fn run(
                         }
                     }
                 }
-                let lr = schedule.lr_at(cfg.lr, round - 1, total_rounds);
+                let stats = wan.link_stats(r, &names, now);
                 let rt = &mut regions[r];
-                let (delta, loss) = rt.pending.take().expect("a finished step has its update");
-                rt.sync.add_local_update(&delta);
-                let context = RoundContext {
-                    round,
-                    lr: lr as f32,
-                    base_lr: cfg.lr as f32,
-                    loss,
-                    regions: n as u32,
-                    final_round: round == total_rounds,
-                };
-                let input = policy_input(rt, r, &wan.links, &names, context, now);
-                let out = policy.decide(&input);
-                validate_output(&input, &out)
-                    .map_err(|e| anyhow::anyhow!("policy output for {}: {e}", names[r]))?;
-                let outgoing = rt.sync.finish_round(&rt.trainer.weights, &out.links)?;
-                rt.lan_plan = out.lan;
-                rt.state = out.state;
-                rt.busy = false;
-                for o in outgoing {
-                    // In streams, grouped as the agent's link groups a round's messages.
-                    let mut messages: Vec<Option<Vec<u8>>> =
-                        o.messages.iter().map(|m| Some(m.to_bytes())).collect();
-                    let sizes: Vec<usize> = messages.iter().flatten().map(Vec::len).collect();
-                    let mut arrived = Vec::new();
-                    for group in group_for_streams(&sizes, STREAM_TARGET_BYTES) {
-                        let stream: Vec<Vec<u8>> = group
-                            .iter()
-                            .map(|&i| messages[i].take().expect("each message is in one group"))
-                            .collect();
-                        let bytes: u64 = stream.iter().map(|m| m.len() as u64).sum();
-                        rt.wan_sent += bytes;
-                        let (id, done) = wan.links[r][o.link].send(now, bytes);
-                        arrived.extend(done);
-                        wan.in_flight.insert((r, o.link, id), stream);
-                    }
-                    for (t, e) in wan.events_after(r, o.link, arrived) {
+                let (finished, outgoing) = rt.finish_step(policy, &shape, &stats)?;
+                debug_assert_eq!(finished, round);
+                for (link, messages) in outgoing {
+                    for (t, e) in wan.send_round(now, r, link, messages) {
                         push(&mut queue, &mut events, t, e);
                     }
                 }
-                if round % evaluate_every == 0 || round == total_rounds {
-                    let eval = rt.trainer.evaluate(&data.test)?;
-                    rt.evals
-                        .push((now, rt.wan_sent, rt.trainer.lan_bytes(), eval.accuracy));
-                }
+                rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
                 done_rounds += 1;
                 progress(done_rounds, total_rounds * n as u64);
-                if let Some(t) = try_start(&mut regions[r], total_rounds, &schedule, cfg, now)? {
-                    push(&mut queue, &mut events, t, Event::StepDone(r));
+                if rt.try_start(&shape)? {
+                    push(
+                        &mut queue,
+                        &mut events,
+                        now + cfg.compute_s,
+                        Event::StepDone(r),
+                    );
                 }
             }
             Event::LinkChange {
@@ -474,16 +462,16 @@ pub fn run(
             }
             Event::Arrival { to, from, bytes } => {
                 let rt = &mut regions[to];
-                let li = link_index(to, from);
-                if rt
-                    .sync
-                    .receive(li, &bytes, &mut rt.trainer.weights)
-                    .is_err()
-                {
+                if rt.receive(link_index(to, from), &bytes).is_err() {
                     rejected += 1;
                 }
-                if let Some(t) = try_start(&mut regions[to], total_rounds, &schedule, cfg, now)? {
-                    push(&mut queue, &mut events, t, Event::StepDone(to));
+                if rt.try_start(&shape)? {
+                    push(
+                        &mut queue,
+                        &mut events,
+                        now + cfg.compute_s,
+                        Event::StepDone(to),
+                    );
                 }
             }
         }
@@ -495,7 +483,7 @@ pub fn run(
             stuck.sync.round()
         );
     }
-    let points = regions.iter().map(|r| r.evals.len()).min().unwrap_or(0);
+    let points = regions.iter().map(|r| r.evals().len()).min().unwrap_or(0);
     let reports = regions
         .iter()
         .map(|r| {
@@ -507,7 +495,7 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let wan_bytes = regions.iter().map(|r| r.wan_sent).sum();
+    let wan_bytes = regions.iter().map(SimRegion::wan_sent).sum();
     let lan_bytes = regions.iter().map(|r| r.trainer.lan_bytes()).sum();
     let link_counters: Vec<_> = regions
         .iter()
@@ -527,10 +515,13 @@ pub fn run(
     let mut curve: Vec<EvalPoint> = (0..points)
         .map(|k| EvalPoint {
             round: ((k as u64 + 1) * evaluate_every).min(total_rounds),
-            virtual_seconds: regions.iter().map(|r| r.evals[k].0).fold(0.0, f64::max),
-            wan_bytes: regions.iter().map(|r| r.evals[k].1).sum(),
-            lan_bytes: regions.iter().map(|r| r.evals[k].2).sum(),
-            min_accuracy: regions.iter().map(|r| r.evals[k].3).fold(1.0, f64::min),
+            virtual_seconds: regions.iter().map(|r| r.evals()[k].at).fold(0.0, f64::max),
+            wan_bytes: regions.iter().map(|r| r.evals()[k].wan_sent).sum(),
+            lan_bytes: regions.iter().map(|r| r.evals()[k].lan_bytes).sum(),
+            min_accuracy: regions
+                .iter()
+                .map(|r| r.evals()[k].accuracy)
+                .fold(1.0, f64::min),
         })
         .collect();
     // The end of the run: every message delivered (and, for the mean merge, applied).
@@ -559,60 +550,6 @@ pub fn run(
             .map(|l| (l.busy_seconds() / now.max(f64::MIN_POSITIVE)).min(1.0))
             .fold(0.0, f64::max),
     })
-}
-
-/// Starts region `rt`'s next step if it is idle, has rounds left and the staleness bound
-/// allows; returns when the step will be done.
-fn try_start(
-    rt: &mut RegionRt,
-    total: u64,
-    schedule: &LrSchedule,
-    cfg: &SimConfig,
-    now: f64,
-) -> Result<Option<f64>> {
-    if rt.busy {
-        return Ok(None);
-    }
-    // A due outer step (mean merge) runs once every peer's update for it has arrived.
-    rt.sync.apply_outer_step(&mut rt.trainer.weights);
-    if rt.sync.round() >= total || !rt.sync.may_start_next() {
-        return Ok(None);
-    }
-    let lr = schedule.lr_at(cfg.lr, rt.sync.round(), total);
-    rt.sync.note_step_start(rt.sync.round() + 1);
-    let step = rt.trainer.step(&rt.lan_plan, lr)?;
-    rt.pending = Some((step.delta, step.loss));
-    rt.busy = true;
-    Ok(Some(now + cfg.compute_s))
-}
-
-/// What region `r`'s policy is given at `now`: its links as the virtual WAN has them then.
-fn policy_input(
-    rt: &RegionRt,
-    r: usize,
-    links: &[Vec<VirtualLink>],
-    names: &[String],
-    context: RoundContext,
-    now: f64,
-) -> PolicyInput {
-    let stats: Vec<weightgrad_sdk::LinkStats> = links[r]
-        .iter()
-        .enumerate()
-        .map(|(l, link)| weightgrad_sdk::LinkStats {
-            peer: names[peer_index(r, l)].clone(),
-            bandwidth_bps: link.model().bandwidth_bps,
-            rtt_s: link.model().rtt_s,
-            loss: link.model().loss,
-            queued_bytes: link.queued(now),
-        })
-        .collect();
-    PolicyInput {
-        context,
-        thresholds: rt.sync.stat_thresholds().to_vec(),
-        links: rt.sync.policy_links(&rt.trainer.weights, &stats),
-        lan: rt.trainer.lan_input(),
-        state: rt.state.clone(),
-    }
 }
 
 #[cfg(test)]
