@@ -42,10 +42,8 @@ pub struct SimRegion {
     pub trainer: RegionTrainer,
     /// The region's WAN state machine.
     pub sync: RegionSync,
-    /// The update and loss of the step under way.
+    /// The update and loss of the step under way, if one is.
     pending: Option<(Vec<Vec<f32>>, f32)>,
-    /// A step is under way.
-    busy: bool,
     lan_plan: LanPlan,
     state: Vec<u8>,
     wan_sent: u64,
@@ -59,7 +57,6 @@ impl SimRegion {
             trainer,
             sync,
             pending: None,
-            busy: false,
             lan_plan: LanPlan::FULL_PRECISION,
             state: Vec::new(),
             wan_sent: 0,
@@ -98,11 +95,11 @@ impl SimRegion {
         Ok(())
     }
 
-    /// Starts the next step if the region is not held, has rounds left and the staleness
-    /// bound allows (a due outer step of the mean merge runs first); true if it started.
-    /// The step's result is kept until [`Self::finish_step`].
+    /// Starts the next step if none is under way, rounds are left and the staleness bound
+    /// allows (a due outer step of the mean merge runs first); true if it started. The
+    /// step's result is kept until [`Self::finish_step`].
     pub fn try_start(&mut self, shape: &RunShape) -> Result<bool> {
-        if self.busy {
+        if self.pending.is_some() {
             return Ok(false);
         }
         // A due outer step (mean merge) runs once every peer's update for it has arrived.
@@ -116,7 +113,6 @@ impl SimRegion {
         self.sync.note_step_start(self.sync.round() + 1);
         let step = self.trainer.step(&self.lan_plan, lr)?;
         self.pending = Some((step.delta, step.loss));
-        self.busy = true;
         Ok(true)
     }
 
@@ -150,7 +146,6 @@ impl SimRegion {
         let outgoing = self.sync.finish_round(&self.trainer.weights, &out.links)?;
         self.lan_plan = out.lan;
         self.state = out.state;
-        self.busy = false;
         let sent = outgoing
             .into_iter()
             .map(|o| {
