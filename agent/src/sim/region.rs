@@ -23,6 +23,9 @@ pub struct RunShape {
     pub regions: u32,
 }
 
+/// One link's messages from a round: the link's index and each message's bytes, in order.
+pub type LinkMessages = (usize, Vec<Vec<u8>>);
+
 /// An evaluation of a region: when, the WAN and LAN bytes it had sent by then, top-1.
 #[derive(Debug, Clone, Copy)]
 pub struct RegionEval {
@@ -124,7 +127,7 @@ impl SimRegion {
         policy: &dyn Policy,
         shape: &RunShape,
         links: &[LinkStats],
-    ) -> Result<(u64, Vec<(usize, Vec<Vec<u8>>)>)> {
+    ) -> Result<(u64, Vec<LinkMessages>)> {
         let round = self.sync.round() + 1;
         let lr = shape
             .schedule
