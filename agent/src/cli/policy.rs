@@ -225,8 +225,11 @@ pub(super) fn admit_and_describe(label: &str, bytes: &[u8]) -> Result<()> {
     let policy =
         PolicyRuntime::admit(&sandbox, bytes).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
     let input = golden_input();
+    // The sample round describes the policy's decisions; it is not a speed check (a busy
+    // host must not refuse a good policy because its 10 ms budget went on waiting for a
+    // core), so it runs within the admission budget as the self-test does.
     let output = sandbox
-        .decide(&policy, &input)
+        .decide_within(&policy, &input, sandbox.admission_budget())
         .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
     println!(
         "{}: ok\n  policy   {} {}\n  about    {}\n  digest   sha256:{}\n  contract {}",
