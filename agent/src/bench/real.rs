@@ -58,6 +58,10 @@ pub struct RealCheck {
     pub busy_seconds_per_round: f64,
     /// Of it, decoding and merging peers' updates (mean over regions), seconds.
     pub receive_seconds_per_round: f64,
+    /// One test-set evaluation (mean over regions), seconds: part of the per-round cost,
+    /// which the calibrated simulator charges where the agents spend it (between two
+    /// steps, holding the region) rather than spread over every step.
+    pub evaluation_seconds: f64,
     /// Lowest final top-1 of the agents.
     pub real_accuracy: f64,
     /// Lowest final top-1 in the simulator (mean over the draws).
@@ -120,6 +124,7 @@ impl RealCheck {
             sim_draws_reaching_target: 0,
             busy_seconds_per_round: 0.0,
             receive_seconds_per_round: 0.0,
+            evaluation_seconds: 0.0,
             real_accuracy: 0.0,
             sim_accuracy: 0.0,
             emulator_datagrams: 0,
@@ -551,6 +556,7 @@ pub fn check(
     // The agents count decoding between rounds in their busy time, and decoding beside a
     // step inside it.
     let busy = mean("busy_seconds_per_round");
+    let costs = MeasuredCosts::of(&reports, busy);
     let real_accuracy = reports
         .iter()
         .map(|r| f(r, "test_accuracy"))
@@ -568,7 +574,7 @@ pub fn check(
     }
     let wire_overhead = measured.iter().map(|m| m.wire_bytes).sum::<u64>() as f64
         / measured.iter().map(|m| m.update_bytes).sum::<u64>().max(1) as f64;
-    let calibrated = calibrated(cfg, busy, &measured);
+    let calibrated = calibrated(cfg, costs, &measured);
     let draws = (0..agents.sim_draws.max(1))
         .map(|link_draw| {
             let c = SimConfig {
@@ -613,6 +619,7 @@ pub fn check(
         sim_seconds: sim.seconds,
         busy_seconds_per_round: busy,
         receive_seconds_per_round: receive,
+        evaluation_seconds: costs.evaluation_s,
         real_accuracy,
         emulator_datagrams: datagrams,
         emulator_queue_drops: queue_drops,
@@ -686,8 +693,49 @@ pub struct LinkMeasure {
     pub update_bytes: u64,
 }
 
+/// The agents' measured time per round, as the calibrated simulator charges it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MeasuredCosts {
+    /// A round's work outside evaluations, seconds (the simulator's step).
+    step_s: f64,
+    /// One evaluation, seconds (how long it holds the region).
+    evaluation_s: f64,
+}
+
+impl MeasuredCosts {
+    /// From the agents' reports: `busy` (their mean work per round, evaluations included)
+    /// less their mean evaluation time per round, and one evaluation's mean time (each
+    /// region's evaluation time over its evaluations).
+    fn of(reports: &[serde_json::Value], busy: f64) -> Self {
+        let n = reports.len().max(1) as f64;
+        let evaluate_per_round = |r: &serde_json::Value| {
+            r["round_costs"]["evaluate"]
+                .as_f64()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .unwrap_or(0.0)
+        };
+        let per_round = reports.iter().map(evaluate_per_round).sum::<f64>() / n;
+        let evaluation_s = reports
+            .iter()
+            .map(|r| {
+                let rounds = r["rounds"].as_u64().unwrap_or(0) as f64;
+                let evaluations = r["evaluations"].as_array().map_or(0, Vec::len).max(1) as f64;
+                evaluate_per_round(r) * rounds / evaluations
+            })
+            .sum::<f64>()
+            / n;
+        Self {
+            step_s: (busy - per_round).max(0.0),
+            evaluation_s,
+        }
+    }
+}
+
 /// The simulator's setup for comparing with the agents: their measured per-round work
-/// (`compute_s`) as its step cost; each link's loss raised by the share of the link's
+/// outside evaluations as its step cost, and their measured evaluation time as a hold
+/// on the region after each evaluation (an agent evaluates between two steps, and its
+/// links drain meanwhile; the same time spread over every step would not let them);
+/// each link's loss raised by the share of the link's
 /// datagrams that began a queue-drop episode (those drops are the agents' own congestion
 /// control overfilling the queue, which the simulator's links, carrying their whole
 /// bandwidth from the first byte, would not have; a full queue drops datagrams in runs,
@@ -698,9 +746,10 @@ pub struct LinkMeasure {
 /// alone, cut by the measured share of the wire that was not update bytes (packet
 /// headers, acknowledgements, retransmissions; a lost packet's resend is so charged
 /// twice, here and by the simulator's loss: a share of a percent at the rates measured).
-fn calibrated(cfg: &SimConfig, compute_s: f64, measured: &[LinkMeasure]) -> SimConfig {
+fn calibrated(cfg: &SimConfig, costs: MeasuredCosts, measured: &[LinkMeasure]) -> SimConfig {
     let mut c = cfg.clone();
-    c.compute_s = compute_s;
+    c.compute_s = costs.step_s;
+    c.evaluate_s = costs.evaluation_s;
     for m in measured {
         let (from, to) = m.link;
         let link = &mut c.topology.links[from][to];
@@ -1062,8 +1111,12 @@ mod tests {
             wire_bytes: 100,
             update_bytes: 100,
         };
-        let c = calibrated(&cfg, 0.07, &[drops((0, 2), 0.01), drops((1, 2), 0.5)]);
-        assert_eq!(c.compute_s, 0.07);
+        let costs = MeasuredCosts {
+            step_s: 0.07,
+            evaluation_s: 0.3,
+        };
+        let c = calibrated(&cfg, costs, &[drops((0, 2), 0.01), drops((1, 2), 0.5)]);
+        assert_eq!((c.compute_s, c.evaluate_s), (0.07, 0.3));
         assert_eq!(c.topology.link(0, 2).loss, 0.01);
         assert_eq!(
             c.topology.link(2, 0).loss,
@@ -1093,7 +1146,10 @@ mod tests {
         };
         let c = calibrated(
             &cfg,
-            0.07,
+            MeasuredCosts {
+                step_s: 0.07,
+                evaluation_s: 0.0,
+            },
             &[
                 sent((0, 1), 110, 100),
                 sent((1, 0), 0, 0),
@@ -1110,6 +1166,33 @@ mod tests {
                 cfg.topology.link(from, to).bandwidth_bps
             );
         }
+    }
+
+    #[test]
+    fn an_evaluation_is_charged_where_the_agents_spend_it_not_over_every_step() {
+        let report = |busy: f64, evaluate: f64, evaluations: usize| {
+            serde_json::json!({
+                "rounds": 100,
+                "busy_seconds_per_round": busy,
+                "round_costs": { "step": 0.005, "evaluate": evaluate },
+                "evaluations": vec![serde_json::json!({}); evaluations],
+            })
+        };
+        // 4 ms of evaluating a round over 100 rounds and 4 evaluations: 100 ms each; the
+        // other region 2 ms a round over 5 evaluations: 40 ms each.
+        let reports = [report(0.012, 0.004, 4), report(0.010, 0.002, 5)];
+        let costs = MeasuredCosts::of(&reports, 0.011);
+        assert!((costs.step_s - 0.008).abs() < 1e-12, "{costs:?}");
+        assert!((costs.evaluation_s - 0.07).abs() < 1e-12, "{costs:?}");
+        // A report without the breakdown (an older agent): all of it is the step.
+        let old = serde_json::json!({ "rounds": 100, "busy_seconds_per_round": 0.01 });
+        assert_eq!(
+            MeasuredCosts::of(&[old], 0.01),
+            MeasuredCosts {
+                step_s: 0.01,
+                evaluation_s: 0.0
+            }
+        );
     }
 
     #[test]

@@ -1536,6 +1536,7 @@ mod tests {
             base_lr: 1e-3,
             schedule: LrSchedule::Cosine { min_factor: 0.0 },
             regions: 2,
+            evaluation_s: 0.0,
         };
         let stats = vec![LinkStats {
             peer: REGIONS[1].into(),
@@ -1549,7 +1550,10 @@ mod tests {
             .unwrap();
         let mut sent = Vec::new();
         for round in 1..=rounds() {
-            assert!(region.try_start(&shape).unwrap(), "round {round} starts");
+            assert!(
+                region.try_start(&shape, 0.0).unwrap(),
+                "round {round} starts"
+            );
             let (finished, outgoing) = region.finish_step(policy.as_ref(), &shape, &stats).unwrap();
             assert_eq!(finished, round);
             sent.extend(outgoing.into_iter().flat_map(|(_, messages)| messages));

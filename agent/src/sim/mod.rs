@@ -38,6 +38,9 @@ pub struct SimConfig {
     pub lr: f64,
     /// Virtual seconds one training step takes (deterministic compute cost).
     pub compute_s: f64,
+    /// Virtual seconds one evaluation holds its region between two steps (0: evaluations
+    /// take no time).
+    pub evaluate_s: f64,
     /// The model.
     pub model: ModelSpec,
     /// How samples are dealt to regions and workers.
@@ -92,6 +95,7 @@ impl SimConfig {
             seed,
             lr: 1e-3,
             compute_s: 0.005,
+            evaluate_s: 0.0,
             model: ModelSpec::default_mlp(),
             sharding: ShardStrategy::Iid,
             sync: SyncConfig::default(),
@@ -189,6 +193,8 @@ pub fn first_reaching(curve: &[EvalPoint], accuracy: f64) -> Option<&EvalPoint> 
 
 enum Event {
     StepDone(usize),
+    /// The evaluation holding a region is over.
+    Resume(usize),
     /// Link `link` of region `from` changes by itself (a stream through or starting);
     /// stale when the link changed since (`version`).
     LinkChange {
@@ -356,6 +362,7 @@ pub fn run(
         base_lr: cfg.lr,
         schedule: LrSchedule::Cosine { min_factor: 0.0 },
         regions: n as u32,
+        evaluation_s: cfg.evaluate_s,
     };
     let links: Vec<Vec<VirtualLink>> = (0..n)
         .map(|a| {
@@ -397,7 +404,7 @@ pub fn run(
     let mut dropped = false;
     let mut rejected = 0u64;
     for (r, rt) in regions.iter_mut().enumerate() {
-        if rt.try_start(&shape)? {
+        if rt.try_start(&shape, now)? {
             push(
                 &mut queue,
                 &mut events,
@@ -409,7 +416,8 @@ pub fn run(
     while let Some(Reverse((t_ns, id))) = queue.pop() {
         now = t_ns as f64 / 1e9;
         let event = events.remove(&id).expect("every queued id has an event");
-        match event {
+        // The region the event may let start its next step.
+        let may_start = match event {
             Event::StepDone(r) => {
                 let round = regions[r].sync.round() + 1;
                 if let Some(d) = cfg
@@ -436,18 +444,15 @@ pub fn run(
                         push(&mut queue, &mut events, t, e);
                     }
                 }
-                rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
+                let free = rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
+                if free > now {
+                    push(&mut queue, &mut events, free, Event::Resume(r));
+                }
                 done_rounds += 1;
                 progress(done_rounds, total_rounds * n as u64);
-                if rt.try_start(&shape)? {
-                    push(
-                        &mut queue,
-                        &mut events,
-                        now + cfg.compute_s,
-                        Event::StepDone(r),
-                    );
-                }
+                Some(r)
             }
+            Event::Resume(r) => Some(r),
             Event::LinkChange {
                 from,
                 link,
@@ -459,21 +464,25 @@ pub fn run(
                         push(&mut queue, &mut events, t, e);
                     }
                 }
+                None
             }
             Event::Arrival { to, from, bytes } => {
                 let rt = &mut regions[to];
                 if rt.receive(link_index(to, from), &bytes).is_err() {
                     rejected += 1;
                 }
-                if rt.try_start(&shape)? {
-                    push(
-                        &mut queue,
-                        &mut events,
-                        now + cfg.compute_s,
-                        Event::StepDone(to),
-                    );
-                }
+                Some(to)
             }
+        };
+        if let Some(r) = may_start
+            && regions[r].try_start(&shape, now)?
+        {
+            push(
+                &mut queue,
+                &mut events,
+                now + cfg.compute_s,
+                Event::StepDone(r),
+            );
         }
     }
     if let Some(stuck) = regions.iter().find(|r| r.sync.round() < total_rounds) {
@@ -590,6 +599,44 @@ mod tests {
         want.extend([total, total]);
         let rounds: Vec<u64> = report.curve.iter().map(|p| p.round).collect();
         assert_eq!(rounds, want);
+    }
+
+    #[test]
+    fn an_evaluation_holds_its_region_between_two_steps() {
+        let data = embedded_digits().unwrap();
+        // Steps long beside the links' round trip: compute sets the pace.
+        let cfg = SimConfig {
+            epochs: 1,
+            compute_s: 0.05,
+            evaluate_every: Some(7),
+            ..small(3)
+        };
+        let hold = 0.4;
+        let policy = builtin("topk").unwrap();
+        let plain = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        let held = run(
+            &SimConfig {
+                evaluate_s: hold,
+                ..cfg.clone()
+            },
+            policy.as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!(plain.curve.len() >= 4, "{:?}", plain.curve);
+        // Each evaluation is recorded when it ends, after every hold before it.
+        for (k, (p, h)) in plain.curve.iter().zip(&held.curve).take(3).enumerate() {
+            assert_eq!(p.round, h.round);
+            let later = h.virtual_seconds - p.virtual_seconds;
+            let want = (k + 1) as f64 * hold;
+            assert!(
+                (later - want).abs() < cfg.compute_s,
+                "evaluation {k}: {later} s later, {want} expected"
+            );
+        }
+        let evaluations = plain.curve.len() as f64 - 1.0;
+        assert!(held.virtual_seconds - plain.virtual_seconds >= (evaluations - 1.0) * hold);
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct RunShape {
     pub schedule: LrSchedule,
     /// Regions in the run.
     pub regions: u32,
+    /// Virtual seconds an evaluation holds its region before its next step (0: an
+    /// evaluation takes no time). The agents evaluate between two steps, so their links
+    /// drain meanwhile; spreading that time over every step instead would not.
+    pub evaluation_s: f64,
 }
 
 /// One link's messages from a round: the link's index and each message's bytes, in order.
@@ -51,6 +55,8 @@ pub struct SimRegion {
     state: Vec<u8>,
     wan_sent: u64,
     evals: Vec<RegionEval>,
+    /// Virtual time before which no step starts (an evaluation holds the region).
+    held_until: f64,
 }
 
 impl SimRegion {
@@ -64,6 +70,7 @@ impl SimRegion {
             state: Vec::new(),
             wan_sent: 0,
             evals: Vec::new(),
+            held_until: 0.0,
         }
     }
 
@@ -98,11 +105,12 @@ impl SimRegion {
         Ok(())
     }
 
-    /// Starts the next step if none is under way, rounds are left and the staleness bound
-    /// allows (a due outer step of the mean merge runs first); true if it started. The
-    /// step's result is kept until [`Self::finish_step`].
-    pub fn try_start(&mut self, shape: &RunShape) -> Result<bool> {
-        if self.pending.is_some() {
+    /// Starts the next step at virtual time `now` if none is under way, no evaluation holds
+    /// the region, rounds are left and the staleness bound allows (a due outer step of the
+    /// mean merge runs first); true if it started. The step's result is kept until
+    /// [`Self::finish_step`].
+    pub fn try_start(&mut self, shape: &RunShape, now: f64) -> Result<bool> {
+        if self.pending.is_some() || now < self.held_until {
             return Ok(false);
         }
         // A due outer step (mean merge) runs once every peer's update for it has arrived.
@@ -161,7 +169,9 @@ impl SimRegion {
     }
 
     /// Evaluates on `test` if `round` is one to evaluate (every `every` rounds, and the
-    /// last), recording it at virtual time `at`.
+    /// last), starting at virtual time `at`: the evaluation holds the region for
+    /// [`RunShape::evaluation_s`] and is recorded when it ends, as an agent records its own.
+    /// Returns the virtual time the region may step again.
     pub fn evaluate_if_due(
         &mut self,
         round: u64,
@@ -169,17 +179,18 @@ impl SimRegion {
         shape: &RunShape,
         test: &Dataset,
         at: f64,
-    ) -> Result<()> {
+    ) -> Result<f64> {
         if round.is_multiple_of(every) || round == shape.total_rounds {
             let e = self.trainer.evaluate(test)?;
+            self.held_until = at + shape.evaluation_s;
             self.evals.push(RegionEval {
-                at,
+                at: self.held_until,
                 wan_sent: self.wan_sent,
                 lan_bytes: self.trainer.lan_bytes(),
                 accuracy: e.accuracy,
             });
         }
-        Ok(())
+        Ok(self.held_until.max(at))
     }
 
     /// A peer's message on link `link`, merged into the weights now.
