@@ -700,12 +700,16 @@ struct MeasuredCosts {
     step_s: f64,
     /// One evaluation, seconds (how long it holds the region).
     evaluation_s: f64,
+    /// Every agent ran its WAN work beside the next step (their reports' `overlap`), so
+    /// a round's messages left after an evaluation, not before it.
+    overlap: bool,
 }
 
 impl MeasuredCosts {
     /// From the agents' reports: `busy` (their mean work per round, evaluations included)
     /// less their mean evaluation time per round, and one evaluation's mean time (each
-    /// region's evaluation time over its evaluations).
+    /// region's evaluation time over its evaluations; a bench's agents start fresh, so
+    /// every round they report is one they trained).
     fn of(reports: &[serde_json::Value], busy: f64) -> Self {
         let n = reports.len().max(1) as f64;
         let evaluate_per_round = |r: &serde_json::Value| {
@@ -727,6 +731,7 @@ impl MeasuredCosts {
         Self {
             step_s: (busy - per_round).max(0.0),
             evaluation_s,
+            overlap: !reports.is_empty() && reports.iter().all(|r| r["overlap"] == true),
         }
     }
 }
@@ -750,6 +755,7 @@ fn calibrated(cfg: &SimConfig, costs: MeasuredCosts, measured: &[LinkMeasure]) -
     let mut c = cfg.clone();
     c.compute_s = costs.step_s;
     c.evaluate_s = costs.evaluation_s;
+    c.overlap = costs.overlap;
     for m in measured {
         let (from, to) = m.link;
         let link = &mut c.topology.links[from][to];
@@ -1114,9 +1120,10 @@ mod tests {
         let costs = MeasuredCosts {
             step_s: 0.07,
             evaluation_s: 0.3,
+            overlap: true,
         };
         let c = calibrated(&cfg, costs, &[drops((0, 2), 0.01), drops((1, 2), 0.5)]);
-        assert_eq!((c.compute_s, c.evaluate_s), (0.07, 0.3));
+        assert_eq!((c.compute_s, c.evaluate_s, c.overlap), (0.07, 0.3, true));
         assert_eq!(c.topology.link(0, 2).loss, 0.01);
         assert_eq!(
             c.topology.link(2, 0).loss,
@@ -1149,6 +1156,7 @@ mod tests {
             MeasuredCosts {
                 step_s: 0.07,
                 evaluation_s: 0.0,
+                overlap: false,
             },
             &[
                 sent((0, 1), 110, 100),
@@ -1173,6 +1181,7 @@ mod tests {
         let report = |busy: f64, evaluate: f64, evaluations: usize| {
             serde_json::json!({
                 "rounds": 100,
+                "overlap": true,
                 "busy_seconds_per_round": busy,
                 "round_costs": { "step": 0.005, "evaluate": evaluate },
                 "evaluations": vec![serde_json::json!({}); evaluations],
@@ -1184,13 +1193,16 @@ mod tests {
         let costs = MeasuredCosts::of(&reports, 0.011);
         assert!((costs.step_s - 0.008).abs() < 1e-12, "{costs:?}");
         assert!((costs.evaluation_s - 0.07).abs() < 1e-12, "{costs:?}");
-        // A report without the breakdown (an older agent): all of it is the step.
+        assert!(costs.overlap, "{costs:?}");
+        // A report without the breakdown (an older agent): all of it is the step, and
+        // without overlap the messages leave before an evaluation.
         let old = serde_json::json!({ "rounds": 100, "busy_seconds_per_round": 0.01 });
         assert_eq!(
             MeasuredCosts::of(&[old], 0.01),
             MeasuredCosts {
                 step_s: 0.01,
-                evaluation_s: 0.0
+                evaluation_s: 0.0,
+                overlap: false,
             }
         );
     }

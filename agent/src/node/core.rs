@@ -1550,10 +1550,7 @@ mod tests {
             .unwrap();
         let mut sent = Vec::new();
         for round in 1..=rounds() {
-            assert!(
-                region.try_start(&shape, 0.0).unwrap(),
-                "round {round} starts"
-            );
+            assert!(region.try_start(&shape).unwrap(), "round {round} starts");
             let (finished, outgoing) = region.finish_step(policy.as_ref(), &shape, &stats).unwrap();
             assert_eq!(finished, round);
             sent.extend(outgoing.into_iter().flat_map(|(_, messages)| messages));

@@ -285,9 +285,9 @@ impl Sandbox {
         Err(PolicyFailure::Load(export_mismatch(&exports)))
     }
 
-    /// The wall-clock budget of admission calls (`info` and the self-test): behaviour is
-    /// checked there, not speed, so a loaded host does not refuse a good policy; an
-    /// endless loop still fails.
+    /// The wall-clock budget of admission calls (`info`, the self-test and the sample
+    /// round `policy check` prints): behaviour is checked there, not speed, so a loaded
+    /// host does not refuse a good policy; an endless loop still fails.
     pub fn admission_budget(&self) -> Duration {
         (self.limits.deadline * 100).max(Duration::from_secs(1))
     }

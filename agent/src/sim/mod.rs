@@ -12,7 +12,7 @@ use crate::train::{DataSplit, ModelSpec, schedule::LrSchedule};
 use crate::wan::framing::group_for_streams;
 use crate::wan::link::STREAM_TARGET_BYTES;
 use anyhow::{Result, bail};
-use region::{RunShape, SimRegion};
+use region::{LinkMessages, RunShape, SimRegion};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -41,6 +41,10 @@ pub struct SimConfig {
     /// Virtual seconds one evaluation holds its region between two steps (0: evaluations
     /// take no time).
     pub evaluate_s: f64,
+    /// A round's messages leave beside the next step, as an agent's overlapped WAN work
+    /// sends them: after an evaluation's hold, not before it (the WAN work itself takes no
+    /// virtual time either way). Mean merges never overlap, as in the agent.
+    pub overlap: bool,
     /// The model.
     pub model: ModelSpec,
     /// How samples are dealt to regions and workers.
@@ -96,6 +100,7 @@ impl SimConfig {
             lr: 1e-3,
             compute_s: 0.005,
             evaluate_s: 0.0,
+            overlap: false,
             model: ModelSpec::default_mlp(),
             sharding: ShardStrategy::Iid,
             sync: SyncConfig::default(),
@@ -193,8 +198,12 @@ pub fn first_reaching(curve: &[EvalPoint], accuracy: f64) -> Option<&EvalPoint> 
 
 enum Event {
     StepDone(usize),
-    /// The evaluation holding a region is over.
-    Resume(usize),
+    /// The evaluation holding `region` is over; `sends` are the messages of its round that
+    /// leave now (with overlap, beside the next step).
+    Resume {
+        region: usize,
+        sends: Vec<LinkMessages>,
+    },
     /// Link `link` of region `from` changes by itself (a stream through or starting);
     /// stale when the link changed since (`version`).
     LinkChange {
@@ -357,6 +366,7 @@ pub fn run(
     let steps_per_epoch = layout.steps_per_epoch(&data.train.labels);
     let total_rounds = steps_per_epoch * cfg.epochs as u64;
     let evaluate_every = cfg.evaluation_interval(steps_per_epoch);
+    let overlap = cfg.overlap && cfg.sync.merge == crate::sync::MergeMode::Sum;
     let shape = RunShape {
         total_rounds,
         base_lr: cfg.lr,
@@ -404,7 +414,7 @@ pub fn run(
     let mut dropped = false;
     let mut rejected = 0u64;
     for (r, rt) in regions.iter_mut().enumerate() {
-        if rt.try_start(&shape, now)? {
+        if rt.try_start(&shape)? {
             push(
                 &mut queue,
                 &mut events,
@@ -439,20 +449,52 @@ pub fn run(
                 let rt = &mut regions[r];
                 let (finished, outgoing) = rt.finish_step(policy, &shape, &stats)?;
                 debug_assert_eq!(finished, round);
-                for (link, messages) in outgoing {
-                    for (t, e) in wan.send_round(now, r, link, messages) {
+                let held = rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
+                done_rounds += 1;
+                progress(done_rounds, total_rounds * n as u64);
+                match held {
+                    // With overlap the round's messages leave beside the next step: after
+                    // the evaluation.
+                    Some(ends) if overlap => {
+                        push(
+                            &mut queue,
+                            &mut events,
+                            ends,
+                            Event::Resume {
+                                region: r,
+                                sends: outgoing,
+                            },
+                        );
+                        None
+                    }
+                    held => {
+                        for (link, messages) in outgoing {
+                            for (t, e) in wan.send_round(now, r, link, messages) {
+                                push(&mut queue, &mut events, t, e);
+                            }
+                        }
+                        if let Some(ends) = held {
+                            let sends = Vec::new();
+                            push(
+                                &mut queue,
+                                &mut events,
+                                ends,
+                                Event::Resume { region: r, sends },
+                            );
+                        }
+                        Some(r)
+                    }
+                }
+            }
+            Event::Resume { region, sends } => {
+                for (link, messages) in sends {
+                    for (t, e) in wan.send_round(now, region, link, messages) {
                         push(&mut queue, &mut events, t, e);
                     }
                 }
-                let free = rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
-                if free > now {
-                    push(&mut queue, &mut events, free, Event::Resume(r));
-                }
-                done_rounds += 1;
-                progress(done_rounds, total_rounds * n as u64);
-                Some(r)
+                regions[region].resume();
+                Some(region)
             }
-            Event::Resume(r) => Some(r),
             Event::LinkChange {
                 from,
                 link,
@@ -475,7 +517,7 @@ pub fn run(
             }
         };
         if let Some(r) = may_start
-            && regions[r].try_start(&shape, now)?
+            && regions[r].try_start(&shape)?
         {
             push(
                 &mut queue,
@@ -533,7 +575,8 @@ pub fn run(
                 .fold(1.0, f64::min),
         })
         .collect();
-    // The end of the run: every message delivered (and, for the mean merge, applied).
+    // The end of the run: every message delivered (and, for the mean merge, applied) and
+    // the last evaluation over.
     curve.push(EvalPoint {
         round: total_rounds,
         virtual_seconds: now,
@@ -637,6 +680,40 @@ mod tests {
         }
         let evaluations = plain.curve.len() as f64 - 1.0;
         assert!(held.virtual_seconds - plain.virtual_seconds >= (evaluations - 1.0) * hold);
+    }
+
+    #[test]
+    fn with_overlap_a_rounds_messages_leave_after_its_evaluation() {
+        let data = embedded_digits().unwrap();
+        // Lockstep: every step waits for the peer's previous round.
+        let mut cfg = SimConfig {
+            epochs: 1,
+            compute_s: 0.05,
+            evaluate_s: 0.4,
+            evaluate_every: Some(7),
+            ..small(3)
+        };
+        cfg.sync.max_staleness = 0;
+        let policy = builtin("topk").unwrap();
+        let before = run(&cfg, policy.as_ref(), &data, &mut |_, _| {}).unwrap();
+        let after = run(
+            &SimConfig {
+                overlap: true,
+                ..cfg.clone()
+            },
+            policy.as_ref(),
+            &data,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        // Sent before the evaluation, a round crosses the 80 ms link during it; sent after,
+        // the next step waits for it: at least half a round trip more per evaluation
+        // before the last.
+        let evaluations = before.curve.len() as f64 - 2.0;
+        assert!(evaluations >= 3.0, "{:?}", before.curve);
+        let later = after.virtual_seconds - before.virtual_seconds;
+        assert!(later >= evaluations * 0.04, "{later} s later");
+        assert_eq!(after.wan_bytes, before.wan_bytes, "the same rounds sent");
     }
 
     #[test]

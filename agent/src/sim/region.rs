@@ -55,8 +55,8 @@ pub struct SimRegion {
     state: Vec<u8>,
     wan_sent: u64,
     evals: Vec<RegionEval>,
-    /// Virtual time before which no step starts (an evaluation holds the region).
-    held_until: f64,
+    /// An evaluation holds the region: no step starts until [`Self::resume`].
+    held: bool,
 }
 
 impl SimRegion {
@@ -70,7 +70,7 @@ impl SimRegion {
             state: Vec::new(),
             wan_sent: 0,
             evals: Vec::new(),
-            held_until: 0.0,
+            held: false,
         }
     }
 
@@ -105,12 +105,11 @@ impl SimRegion {
         Ok(())
     }
 
-    /// Starts the next step at virtual time `now` if none is under way, no evaluation holds
-    /// the region, rounds are left and the staleness bound allows (a due outer step of the
-    /// mean merge runs first); true if it started. The step's result is kept until
-    /// [`Self::finish_step`].
-    pub fn try_start(&mut self, shape: &RunShape, now: f64) -> Result<bool> {
-        if self.pending.is_some() || now < self.held_until {
+    /// Starts the next step if none is under way, no evaluation holds the region, rounds
+    /// are left and the staleness bound allows (a due outer step of the mean merge runs
+    /// first); true if it started. The step's result is kept until [`Self::finish_step`].
+    pub fn try_start(&mut self, shape: &RunShape) -> Result<bool> {
+        if self.pending.is_some() || self.held {
             return Ok(false);
         }
         // A due outer step (mean merge) runs once every peer's update for it has arrived.
@@ -169,9 +168,9 @@ impl SimRegion {
     }
 
     /// Evaluates on `test` if `round` is one to evaluate (every `every` rounds, and the
-    /// last), starting at virtual time `at`: the evaluation holds the region for
-    /// [`RunShape::evaluation_s`] and is recorded when it ends, as an agent records its own.
-    /// Returns the virtual time the region may step again.
+    /// last), starting at virtual time `at`, and records it when it ends, as an agent
+    /// records its own. Where evaluations take time ([`RunShape::evaluation_s`]), the
+    /// region is held until [`Self::resume`]: returns when the evaluation ends.
     pub fn evaluate_if_due(
         &mut self,
         round: u64,
@@ -179,18 +178,25 @@ impl SimRegion {
         shape: &RunShape,
         test: &Dataset,
         at: f64,
-    ) -> Result<f64> {
-        if round.is_multiple_of(every) || round == shape.total_rounds {
-            let e = self.trainer.evaluate(test)?;
-            self.held_until = at + shape.evaluation_s;
-            self.evals.push(RegionEval {
-                at: self.held_until,
-                wan_sent: self.wan_sent,
-                lan_bytes: self.trainer.lan_bytes(),
-                accuracy: e.accuracy,
-            });
+    ) -> Result<Option<f64>> {
+        if !(round.is_multiple_of(every) || round == shape.total_rounds) {
+            return Ok(None);
         }
-        Ok(self.held_until.max(at))
+        let e = self.trainer.evaluate(test)?;
+        let ends = at + shape.evaluation_s;
+        self.evals.push(RegionEval {
+            at: ends,
+            wan_sent: self.wan_sent,
+            lan_bytes: self.trainer.lan_bytes(),
+            accuracy: e.accuracy,
+        });
+        self.held = shape.evaluation_s > 0.0;
+        Ok(self.held.then_some(ends))
+    }
+
+    /// The evaluation holding the region has ended: its next step may start.
+    pub fn resume(&mut self) {
+        self.held = false;
     }
 
     /// A peer's message on link `link`, merged into the weights now.
