@@ -230,9 +230,17 @@ struct Wan {
 }
 
 impl Wan {
-    /// Sends one round's messages on region `from`'s link `link` at `now`, in streams
-    /// grouped as the agent's link groups them; returns the events that causes.
-    fn send_round(
+    /// Sends one round's messages from region `from` at `now`, on each link in turn.
+    fn send_round(&mut self, now: f64, from: usize, round: Vec<LinkMessages>) -> Vec<(f64, Event)> {
+        round
+            .into_iter()
+            .flat_map(|(link, messages)| self.send_on_link(now, from, link, messages))
+            .collect()
+    }
+
+    /// Sends messages on region `from`'s link `link` at `now`, in streams grouped as the
+    /// agent's link groups them; returns the events that causes.
+    fn send_on_link(
         &mut self,
         now: f64,
         from: usize,
@@ -452,45 +460,32 @@ pub fn run(
                 let held = rt.evaluate_if_due(round, evaluate_every, &shape, &data.test, now)?;
                 done_rounds += 1;
                 progress(done_rounds, total_rounds * n as u64);
+                // With overlap the round's messages leave beside the next step: after
+                // an evaluation that holds the region.
+                let (now_sent, sent_on_resume) = match held {
+                    Some(_) if overlap => (Vec::new(), outgoing),
+                    _ => (outgoing, Vec::new()),
+                };
+                for (t, e) in wan.send_round(now, r, now_sent) {
+                    push(&mut queue, &mut events, t, e);
+                }
                 match held {
-                    // With overlap the round's messages leave beside the next step: after
-                    // the evaluation.
-                    Some(ends) if overlap => {
+                    Some(ends) => {
+                        let sends = sent_on_resume;
                         push(
                             &mut queue,
                             &mut events,
                             ends,
-                            Event::Resume {
-                                region: r,
-                                sends: outgoing,
-                            },
+                            Event::Resume { region: r, sends },
                         );
                         None
                     }
-                    held => {
-                        for (link, messages) in outgoing {
-                            for (t, e) in wan.send_round(now, r, link, messages) {
-                                push(&mut queue, &mut events, t, e);
-                            }
-                        }
-                        if let Some(ends) = held {
-                            let sends = Vec::new();
-                            push(
-                                &mut queue,
-                                &mut events,
-                                ends,
-                                Event::Resume { region: r, sends },
-                            );
-                        }
-                        Some(r)
-                    }
+                    None => Some(r),
                 }
             }
             Event::Resume { region, sends } => {
-                for (link, messages) in sends {
-                    for (t, e) in wan.send_round(now, region, link, messages) {
-                        push(&mut queue, &mut events, t, e);
-                    }
+                for (t, e) in wan.send_round(now, region, sends) {
+                    push(&mut queue, &mut events, t, e);
                 }
                 regions[region].resume();
                 Some(region)
