@@ -58,9 +58,10 @@ pub struct RealCheck {
     pub busy_seconds_per_round: f64,
     /// Of it, decoding and merging peers' updates (mean over regions), seconds.
     pub receive_seconds_per_round: f64,
-    /// One test-set evaluation (mean over regions), seconds: part of the per-round cost,
-    /// which the calibrated simulator charges where the agents spend it (between two
-    /// steps, holding the region) rather than spread over every step.
+    /// How long one test-set evaluation held its agent (mean over regions), seconds: part
+    /// of the per-round cost, which the calibrated simulator charges where the agents
+    /// spend it (between two steps, holding the region) rather than spread over every
+    /// step. About zero where the agents evaluate beside training.
     pub evaluation_seconds: f64,
     /// Lowest final top-1 of the agents.
     pub real_accuracy: f64,
@@ -698,7 +699,9 @@ pub struct LinkMeasure {
 struct MeasuredCosts {
     /// A round's work outside evaluations, seconds (the simulator's step).
     step_s: f64,
-    /// One evaluation, seconds (how long it holds the region).
+    /// How long one evaluation holds the region, seconds: the agents' evaluation time
+    /// between rounds, or with evaluations beside training (`evaluate_in_background`) the
+    /// time a round waited for a full queue of them, which is usually none.
     evaluation_s: f64,
     /// Every agent ran its WAN work beside the next step (their reports' `overlap`), so
     /// a round's messages left after an evaluation, not before it.
@@ -707,7 +710,8 @@ struct MeasuredCosts {
 
 impl MeasuredCosts {
     /// From the agents' reports: `busy` (their mean work per round, evaluations included)
-    /// less their mean evaluation time per round, and one evaluation's mean time (each
+    /// less their mean evaluation time per round (the `evaluate` of their round costs:
+    /// what evaluations held the rounds up), and one evaluation's mean hold (each
     /// region's evaluation time over its evaluations; a bench's agents start fresh, so
     /// every round they report is one they trained).
     fn of(reports: &[serde_json::Value], busy: f64) -> Self {

@@ -250,6 +250,12 @@ pub struct TrainingConfig {
     /// last round is always evaluated.
     #[serde(default)]
     pub evaluate_every_rounds: Option<u64>,
+    /// Evaluate on the test set in a thread beside training, on a snapshot of the weights,
+    /// instead of between two rounds: the same records (taken when the snapshot is), without
+    /// holding the rounds up. With one compute thread the evaluations run at the lowest CPU
+    /// priority, on the time training leaves.
+    #[serde(default = "yes")]
+    pub evaluate_in_background: bool,
 }
 
 fn yes() -> bool {
@@ -287,6 +293,7 @@ impl Default for TrainingConfig {
             max_staleness: 1,
             overlap: true,
             evaluate_every_rounds: None,
+            evaluate_in_background: true,
         }
     }
 }

@@ -206,6 +206,19 @@ impl RegionTrainer {
         })
     }
 
+    /// A fresh model of this region's architecture, for evaluating snapshots of its weights
+    /// elsewhere (another thread).
+    pub fn evaluation_model(&self) -> Result<Model> {
+        let sample = &self.workers[0].data.sample_shape;
+        Model::new(
+            self.model.spec(),
+            sample,
+            self.classes,
+            0,
+            self.model.device(),
+        )
+    }
+
     /// Where this region's workers sit (default: beside the aggregator). Data mode is
     /// refused when they reach it over a WAN unless the operator allowed data over it, and
     /// always for a language model (its samples are token ids).

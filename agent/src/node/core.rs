@@ -4,6 +4,7 @@
 //! it through [`WanEvent`]s.
 
 use super::checkpoint::AgentCheckpoint;
+use super::evaluator::{Evaluator, Finished, Snapshot};
 use super::liveness::{Liveness, LivenessChange};
 use super::status::{ByteTotals, PeerStatus, PolicyStatus, Status, now_rfc3339};
 use crate::lan::RegionTrainer;
@@ -292,6 +293,8 @@ pub struct Core {
     /// Run a round's WAN work (encoding what it sends, decoding what arrives) beside the
     /// next step where the staleness bound allows, instead of after it.
     pub overlap: bool,
+    /// Evaluate on the test set beside training ([`Evaluator`]) instead of between rounds.
+    pub evaluate_in_background: bool,
 }
 
 /// Counters the WAN tasks keep for the report.
@@ -329,6 +332,8 @@ struct LoopState {
     first_round_start_unix: Option<f64>,
     /// The run's evaluations so far.
     evaluations: Vec<Evaluation>,
+    /// Evaluations beside training, when the core runs them there.
+    evaluator: Option<Evaluator<Evaluation>>,
     busy: Duration,
     busy_rounds: u64,
     /// Time in decoding and merging peers' updates.
@@ -687,28 +692,40 @@ impl Core {
         metrics::gauge!(m::LOSS).set(f64::from(step.loss));
         metrics::counter!(m::LAN_BYTES).absolute(self.trainer.lan_bytes());
         if round.is_multiple_of(self.evaluate_every) || round == self.total_rounds {
-            let began = Instant::now();
-            let e = self.trainer.evaluate(&self.test)?;
-            st.costs.evaluate += began.elapsed();
-            st.accuracy = Some(e.accuracy);
-            st.evaluations.push(Evaluation {
+            let record = Evaluation {
                 round,
                 unix_seconds: unix_now(),
-                test_accuracy: e.accuracy,
+                test_accuracy: f64::NAN,
                 wan_bytes: st.wan_sent,
                 peer_rounds_complete: (0..self.sync.link_count())
                     .map(|l| self.sync.clock().complete(l))
                     .collect(),
-            });
-            metrics::gauge!(m::ACCURACY).set(e.accuracy);
-            tracing::info!(
-                round,
-                epoch = round / self.steps_per_epoch,
-                loss = step.loss,
-                test_accuracy = e.accuracy,
-                wan_bytes = st.wan_sent,
-                "round"
-            );
+            };
+            let began = Instant::now();
+            let finished = match st.evaluator.as_mut() {
+                Some(evaluator) => {
+                    let snapshot = Snapshot {
+                        weights: self.trainer.weights.clone(),
+                        meta: record,
+                    };
+                    // Only a full queue holds the round up.
+                    let (finished, waited) = evaluator.submit(snapshot)?;
+                    st.costs.evaluate += waited;
+                    finished
+                }
+                None => {
+                    let result = self.trainer.evaluate(&self.test)?;
+                    st.costs.evaluate += began.elapsed();
+                    vec![Finished {
+                        meta: record,
+                        result,
+                    }]
+                }
+            };
+            self.record_evaluations(st, finished);
+        } else if let Some(evaluator) = st.evaluator.as_mut() {
+            let finished = evaluator.poll()?;
+            self.record_evaluations(st, finished);
         }
         // What peers sent during the step, in the order it arrived.
         let began = Instant::now();
@@ -718,6 +735,25 @@ impl Core {
         st.receiving += began.elapsed();
         st.costs.receive += began.elapsed();
         Ok(())
+    }
+
+    /// Records finished evaluations (in round order): the report's list, the status page's
+    /// accuracy, the metric and the log.
+    fn record_evaluations(&self, st: &mut LoopState, finished: Vec<Finished<Evaluation>>) {
+        for Finished { mut meta, result } in finished {
+            meta.test_accuracy = result.accuracy;
+            st.accuracy = Some(result.accuracy);
+            metrics::gauge!(m::ACCURACY).set(result.accuracy);
+            tracing::info!(
+                round = meta.round,
+                epoch = meta.round / self.steps_per_epoch,
+                test_loss = result.loss,
+                test_accuracy = result.accuracy,
+                wan_bytes = meta.wan_bytes,
+                "round"
+            );
+            st.evaluations.push(meta);
+        }
     }
 
     /// Does a pending round's WAN work now (before a checkpoint, when no step can run
@@ -979,6 +1015,18 @@ impl Core {
             first_round_start: None,
             first_round_start_unix: None,
             evaluations: Vec::new(),
+            evaluator: if self.evaluate_in_background {
+                // One compute thread: this agent shares its host; evaluate on what is left.
+                let low_priority = candle_core::utils::get_num_threads() == 1;
+                Some(Evaluator::start(
+                    self.trainer.evaluation_model()?,
+                    self.test.clone(),
+                    low_priority,
+                    Evaluator::<Evaluation>::DEFAULT_QUEUE_BYTES,
+                )?)
+            } else {
+                None
+            },
             busy: Duration::ZERO,
             busy_rounds: 0,
             receiving: Duration::ZERO,
@@ -1125,6 +1173,10 @@ impl Core {
         self.flush_encode(&mut st)?;
         self.quiesce(&mut st, &mut events, Duration::from_secs(10))?;
         self.save_checkpoint(&st, true);
+        if let Some(evaluator) = st.evaluator.take() {
+            let finished = evaluator.finish()?;
+            self.record_evaluations(&mut st, finished);
+        }
         let e = self.trainer.evaluate(&self.test)?;
         st.accuracy = Some(e.accuracy);
         self.publish(&mut st);
@@ -1459,6 +1511,8 @@ mod tests {
             checkpoint_every: 0,
             resume: None,
             overlap,
+            // Both ways of evaluating, so the overlap test compares their records too.
+            evaluate_in_background: overlap,
         };
         let checkpoint = core.checkpoint_path.clone();
         let report = core.run(script).unwrap();
@@ -1495,6 +1549,15 @@ mod tests {
         let (sent, checkpoint, report) =
             run(false, script(&peer, |r| Phase::Between { trained: r }));
         assert_eq!(report.rounds, rounds());
+        // (With overlap a round's bytes leave during the next step, so the bytes sent by
+        // an evaluation differ; the weights it evaluates do not.)
+        let records = |r: &AgentReport| -> Vec<(u64, u64)> {
+            r.evaluations
+                .iter()
+                .map(|e| (e.round, e.test_accuracy.to_bits()))
+                .collect()
+        };
+        assert_eq!(report.evaluations.len() as u64, EPOCHS);
         assert_eq!(report.overlapped_rounds, 0);
         assert!(sent.len() as u64 > rounds(), "{} messages", sent.len());
         for (label, at) in [
@@ -1518,6 +1581,8 @@ mod tests {
                 "{label}: the final state differs"
             );
             assert_eq!(o_report.test_loss.to_bits(), report.test_loss.to_bits());
+            // Evaluated beside training: the same rounds and results as between rounds.
+            assert_eq!(records(&o_report), records(&report), "{label}");
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod core;
+pub mod evaluator;
 pub mod liveness;
 pub mod status;
 
@@ -291,6 +292,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         checkpoint_every: cfg.checkpoint.every_rounds,
         resume,
         overlap: t.overlap && merge == crate::sync::MergeMode::Sum,
+        evaluate_in_background: t.evaluate_in_background,
     };
     let report = core.run(events_rx);
     // The links' queues are closed now: their tasks close the connections. Give the
