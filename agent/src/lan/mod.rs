@@ -102,6 +102,8 @@ pub struct RegionTrainer {
     /// Per tensor, the buffers ŵ is quantized into at every step (reused: fresh ones of a
     /// large model's size would cost their page faults each step).
     quantizing: Vec<Quantizing>,
+    /// Whether the workers run in threads of their own or in turn on the caller's.
+    parallel_workers: bool,
 }
 
 /// One tensor's reusable buffers for ŵ: the curvature and the quantized weights.
@@ -130,8 +132,16 @@ impl LanPlacement {
 /// Runs `job` on every worker in its own thread and collects the results in worker order.
 fn run_workers<T: Send>(
     workers: &mut [Worker],
+    parallel: bool,
     job: impl Fn(usize, &mut Worker) -> Result<T> + Sync,
 ) -> Vec<Result<T>> {
+    if !parallel {
+        return workers
+            .iter_mut()
+            .enumerate()
+            .map(|(k, worker)| job(k, worker))
+            .collect();
+    }
     std::thread::scope(|scope| {
         let job = &job;
         let handles: Vec<_> = workers
@@ -203,7 +213,16 @@ impl RegionTrainer {
             // Token ids are not features: quantizing them would change the text.
             data_mode_allowed: !spec.is_language_model(),
             quantizing: Vec::new(),
+            parallel_workers: candle_core::utils::get_num_threads() > 1,
         })
+    }
+
+    /// Whether the workers' part of a step runs in a thread per worker (the default where
+    /// the process has more than one compute thread) or in turn on the calling thread
+    /// (the default with one: threads would only take turns on its core, at the cost of
+    /// their start-up and of each other's caches). The results are the same either way.
+    pub fn set_parallel_workers(&mut self, parallel: bool) {
+        self.parallel_workers = parallel;
     }
 
     /// A fresh model of this region's architecture, for evaluating snapshots of its weights
@@ -334,7 +353,7 @@ impl RegionTrainer {
         let name = &self.name;
         let seed = self.seed;
         let gradient_bits = &plan.gradient_bits;
-        let results = run_workers(&mut self.workers, |k, worker| {
+        let results = run_workers(&mut self.workers, self.parallel_workers, |k, worker| {
             worker.model.import(&w_hat)?;
             let idx = worker.next_batch(batch);
             let (x, y) = batch_tensors(&worker.data, &idx, worker.model.device())?;
@@ -397,7 +416,7 @@ impl RegionTrainer {
         let step = self.steps;
         let name = &self.name;
         let seed = self.seed;
-        let results = run_workers(&mut self.workers, |k, worker| {
+        let results = run_workers(&mut self.workers, self.parallel_workers, |k, worker| {
             if let Some(w_hat) = &w_hat {
                 worker.model.import(w_hat)?;
             }
@@ -547,5 +566,58 @@ impl RegionTrainer {
     pub fn evaluate(&self, test: &Dataset) -> Result<Evaluation> {
         self.model.import(&self.weights)?;
         evaluate(&self.model, test)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::dataset::{ShardStrategy, embedded_digits, shard_indices};
+    use weightgrad_sdk::{DataPlan, DataScale};
+
+    fn region(parallel: bool) -> RegionTrainer {
+        let data = embedded_digits().unwrap();
+        let shards = (0..2)
+            .map(|k| {
+                let idx = shard_indices(&data.train.labels, 2, k, ShardStrategy::Iid, 0);
+                data.train.subset(&idx)
+            })
+            .collect();
+        let spec = ModelSpec::Mlp { hidden: vec![16] };
+        let mut r = RegionTrainer::new("r", &spec, shards, data.train.classes, 8, 0, 5).unwrap();
+        r.set_parallel_workers(parallel);
+        r
+    }
+
+    #[test]
+    fn workers_in_turn_or_in_threads_take_the_same_steps_to_the_bit() {
+        let quantized = LanPlan {
+            gradient_bits: vec![8, 32, 8, 32],
+            weight_bits: 8,
+            mode: LanMode::Gradient,
+        };
+        let data = LanPlan {
+            mode: LanMode::Data(DataPlan {
+                feature_bits: 4,
+                scale: DataScale::PerFeature,
+                refine_bits: 2,
+            }),
+            ..LanPlan::FULL_PRECISION
+        };
+        let plans = [quantized, LanPlan::FULL_PRECISION, data];
+        let (mut threads, mut in_turn) = (region(true), region(false));
+        for round in 0..9 {
+            let plan = &plans[round % plans.len()];
+            let a = threads.step(plan, 1e-2).unwrap();
+            let b = in_turn.step(plan, 1e-2).unwrap();
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "round {round}");
+            assert!(a.delta == b.delta, "round {round}: the updates differ");
+            assert!(
+                a.delta.iter().flatten().any(|d| *d != 0.0),
+                "round {round}: a step must move the weights for the comparison to mean anything"
+            );
+        }
+        assert!(threads.weights == in_turn.weights);
+        assert_eq!(threads.lan_bytes(), in_turn.lan_bytes());
     }
 }
