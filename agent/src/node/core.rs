@@ -256,8 +256,8 @@ pub struct Core {
     pub policy: Arc<PolicyRuntime>,
     /// Model manifest hash.
     pub manifest: String,
-    /// Test set.
-    pub test: Dataset,
+    /// Test set (shared with the evaluation thread).
+    pub test: Arc<Dataset>,
     /// Outgoing links, by link index.
     pub links: Vec<LinkSender>,
     /// Configured link bandwidth (bit/s) and RTT (s), the policy's prior.
@@ -1020,7 +1020,7 @@ impl Core {
                 let low_priority = candle_core::utils::get_num_threads() == 1;
                 Some(Evaluator::start(
                     self.trainer.evaluation_model()?,
-                    self.test.clone(),
+                    Arc::clone(&self.test),
                     low_priority,
                     Evaluator::<Evaluation>::DEFAULT_QUEUE_BYTES,
                 )?)
@@ -1477,7 +1477,7 @@ mod tests {
         let round = Arc::new(AtomicU64::new(0));
         let core = Core {
             region: REGIONS[0].into(),
-            test: embedded_digits().unwrap().test,
+            test: Arc::new(embedded_digits().unwrap().test),
             trainer,
             sync,
             policy,

@@ -12,6 +12,7 @@
 
 use crate::train::{dataset::Dataset, eval::evaluate, model::Model};
 use anyhow::{Result, anyhow};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,7 +56,7 @@ impl<M: Send + 'static> Evaluator<M> {
     /// `test`. `low_priority` runs it at the lowest CPU priority (Linux; elsewhere a no-op).
     pub fn start(
         model: Model,
-        test: Dataset,
+        test: Arc<Dataset>,
         low_priority: bool,
         max_queue_bytes: usize,
     ) -> Result<Self> {
@@ -178,11 +179,11 @@ mod tests {
     use crate::train::{ModelSpec, dataset::embedded_digits};
     use candle_core::Device;
 
-    fn model_and_test() -> (Model, Dataset) {
+    fn model_and_test() -> (Model, Arc<Dataset>) {
         let data = embedded_digits().unwrap();
         let spec = ModelSpec::Mlp { hidden: vec![8] };
         let model = Model::new(&spec, &data.test.sample_shape, 10, 3, &Device::Cpu).unwrap();
-        (model, data.test)
+        (model, Arc::new(data.test))
     }
 
     fn weights_with_seed(seed: u64) -> Vec<Vec<f32>> {

@@ -274,7 +274,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<AgentReport> {
         sync,
         policy,
         manifest,
-        test: data.test,
+        test: Arc::new(data.test),
         links,
         configured: (cfg.wan.bandwidth_mbps * 1e6, cfg.wan.rtt_ms / 1e3),
         total_rounds,
