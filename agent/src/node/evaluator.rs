@@ -7,8 +7,10 @@
 //! is, so the run's curve is the same as with evaluations between rounds, less the time
 //! they held the rounds up. Where the agent trains with one compute thread (its share of a
 //! host it shares with other agents) the thread runs at the lowest CPU priority, on the
-//! time training leaves; snapshots wait in memory up to [`Evaluator::DEFAULT_QUEUE_BYTES`],
-//! beyond which handing one over waits for the oldest to finish.
+//! time training leaves. At most [`Evaluator::MAX_QUEUED`] snapshots and the queue's bytes
+//! ([`Evaluator::DEFAULT_QUEUE_BYTES`] in an agent) wait in memory; beyond that, handing
+//! one over waits for the oldest to finish (and the round waits with it). The run's end
+//! waits for every evaluation handed over.
 
 use crate::train::{dataset::Dataset, eval::evaluate, model::Model};
 use anyhow::{Result, anyhow};
