@@ -129,7 +129,8 @@ impl LanPlacement {
     }
 }
 
-/// Runs `job` on every worker in its own thread and collects the results in worker order.
+/// Runs `job` on every worker, in a thread each when `parallel` and in turn on this thread
+/// otherwise, and collects the results in worker order.
 fn run_workers<T: Send>(
     workers: &mut [Worker],
     parallel: bool,
