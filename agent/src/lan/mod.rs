@@ -574,7 +574,7 @@ impl RegionTrainer {
 mod tests {
     use super::*;
     use crate::train::dataset::{ShardStrategy, embedded_digits, shard_indices};
-    use weightgrad_sdk::{DataPlan, DataScale};
+    use weightgrad_sdk::DataScale;
 
     fn region(parallel: bool) -> RegionTrainer {
         let data = embedded_digits().unwrap();

@@ -701,7 +701,6 @@ impl Core {
                     .map(|l| self.sync.clock().complete(l))
                     .collect(),
             };
-            let began = Instant::now();
             let finished = match st.evaluator.as_mut() {
                 Some(evaluator) => {
                     let snapshot = Snapshot {
@@ -714,6 +713,7 @@ impl Core {
                     finished
                 }
                 None => {
+                    let began = Instant::now();
                     let result = self.trainer.evaluate(&self.test)?;
                     st.costs.evaluate += began.elapsed();
                     vec![Finished {

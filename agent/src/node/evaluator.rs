@@ -14,6 +14,7 @@
 
 use crate::train::{dataset::Dataset, eval::evaluate, model::Model};
 use anyhow::{Result, anyhow};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -40,11 +41,13 @@ pub struct Finished<M> {
 /// A thread evaluating snapshots in order; see the module documentation.
 pub struct Evaluator<M> {
     jobs: Option<Sender<Snapshot<M>>>,
-    done: Receiver<(usize, Result<Finished<M>>)>,
+    done: Receiver<Result<Finished<M>>>,
     thread: Option<JoinHandle<()>>,
-    /// Bytes of the snapshots handed over and not yet returned.
+    /// Bytes of each snapshot handed over and not yet returned, oldest first (they come
+    /// back in order).
+    queued: VecDeque<usize>,
+    /// Their sum.
     queued_bytes: usize,
-    queued: usize,
     max_queue_bytes: usize,
 }
 
@@ -71,7 +74,6 @@ impl<M: Send + 'static> Evaluator<M> {
                     lower_this_threads_priority();
                 }
                 for snapshot in inbox {
-                    let bytes = snapshot_bytes(&snapshot.weights);
                     let result = model
                         .import(&snapshot.weights)
                         .and_then(|()| evaluate(&model, &test))
@@ -79,7 +81,7 @@ impl<M: Send + 'static> Evaluator<M> {
                             meta: snapshot.meta,
                             result,
                         });
-                    if outbox.send((bytes, result)).is_err() {
+                    if outbox.send(result).is_err() {
                         return;
                     }
                 }
@@ -88,8 +90,8 @@ impl<M: Send + 'static> Evaluator<M> {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
+            queued: VecDeque::new(),
             queued_bytes: 0,
-            queued: 0,
             max_queue_bytes,
         })
     }
@@ -100,8 +102,9 @@ impl<M: Send + 'static> Evaluator<M> {
         let bytes = snapshot_bytes(&snapshot.weights);
         let mut finished = self.poll()?;
         let began = Instant::now();
-        while self.queued > 0
-            && (self.queued_bytes + bytes > self.max_queue_bytes || self.queued >= Self::MAX_QUEUED)
+        while !self.queued.is_empty()
+            && (self.queued_bytes + bytes > self.max_queue_bytes
+                || self.queued.len() >= Self::MAX_QUEUED)
         {
             finished.push(self.wait_one()?);
         }
@@ -111,7 +114,7 @@ impl<M: Send + 'static> Evaluator<M> {
             .ok_or_else(|| anyhow!("the evaluator was finished"))?
             .send(snapshot)
             .map_err(|_| self.stopped())?;
-        self.queued += 1;
+        self.queued.push_back(bytes);
         self.queued_bytes += bytes;
         Ok((finished, waited))
     }
@@ -119,8 +122,8 @@ impl<M: Send + 'static> Evaluator<M> {
     /// The evaluations finished so far, in order, without waiting.
     pub fn poll(&mut self) -> Result<Vec<Finished<M>>> {
         let mut finished = Vec::new();
-        while let Ok((bytes, result)) = self.done.try_recv() {
-            finished.push(self.returned(bytes, result)?);
+        while let Ok(result) = self.done.try_recv() {
+            finished.push(self.returned(result)?);
         }
         Ok(finished)
     }
@@ -129,7 +132,7 @@ impl<M: Send + 'static> Evaluator<M> {
     pub fn finish(mut self) -> Result<Vec<Finished<M>>> {
         self.jobs = None;
         let mut finished = Vec::new();
-        while self.queued > 0 {
+        while !self.queued.is_empty() {
             finished.push(self.wait_one()?);
         }
         if let Some(t) = self.thread.take() {
@@ -140,13 +143,12 @@ impl<M: Send + 'static> Evaluator<M> {
     }
 
     fn wait_one(&mut self) -> Result<Finished<M>> {
-        let (bytes, result) = self.done.recv().map_err(|_| self.stopped())?;
-        self.returned(bytes, result)
+        let result = self.done.recv().map_err(|_| self.stopped())?;
+        self.returned(result)
     }
 
-    fn returned(&mut self, bytes: usize, result: Result<Finished<M>>) -> Result<Finished<M>> {
-        self.queued -= 1;
-        self.queued_bytes -= bytes;
+    fn returned(&mut self, result: Result<Finished<M>>) -> Result<Finished<M>> {
+        self.queued_bytes -= self.queued.pop_front().unwrap_or(0);
         result.map_err(|e| e.context("evaluating a snapshot on the test set"))
     }
 
