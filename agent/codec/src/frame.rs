@@ -256,10 +256,58 @@ pub fn encode_reusing<R: RngCore + ?Sized>(
             (Some((header, indices)), values.as_slice(), bytes)
         }
     };
+    encode_values(meta, len, sparse, values, index_bytes, opts, rng, spare)
+}
+
+/// [`encode`] of a dense update borrowed as a slice (no owned [`Update`] to build first).
+pub fn encode_dense<R: RngCore + ?Sized>(
+    meta: &FrameMeta,
+    values: &[f32],
+    opts: &EncodeOptions,
+    rng: &mut R,
+    spare: Vec<f32>,
+) -> Result<Encoded, CodecError> {
+    if values.len() > u32::MAX as usize {
+        return Err(CodecError::Invalid(format!(
+            "tensor of {} elements is too large",
+            values.len()
+        )));
+    }
+    opts.quantizer.scheme().validate()?;
+    encode_values(
+        meta,
+        values.len(),
+        None,
+        values,
+        Vec::new(),
+        opts,
+        rng,
+        spare,
+    )
+}
+
+/// The frame of `values` (all `len` of a dense update, or a sparse update's values at the
+/// indices `index_bytes` encodes), its scheme validated by the caller.
+#[allow(clippy::too_many_arguments)]
+fn encode_values<R: RngCore + ?Sized>(
+    meta: &FrameMeta,
+    len: usize,
+    sparse: Option<(SparseHeader, &Vec<u32>)>,
+    values: &[f32],
+    index_bytes: Vec<u8>,
+    opts: &EncodeOptions,
+    rng: &mut R,
+    spare: Vec<f32>,
+) -> Result<Encoded, CodecError> {
     let q = quantize_reusing(&opts.quantizer, values, rng, spare);
     let decoded_values = q.decoded;
-    let mut raw = index_bytes;
-    raw.extend_from_slice(&q.payload);
+    let raw = if index_bytes.is_empty() {
+        q.payload
+    } else {
+        let mut raw = index_bytes;
+        raw.extend_from_slice(&q.payload);
+        raw
+    };
     let raw_len = raw.len();
     let (compression, payload): (Compression, Vec<u8>) = match opts.zstd_level {
         Some(level) => (

@@ -15,6 +15,7 @@ pub mod laq;
 pub mod pack;
 pub mod quant;
 pub mod rng;
+mod simd;
 pub mod sparse;
 #[cfg(test)]
 mod test_strategies;
@@ -23,7 +24,7 @@ pub use error::CodecError;
 pub use filter::{Selection, significance_filter, significant_top};
 pub use frame::{
     EncodeOptions, Frame, FrameHeader, FrameMeta, Limits, Update, decode, decode_reusing, encode,
-    encode_reusing,
+    encode_dense, encode_reusing,
 };
 pub use quant::{
     Quantized, Quantizer, Scheme, dequantize, dequantize_reusing, quantize, quantize_reusing,

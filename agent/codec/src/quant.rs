@@ -170,8 +170,21 @@ fn sigma(x: &[f32]) -> f32 {
         .sqrt() as f32
 }
 
+/// The largest magnitude (NaNs ignored; 0 for none), in eight independent lanes so that
+/// it vectorizes: `max` over non-NaN magnitudes gives the same value in any order.
 fn max_abs(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    lanes.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// Fills `out` with uniforms in `[0, 1)`, two per 64-bit draw.
@@ -197,6 +210,64 @@ fn uniform_levels(s: f32, bits: u8, lut: &mut [f32; 256]) {
 /// Values a bucket of codes is processed in (the scratch buffers' size).
 const BLOCK: usize = 4096;
 
+/// A bucket's uniform levels: `s` its scale, `step = 2s/levels`, `inv_step` its inverse (0
+/// for a zero scale).
+#[derive(Clone, Copy)]
+struct UniformGrid {
+    s: f32,
+    step: f32,
+    inv_step: f32,
+    levels: f32,
+}
+
+impl UniformGrid {
+    /// Writes the codes of `block` under the dither `uniforms` and appends their decoded
+    /// values to `decoded`; with AVX2 where the CPU has it, the same operations either way
+    /// (so the same bits on every machine).
+    fn codes(self, block: &[f32], uniforms: &[f32], codes: &mut [u8], decoded: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2() {
+            // SAFETY: this CPU has AVX2 (checked just above).
+            return unsafe { self.codes_avx2(block, uniforms, codes, decoded) };
+        }
+        self.codes_portable(block, uniforms, codes, decoded);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn codes_avx2(self, block: &[f32], uniforms: &[f32], codes: &mut [u8], decoded: &mut Vec<f32>) {
+        self.codes_portable(block, uniforms, codes, decoded);
+    }
+
+    #[inline(always)]
+    fn codes_portable(
+        self,
+        block: &[f32],
+        uniforms: &[f32],
+        codes: &mut [u8],
+        decoded: &mut Vec<f32>,
+    ) {
+        let Self {
+            s,
+            step,
+            inv_step,
+            levels,
+        } = self;
+        for ((c, &v), &u) in codes.iter_mut().zip(block).zip(uniforms) {
+            // Position on the level grid, then stochastic rounding: P(up) = fraction.
+            // Truncation is floor here (the sum is non-negative); `min` guards the
+            // rounding of `levels + u` up to `levels + 1` (`levels` is exact in f32).
+            let pos = ((v + s) * inv_step).clamp(0.0, levels);
+            let up = (pos + u).min(levels);
+            // SAFETY: `up` is finite and in `0..=levels ⊆ 0..=255`: the clamp bounds `pos`
+            // (a NaN stays NaN and `min` then gives `levels`), `u < 1` and `min` caps it.
+            *c = unsafe { up.to_int_unchecked::<i32>() } as u8;
+        }
+        // Same expression as `uniform_levels`, so bit-identical to what decoding yields.
+        decoded.extend(codes.iter().map(|&c| f32::from(c) * step - s));
+    }
+}
+
 fn quantize_uniform<R: RngCore + ?Sized>(
     x: &[f32],
     bits: u8,
@@ -221,18 +292,16 @@ fn quantize_uniform<R: RngCore + ?Sized>(
         scales.push(s);
         let step = 2.0 * s / levels;
         let inv_step = if s > 0.0 { levels / (2.0 * s) } else { 0.0 };
+        let grid = UniformGrid {
+            s,
+            step,
+            inv_step,
+            levels,
+        };
         for block in chunk.chunks(BLOCK) {
             let (codes, uniforms) = (&mut codes[..block.len()], &mut uniforms[..block.len()]);
             fill_uniforms(rng, uniforms);
-            for ((c, &v), &u) in codes.iter_mut().zip(block).zip(uniforms.iter()) {
-                // Position on the level grid, then stochastic rounding: P(up) = fraction.
-                // Truncation is floor here (the sum is non-negative); `min` guards the
-                // rounding of `levels + u` up to `levels + 1` (`levels` is exact in f32).
-                let pos = ((v + s) * inv_step).clamp(0.0, levels);
-                *c = (pos + u).min(levels) as u8;
-            }
-            // Same expression as `uniform_levels`, so bit-identical to what decoding yields.
-            decoded.extend(codes.iter().map(|&c| f32::from(c) * step - s));
+            grid.codes(block, uniforms, codes, &mut decoded);
             payload.extend(codes);
         }
     }
@@ -502,7 +571,62 @@ pub fn dequantize_reusing(
 mod tests {
     use super::*;
     use crate::rng::DitherRng;
+    use rand::RngCore;
     use proptest::prelude::*;
+
+    /// The AVX2 copy of the uniform quantizer's loop gives the portable copy's codes and
+    /// decoded values, to the bit, on values that include zeros, NaNs and infinities.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn uniform_codes_with_avx2_are_the_portable_bits() {
+        if !crate::simd::avx2() {
+            return;
+        }
+        let mut rng = DitherRng::new(11);
+        let specials = [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40];
+        let block: Vec<f32> = (0..1031)
+            .map(|i| match specials.get(i % 61) {
+                Some(&v) => v,
+                None => (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 3.0,
+            })
+            .collect();
+        let mut uniforms = vec![0f32; block.len()];
+        fill_uniforms(&mut rng, &mut uniforms);
+        for (s, bits) in [(1.0f32, 8u8), (0.7, 4), (1e-39, 8), (0.0, 3)] {
+            let levels = ((1u32 << bits) - 1) as f32;
+            let grid = UniformGrid {
+                s,
+                step: 2.0 * s / levels,
+                inv_step: if s > 0.0 { levels / (2.0 * s) } else { 0.0 },
+                levels,
+            };
+            let (mut codes, mut decoded) = (vec![0u8; block.len()], Vec::new());
+            grid.codes_portable(&block, &uniforms, &mut codes, &mut decoded);
+            let (mut codes_avx2, mut decoded_avx2) = (vec![0u8; block.len()], Vec::new());
+            // SAFETY: this CPU has AVX2 (checked above).
+            unsafe { grid.codes_avx2(&block, &uniforms, &mut codes_avx2, &mut decoded_avx2) };
+            assert_eq!(codes, codes_avx2, "scale {s}, {bits} bits");
+            assert!(codes.iter().all(|&c| f32::from(c) <= levels));
+            let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits_of(&decoded), bits_of(&decoded_avx2));
+        }
+    }
+
+    /// The lane-wise largest magnitude is the sequential one (NaNs ignored).
+    #[test]
+    fn max_abs_in_lanes_is_the_sequential_maximum() {
+        let mut rng = DitherRng::new(3);
+        for n in [0usize, 1, 7, 8, 9, 100, 513] {
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5)
+                .collect();
+            if n > 3 {
+                x[n / 2] = f32::NAN;
+            }
+            let sequential = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(max_abs(&x).to_bits(), sequential.to_bits(), "{n} values");
+        }
+    }
 
     fn roundtrip(q: &Quantizer, x: &[f32], seed: u64) -> Vec<f32> {
         let out = quantize(q, x, &mut DitherRng::new(seed));

@@ -8,8 +8,8 @@ pub mod data;
 
 use crate::sync::TensorMeta;
 use crate::train::{
-    Dataset, Model, ModelSpec, Optimizer, OptimizerSpec, batch::batch_tensors, eval::Evaluation,
-    eval::evaluate, rng::seeded_rng,
+    Dataset, Model, ModelSpec, Optimizer, OptimizerSpec, batch::batch_tensors,
+    cpu_buffers::with_f32_elements, eval::Evaluation, eval::evaluate, rng::seeded_rng,
 };
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use weightgrad_codec::laq::{LaqSolver, LaqWeights, laq_quantize_into};
 use weightgrad_codec::pack::packed_len;
 use weightgrad_codec::{
-    DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, Update, decode, encode,
+    DitherRng, EncodeOptions, FrameMeta, Limits, Quantizer, decode, encode_dense,
 };
 use weightgrad_sdk::{DataPlan, LanInput, LanMode, LanPlan};
 
@@ -287,7 +287,6 @@ impl RegionTrainer {
     /// ŵ for the workers and the bytes one copy of it costs on the LAN: computed once per
     /// step, whatever the number of workers.
     fn quantized_weights(&mut self, bits: u8) -> Result<(Vec<Vec<f32>>, u64)> {
-        let curvature = self.opt.second_moment().filter(|_| self.steps > 0);
         self.quantizing
             .resize_with(self.weights.len(), Quantizing::default);
         let mut bytes = 0u64;
@@ -300,15 +299,10 @@ impl RegionTrainer {
             }
             let q = &mut self.quantizing[i];
             // Curvature `sqrt(v) + ε` from Adam's second moment; flat before the first step.
-            q.curvature.clear();
-            match &curvature {
-                Some(v) => q.curvature.extend(
-                    v[i].flatten_all()?
-                        .to_vec1::<f32>()?
-                        .into_iter()
-                        .map(|v| v.max(0.0).sqrt() + 1e-8),
-                ),
-                None => q.curvature.resize(w.len(), 1.0),
+            let from_adam = self.steps > 0 && self.opt.curvature_into(i, 1e-8, &mut q.curvature)?;
+            if !from_adam {
+                q.curvature.clear();
+                q.curvature.resize(w.len(), 1.0);
             }
             let solver = LaqSolver::for_lan(bits);
             let laq = q.laq.get_or_insert_with(|| LaqWeights {
@@ -364,7 +358,6 @@ impl RegionTrainer {
                 .iter()
                 .enumerate()
                 .map(|(t, g)| {
-                    let values = g.flatten_all()?.to_vec1::<f32>()?;
                     let bits = gradient_bits.get(t).copied().unwrap_or(32);
                     let quantizer = match bits {
                         32 => Quantizer::Fp32,
@@ -380,7 +373,9 @@ impl RegionTrainer {
                         quantizer,
                         zstd_level: None,
                     };
-                    Ok(encode(&meta, values.len(), &Update::Dense(values), &opts, &mut rng)?.bytes)
+                    with_f32_elements(g, |values| {
+                        Ok(encode_dense(&meta, values, &opts, &mut rng, Vec::new())?.bytes)
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok((loss, frames))

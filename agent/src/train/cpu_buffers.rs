@@ -70,3 +70,65 @@ pub(crate) fn with_cpu_f32<R>(
 ) -> Result<R> {
     with_cpu(t, what, f)
 }
+
+/// Overwrites a CPU `f32` tensor's elements with a slice, in place: one copy, where a new
+/// tensor and `Var::set` would make two.
+struct Overwrite<'a>(&'a [f32]);
+
+impl candle_core::InplaceOp1 for Overwrite<'_> {
+    fn name(&self) -> &'static str {
+        "overwrite"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("overwrite: the tensor is not f32")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("overwrite: the tensor is not contiguous")
+        };
+        let dst = &mut data[start..end];
+        if dst.len() != self.0.len() {
+            bail!(
+                "overwrite: {} values for a tensor of {}",
+                self.0.len(),
+                dst.len()
+            )
+        }
+        dst.copy_from_slice(self.0);
+        Ok(())
+    }
+}
+
+/// Writes `values` into `var` (same element count) in place where it is a contiguous CPU
+/// `f32` tensor, and through `Var::set` otherwise.
+pub(crate) fn overwrite(var: &candle_core::Var, values: &[f32]) -> Result<()> {
+    let t = var.as_tensor();
+    let in_place = t.device().is_cpu()
+        && t.dtype() == candle_core::DType::F32
+        && t.is_contiguous()
+        && t.elem_count() == values.len();
+    if in_place {
+        t.inplace_op1(&Overwrite(values))
+    } else {
+        var.set(&Tensor::from_slice(values, t.shape(), t.device())?)
+    }
+}
+
+/// Runs `f` on a tensor's elements as `f32`: borrowed where it is a contiguous CPU `f32`
+/// tensor, copied out (flattened) otherwise.
+pub(crate) fn with_f32_elements<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let borrowable =
+        t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous();
+    if !borrowable {
+        return f(&t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        unreachable!("checked to be on the CPU")
+    };
+    f(contiguous::<f32>(cpu, layout, "a tensor")?)
+}

@@ -500,7 +500,7 @@ impl Model {
                 spec.shape,
                 spec.numel()
             );
-            var.set(&Tensor::from_slice(v, spec.shape.as_slice(), &self.device)?)?;
+            crate::train::cpu_buffers::overwrite(var, v)?;
         }
         Ok(())
     }

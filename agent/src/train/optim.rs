@@ -108,47 +108,127 @@ impl AdamStep {
         (next, m, v)
     }
 
-    /// The step in one pass over contiguous f32 CPU tensors: `(w', m', v')`; `None` for
-    /// any other (a GPU, another dtype or layout), which takes the tensor path.
+    /// The step in one pass over contiguous f32 CPU tensors: writes `w'` into `var` in
+    /// place and returns `(m', v')`; `None` for any other (a GPU, another dtype or layout),
+    /// which takes the tensor path.
     fn fused(
         &self,
-        w: &Tensor,
+        var: &Var,
         g: &Tensor,
         m: &Tensor,
         v: &Tensor,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        let held = [w, g, m, v].map(|t| t.storage_and_layout());
-        let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
-        for (storage, layout) in &held {
-            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &**storage else {
-                return Ok(None);
-            };
-            if !layout.is_contiguous() {
-                return Ok(None);
-            }
-            let start = layout.start_offset();
-            let Some(elements) = data.get(start..start + layout.shape().elem_count()) else {
-                return Ok(None);
-            };
-            slices.push(elements);
-        }
-        let [ws, gs, ms, vs] = slices[..] else {
-            return Ok(None);
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let w = var.as_tensor();
+        let cpu_f32 = |t: &Tensor| {
+            t.device().is_cpu()
+                && t.dtype() == candle_core::DType::F32
+                && t.is_contiguous()
+                && t.elem_count() == w.elem_count()
         };
-        if gs.len() != ws.len() || ms.len() != ws.len() || vs.len() != ws.len() {
+        if ![w, g, m, v].into_iter().all(cpu_f32) {
             return Ok(None);
         }
-        let n = ws.len();
-        let (mut next, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        // Equal-length slices zipped: no bounds checks, so the loop can vectorize.
-        let outputs = next.iter_mut().zip(&mut m_out).zip(&mut v_out);
-        let inputs = ws.iter().zip(gs).zip(ms).zip(vs);
-        for (((w_out, m_new), v_new), (((&w, &g), &m), &v)) in outputs.zip(inputs) {
-            (*w_out, *m_new, *v_new) = self.element(w, g, m, v);
-        }
-        drop(held);
+        let n = w.elem_count();
+        let (mut m_out, mut v_out) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        crate::train::cpu_buffers::with_cpu_f32(g, "a gradient", |gs| {
+            crate::train::cpu_buffers::with_cpu_f32(m, "Adam's first moment", |ms| {
+                crate::train::cpu_buffers::with_cpu_f32(v, "Adam's second moment", |vs| {
+                    w.inplace_op1(&AdamInPlace {
+                        step: self,
+                        inputs: [gs, ms, vs],
+                        outputs: std::cell::RefCell::new([&mut m_out, &mut v_out]),
+                    })?;
+                    Ok(())
+                })
+            })
+        })?;
         let tensor = |data: Vec<f32>| Tensor::from_vec(data, w.shape(), w.device());
-        Ok(Some((tensor(next)?, tensor(m_out)?, tensor(v_out)?)))
+        Ok(Some((tensor(m_out)?, tensor(v_out)?)))
+    }
+
+    /// `w ← w'` in place over `w`, `(m', v')` into `outputs` (empty, with room for `w.len()`):
+    /// one pass, no buffer zeroed first.
+    #[inline(always)]
+    fn apply_in_place(
+        &self,
+        w: &mut [f32],
+        [g, m, v]: [&[f32]; 3],
+        [m_out, v_out]: [&mut Vec<f32>; 2],
+    ) {
+        let n = w.len();
+        assert!(g.len() == n && m.len() == n && v.len() == n);
+        assert!(m_out.capacity() >= n && v_out.capacity() >= n);
+        let (mo, vo) = (
+            &mut m_out.spare_capacity_mut()[..n],
+            &mut v_out.spare_capacity_mut()[..n],
+        );
+        // Equal-length slices zipped: no bounds checks, so the loop can vectorize.
+        let outputs = w.iter_mut().zip(mo.iter_mut()).zip(vo.iter_mut());
+        let inputs = g.iter().zip(m).zip(v);
+        for (((w, m_new), v_new), ((&g, &m), &v)) in outputs.zip(inputs) {
+            let (next, m, v) = self.element(*w, g, m, v);
+            *w = next;
+            m_new.write(m);
+            v_new.write(v);
+        }
+        // SAFETY: the loop wrote each of the first `n` elements of both (the zip runs over
+        // all `n`: every slice above has `n` elements).
+        unsafe {
+            m_out.set_len(n);
+            v_out.set_len(n);
+        }
+    }
+
+    /// [`Self::apply_in_place`] compiled with AVX2 (the same operations, eight lanes at once).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn apply_in_place_avx2(&self, w: &mut [f32], inputs: [&[f32]; 3], outputs: [&mut Vec<f32>; 2]) {
+        self.apply_in_place(w, inputs, outputs);
+    }
+}
+
+/// Adam's fused step as an in-place op on `w`'s storage.
+struct AdamInPlace<'a, 'o> {
+    step: &'a AdamStep,
+    /// `g`, `m`, `v`.
+    inputs: [&'a [f32]; 3],
+    /// Where `m'` and `v'` go.
+    outputs: std::cell::RefCell<[&'o mut Vec<f32>; 2]>,
+}
+
+impl candle_core::InplaceOp1 for AdamInPlace<'_, '_> {
+    fn name(&self) -> &'static str {
+        "adam"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("adam: the parameter is not f32")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adam: the parameter is not contiguous")
+        };
+        let w = &mut data[start..end];
+        if self.inputs.iter().any(|x| x.len() != w.len()) {
+            candle_core::bail!(
+                "adam: the gradient or the moments differ in size from the parameter"
+            )
+        }
+        let mut outputs = self.outputs.borrow_mut();
+        let [m_out, v_out] = &mut *outputs;
+        let outputs = [&mut **m_out, &mut **v_out];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: this CPU has AVX2 (checked just above).
+            unsafe { self.step.apply_in_place_avx2(w, self.inputs, outputs) };
+            return Ok(());
+        }
+        self.step.apply_in_place(w, self.inputs, outputs);
+        Ok(())
     }
 }
 
@@ -227,6 +307,35 @@ impl Optimizer {
             .collect()
     }
 
+    /// Writes the LAN's curvature weights of parameter `i`, `sqrt(max(v̂, 0)) + eps` from
+    /// Adam's bias-corrected second moment `v̂` (the same bits as computing it from
+    /// [`Self::second_moment`]), into `out`, in one pass over the moment where it is a
+    /// CPU `f32` tensor. `false` (and `out` untouched) for SGD or an unknown parameter.
+    pub fn curvature_into(&self, i: usize, eps: f32, out: &mut Vec<f32>) -> Result<bool> {
+        let OptimizerSpec::Adam { beta2, .. } = self.spec else {
+            return Ok(false);
+        };
+        let Some(v) = self.slots[1].get(i) else {
+            return Ok(false);
+        };
+        let correction = 1.0 - beta2.powi(self.steps.max(1) as i32);
+        // `v / correction` is candle's affine map `v · (1/correction) + 0` in f32.
+        let (mul, add) = ((1.0 / correction) as f32, 0.0f32);
+        let curvature = |v: f32| (v * mul + add).max(0.0).sqrt() + eps;
+        out.clear();
+        let cpu = v.device().is_cpu() && v.dtype() == candle_core::DType::F32 && v.is_contiguous();
+        if cpu {
+            crate::train::cpu_buffers::with_cpu_f32(v, "Adam's second moment", |v| {
+                out.extend(v.iter().map(|&v| curvature(v)));
+                Ok(())
+            })?;
+        } else {
+            let v_hat = (v / correction)?.flatten_all()?.to_vec1::<f32>()?;
+            out.extend(v_hat.into_iter().map(|v| v.max(0.0).sqrt() + eps));
+        }
+        Ok(true)
+    }
+
     /// Applies one update with learning rate `lr` from `grads` (manifest order).
     pub fn step(&mut self, vars: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
         ensure!(
@@ -267,22 +376,29 @@ impl Optimizer {
                     let adam = AdamStep::new(beta1, beta2, eps, weight_decay, lr, t);
                     let (m, v) = (&self.slots[0][i], &self.slots[1][i]);
                     let fused = if self.fused {
-                        adam.fused(w, g, m, v)?
+                        adam.fused(var, g, m, v)?
                     } else {
                         None
                     };
                     let (next, m, v) = match fused {
-                        Some(fused) => fused,
-                        None => adam_by_tensor_ops(
-                            (beta1, beta2, eps, weight_decay),
-                            lr,
-                            t,
-                            [w, g, m, v],
-                        )?,
+                        Some((m, v)) => (None, m, v),
+                        None => {
+                            let (next, m, v) = adam_by_tensor_ops(
+                                (beta1, beta2, eps, weight_decay),
+                                lr,
+                                t,
+                                [w, g, m, v],
+                            )?;
+                            (Some(next), m, v)
+                        }
                     };
                     self.slots[0][i] = m;
                     self.slots[1][i] = v;
-                    next
+                    match next {
+                        Some(next) => next,
+                        // Written in place.
+                        None => continue,
+                    }
                 }
             };
             var.set(&next)?;
@@ -366,28 +482,31 @@ mod tests {
         };
         for weight_decay in [0.0, 0.01] {
             let hyper = (0.9, 0.999, 1e-8, weight_decay);
-            let mut w = values(1.0);
-            let (mut m, mut v) = (w.zeros_like().unwrap(), w.zeros_like().unwrap());
+            let var = Var::from_tensor(&values(1.0)).unwrap();
+            let (mut m, mut v) = (var.zeros_like().unwrap(), var.zeros_like().unwrap());
             for t in 1..=5 {
                 let g = values(1e-2);
                 let lr = 1e-3 * t as f64;
                 let adam = AdamStep::new(hyper.0, hyper.1, hyper.2, hyper.3, lr, t);
-                let fused = adam.fused(&w, &g, &m, &v).unwrap().expect("CPU f32");
+                // The tensor path first: the fused step overwrites w.
+                let w = var.as_tensor().copy().unwrap();
                 let ops = adam_by_tensor_ops(hyper, lr, t, [&w, &g, &m, &v]).unwrap();
+                let fused = adam.fused(&var, &g, &m, &v).unwrap().expect("CPU f32");
                 assert_eq!(
-                    bits(&fused.0),
+                    bits(var.as_tensor()),
                     bits(&ops.0),
                     "w, step {t}, decay {weight_decay}"
                 );
-                assert_eq!(bits(&fused.1), bits(&ops.1), "m, step {t}");
-                assert_eq!(bits(&fused.2), bits(&ops.2), "v, step {t}");
-                (w, m, v) = fused;
+                assert_eq!(bits(&fused.0), bits(&ops.1), "m, step {t}");
+                assert_eq!(bits(&fused.1), bits(&ops.2), "v, step {t}");
+                (m, v) = fused;
             }
         }
         // Another dtype takes the tensor path.
-        let wide = Tensor::zeros(4, candle_core::DType::F64, &Device::Cpu).unwrap();
+        let wide = Var::zeros(4, candle_core::DType::F64, &Device::Cpu).unwrap();
         let adam = AdamStep::new(0.9, 0.999, 1e-8, 0.0, 1e-3, 1);
-        assert!(adam.fused(&wide, &wide, &wide, &wide).unwrap().is_none());
+        let t = wide.as_tensor();
+        assert!(adam.fused(&wide, t, t, t).unwrap().is_none());
     }
 
     fn quadratic_descent(spec: OptimizerSpec, lr: f64) -> f32 {
@@ -434,5 +553,32 @@ mod tests {
             "{w:?}"
         );
         assert!(opt.second_moment().unwrap()[0].to_vec1::<f32>().unwrap()[0] > 15.9);
+    }
+
+    /// The one-pass curvature is `sqrt(max(v̂, 0)) + ε` of the tensor path's `v̂`, to the bit.
+    #[test]
+    fn curvature_in_one_pass_is_the_bias_corrected_moments() {
+        let var = Var::from_slice(&[0.5f32, -1.0, 0.0, 2.0], 4, &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(OptimizerSpec::adam(), std::slice::from_ref(&var)).unwrap();
+        let mut out = vec![7.0];
+        for step in 0..3 {
+            let g = Tensor::from_slice(&[4.0f32, -0.01, 0.0, 1e-3 * step as f32], 4, &Device::Cpu)
+                .unwrap();
+            opt.step(std::slice::from_ref(&var), &[g], 0.01).unwrap();
+            assert!(opt.curvature_into(0, 1e-8, &mut out).unwrap());
+            let v_hat = opt.second_moment().unwrap()[0].to_vec1::<f32>().unwrap();
+            let expected: Vec<u32> = v_hat
+                .iter()
+                .map(|v| (v.max(0.0).sqrt() + 1e-8).to_bits())
+                .collect();
+            assert_eq!(
+                out.iter().map(|c| c.to_bits()).collect::<Vec<_>>(),
+                expected
+            );
+        }
+        // SGD keeps no second moment, and no parameter 1 exists.
+        assert!(!opt.curvature_into(1, 1e-8, &mut out).unwrap());
+        let sgd = Optimizer::new(OptimizerSpec::sgd(), std::slice::from_ref(&var)).unwrap();
+        assert!(!sgd.curvature_into(0, 1e-8, &mut out).unwrap());
     }
 }
