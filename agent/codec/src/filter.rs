@@ -45,6 +45,21 @@ pub fn significance_filter(acc: &mut [f32], w: &[f32], tau: f32) -> Selection {
 /// `k` magnitudes clear, one pass keeps those (and finds every significant one again only
 /// when fewer than `k` cleared it), and the exact cut is made among them.
 pub fn significant_top(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Selection {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        #[target_feature(enable = "avx2")]
+        fn with_avx2(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Selection {
+            significant_top_portable(acc, w, tau, k)
+        }
+        // SAFETY: this CPU has AVX2 (checked just above).
+        return unsafe { with_avx2(acc, w, tau, k) };
+    }
+    significant_top_portable(acc, w, tau, k)
+}
+
+/// [`significant_top`] as written: compiled once as is and once with AVX2.
+#[inline(always)]
+fn significant_top_portable(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Selection {
     assert_eq!(
         acc.len(),
         w.len(),
@@ -66,30 +81,9 @@ pub fn significant_top(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Select
         }
     };
     let floor = sampled_floor(acc, w, key, k);
-    let keep_from = |floor: u32| -> Vec<(u32, u32)> {
-        let mut kept = Vec::with_capacity(2 * k + 16);
-        // A block's keys in registers, its elements looked at one by one only when one
-        // of them clears the floor: most blocks have none.
-        let (blocks, w_blocks) = (acc.chunks(KEY_BLOCK), w.chunks(KEY_BLOCK));
-        for (b, (ab, wb)) in blocks.zip(w_blocks).enumerate() {
-            let mut keys = [0u32; KEY_BLOCK];
-            for ((key_of, &a), &w) in keys.iter_mut().zip(ab).zip(wb) {
-                *key_of = key(a, w);
-            }
-            if keys.iter().copied().max().unwrap_or(0) < floor {
-                continue;
-            }
-            for (j, &key) in keys.iter().enumerate().take(ab.len()) {
-                if key >= floor {
-                    kept.push(((b * KEY_BLOCK + j) as u32, key));
-                }
-            }
-        }
-        kept
-    };
-    let mut kept = keep_from(floor);
+    let mut kept = keys_from(acc, w, key, floor, k);
     if kept.len() < k && floor > 1 {
-        kept = keep_from(1);
+        kept = keys_from(acc, w, key, 1, k);
     }
     if kept.len() > k {
         let mut keys: Vec<u32> = kept.iter().map(|&(_, key)| key).collect();
@@ -112,8 +106,41 @@ pub fn significant_top(acc: &mut [f32], w: &[f32], tau: f32, k: usize) -> Select
     out
 }
 
+/// The `(index, key)` of every element whose key reaches `floor`, in index order (room
+/// for about `2k`). Inlined into both copies of [`significant_top`]: it is their one pass
+/// over the whole tensor.
+#[inline(always)]
+fn keys_from(
+    acc: &[f32],
+    w: &[f32],
+    key: impl Fn(f32, f32) -> u32,
+    floor: u32,
+    k: usize,
+) -> Vec<(u32, u32)> {
+    let mut kept = Vec::with_capacity(2 * k + 16);
+    // A block's keys in registers, its elements looked at one by one only when one of them
+    // clears the floor: most blocks have none.
+    let (blocks, w_blocks) = (acc.chunks(KEY_BLOCK), w.chunks(KEY_BLOCK));
+    for (b, (ab, wb)) in blocks.zip(w_blocks).enumerate() {
+        let mut keys = [0u32; KEY_BLOCK];
+        for ((key_of, &a), &w) in keys.iter_mut().zip(ab).zip(wb) {
+            *key_of = key(a, w);
+        }
+        if keys.iter().copied().max().unwrap_or(0) < floor {
+            continue;
+        }
+        for (j, &key) in keys.iter().enumerate().take(ab.len()) {
+            if key >= floor {
+                kept.push(((b * KEY_BLOCK + j) as u32, key));
+            }
+        }
+    }
+    kept
+}
+
 /// Takes every significant element out of `acc` (counted first, so the selection is
 /// allocated once).
+#[inline(always)]
 fn take_significant(acc: &mut [f32], w: &[f32], tau: f32) -> Selection {
     let n = acc
         .iter()
@@ -141,6 +168,7 @@ const SAMPLE: usize = 4096;
 
 /// A key that about `2k` of `acc`'s keys reach, read from a strided sample of them; 1 (every
 /// significant element) when the sample cannot tell.
+#[inline(always)]
 fn sampled_floor(acc: &[f32], w: &[f32], key: impl Fn(f32, f32) -> u32, k: usize) -> u32 {
     let n = acc.len();
     let taken = SAMPLE.min(n);
@@ -195,6 +223,21 @@ const LANES: usize = 8;
 /// element, where computing each statistic on its own reads the tensors once per
 /// statistic and divides once per threshold. Called for every tensor and link every round.
 pub fn update_stats(acc: &[f32], w: &[f32], taus: &[f32]) -> UpdateStats {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        #[target_feature(enable = "avx2")]
+        fn with_avx2(acc: &[f32], w: &[f32], taus: &[f32]) -> UpdateStats {
+            update_stats_portable(acc, w, taus)
+        }
+        // SAFETY: this CPU has AVX2 (checked just above).
+        return unsafe { with_avx2(acc, w, taus) };
+    }
+    update_stats_portable(acc, w, taus)
+}
+
+/// [`update_stats`] as written: compiled once as is and once with AVX2.
+#[inline(always)]
+fn update_stats_portable(acc: &[f32], w: &[f32], taus: &[f32]) -> UpdateStats {
     assert_eq!(
         acc.len(),
         w.len(),
@@ -253,6 +296,21 @@ pub fn update_stats(acc: &[f32], w: &[f32], taus: &[f32]) -> UpdateStats {
 
 /// L2 norm of `x`, summed in f64 over [`LANES`] accumulators.
 pub fn l2_norm(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        #[target_feature(enable = "avx2")]
+        fn with_avx2(x: &[f32]) -> f32 {
+            l2_norm_portable(x)
+        }
+        // SAFETY: this CPU has AVX2 (checked just above).
+        return unsafe { with_avx2(x) };
+    }
+    l2_norm_portable(x)
+}
+
+/// [`l2_norm`] as written: compiled once as is and once with AVX2.
+#[inline(always)]
+fn l2_norm_portable(x: &[f32]) -> f32 {
     let mut squares = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
     for (k, &v) in chunks.remainder().iter().enumerate() {
@@ -270,6 +328,48 @@ pub fn l2_norm(x: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Where the CPU has AVX2, the passes run their AVX2 copy: it gives the portable
+    /// copy's results to the bit, on values that include zeros, NaNs and infinities.
+    #[test]
+    fn the_avx2_copies_give_the_portable_results() {
+        let mut state = 9u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as f32 / u32::MAX as f32 - 0.5
+        };
+        let specials = [0.0, -0.0, f32::NAN, f32::INFINITY, -1e-39];
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| match specials.get(i % 89) {
+                    Some(&v) => v,
+                    None => next(),
+                })
+                .collect()
+        };
+        let (acc, w) = (values(10_007), values(10_007));
+        let taus = [0.0, 0.01, 0.5, 3.0];
+        let stats = update_stats(&acc, &w, &taus);
+        let portable = update_stats_portable(&acc, &w, &taus);
+        assert_eq!(stats.update_l2.to_bits(), portable.update_l2.to_bits());
+        assert_eq!(
+            stats.max_relative.to_bits(),
+            portable.max_relative.to_bits()
+        );
+        assert_eq!(stats.significant_fraction, portable.significant_fraction);
+        assert_eq!(l2_norm(&w).to_bits(), l2_norm_portable(&w).to_bits());
+        for k in [1, 100, 5000, usize::MAX] {
+            let (mut a1, mut a2) = (acc.clone(), acc.clone());
+            let top = significant_top(&mut a1, &w, 0.01, k);
+            let portable = significant_top_portable(&mut a2, &w, 0.01, k);
+            assert_eq!(top.indices, portable.indices, "k = {k}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&top.values), bits(&portable.values));
+            assert_eq!(bits(&a1), bits(&a2));
+        }
+    }
 
     #[test]
     fn selects_relative_changes_and_zero_weights() {

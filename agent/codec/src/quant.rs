@@ -571,8 +571,8 @@ pub fn dequantize_reusing(
 mod tests {
     use super::*;
     use crate::rng::DitherRng;
-    use rand::RngCore;
     use proptest::prelude::*;
+    use rand::RngCore;
 
     /// The AVX2 copy of the uniform quantizer's loop gives the portable copy's codes and
     /// decoded values, to the bit, on values that include zeros, NaNs and infinities.
