@@ -214,7 +214,7 @@ impl RegionTrainer {
             // Token ids are not features: quantizing them would change the text.
             data_mode_allowed: !spec.is_language_model(),
             quantizing: Vec::new(),
-            parallel_workers: candle_core::utils::get_num_threads() > 1,
+            parallel_workers: !crate::train::device::one_compute_thread(),
         })
     }
 

@@ -1017,7 +1017,7 @@ impl Core {
             evaluations: Vec::new(),
             evaluator: if self.evaluate_in_background {
                 // One compute thread: this agent shares its host; evaluate on what is left.
-                let low_priority = candle_core::utils::get_num_threads() == 1;
+                let low_priority = crate::train::device::one_compute_thread();
                 Some(Evaluator::start(
                     self.trainer.evaluation_model()?,
                     Arc::clone(&self.test),

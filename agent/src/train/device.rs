@@ -3,6 +3,14 @@
 use anyhow::{Result, bail};
 use candle_core::Device;
 
+/// Whether this process computes on one CPU thread (`CANDLE_NUM_THREADS=1`, as an agent
+/// sharing its host with others runs): then a region's LAN workers take turns on the step's
+/// thread and the evaluation thread runs at the lowest priority, instead of threads that
+/// would only contend for that core.
+pub fn one_compute_thread() -> bool {
+    candle_core::utils::get_num_threads() == 1
+}
+
 /// A device as named on the command line: `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
