@@ -546,6 +546,37 @@ mod tests {
         }
     }
 
+    /// A dense update encoded from a borrowed slice is the same frame, the same decoded
+    /// values and the same dither stream as the owned update's.
+    #[test]
+    fn encode_dense_is_encode_of_a_dense_update() {
+        let values: Vec<f32> = (0..3000)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        for quantizer in [
+            Quantizer::uniform(8),
+            Quantizer::terngrad(),
+            Quantizer::Fp32,
+        ] {
+            let opts = EncodeOptions {
+                quantizer,
+                zstd_level: None,
+            };
+            let (mut r1, mut r2) = (DitherRng::new(5), DitherRng::new(5));
+            let owned = encode(
+                &meta(),
+                values.len(),
+                &Update::Dense(values.clone()),
+                &opts,
+                &mut r1,
+            )
+            .unwrap();
+            let borrowed = encode_dense(&meta(), &values, &opts, &mut r2, Vec::new()).unwrap();
+            assert_eq!(owned, borrowed, "{quantizer:?}");
+            assert_eq!(r1.state(), r2.state());
+        }
+    }
+
     fn opts(quantizer: Quantizer, zstd_level: Option<i32>) -> EncodeOptions {
         EncodeOptions {
             quantizer,

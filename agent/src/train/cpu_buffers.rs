@@ -104,10 +104,14 @@ impl candle_core::InplaceOp1 for Overwrite<'_> {
 /// `f32` tensor, and through `Var::set` otherwise.
 pub(crate) fn overwrite(var: &candle_core::Var, values: &[f32]) -> Result<()> {
     let t = var.as_tensor();
-    let in_place = t.device().is_cpu()
-        && t.dtype() == candle_core::DType::F32
-        && t.is_contiguous()
-        && t.elem_count() == values.len();
+    if t.elem_count() != values.len() {
+        bail!(
+            "{} values for a parameter of {} elements",
+            values.len(),
+            t.elem_count()
+        )
+    }
+    let in_place = t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous();
     if in_place {
         t.inplace_op1(&Overwrite(values))
     } else {
@@ -131,4 +135,43 @@ pub(crate) fn with_f32_elements<R>(
         unreachable!("checked to be on the CPU")
     };
     f(contiguous::<f32>(cpu, layout, "a tensor")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A parameter overwritten in place holds the new values, and a tensor that shared its
+    /// storage (as `Var::set` would leave it) sees them too; a wrong count is an error that
+    /// says so, and the parameter keeps its values.
+    #[test]
+    fn overwrite_writes_the_values_in_place() {
+        let var = Var::from_slice(&[1.0f32, 2.0, 3.0, 4.0], (2, 2), &Device::Cpu).unwrap();
+        let alias = var.as_tensor().clone();
+        overwrite(&var, &[5.0, 6.0, 7.0, 8.0]).unwrap();
+        let read = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(read(var.as_tensor()), [5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(read(&alias), [5.0, 6.0, 7.0, 8.0]);
+        let err = overwrite(&var, &[1.0, 2.0, 3.0]).unwrap_err().to_string();
+        assert!(err.contains('3') && err.contains('4'), "{err}");
+        assert_eq!(read(var.as_tensor()), [5.0, 6.0, 7.0, 8.0]);
+        // Another dtype goes through `Var::set`.
+        let wide = Var::from_slice(&[1.0f64, 2.0], 2, &Device::Cpu).unwrap();
+        assert!(overwrite(&wide, &[3.0, 4.0]).is_err());
+    }
+
+    /// A contiguous tensor's elements are borrowed, a strided one's copied out in order:
+    /// the same values either way.
+    #[test]
+    fn elements_of_contiguous_and_strided_tensors() {
+        let t =
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], (2, 3), &Device::Cpu).unwrap();
+        let seen = with_f32_elements(&t, |v| Ok(v.to_vec())).unwrap();
+        assert_eq!(seen, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let transposed = t.t().unwrap();
+        assert!(!transposed.is_contiguous());
+        let seen = with_f32_elements(&transposed, |v| Ok(v.to_vec())).unwrap();
+        assert_eq!(seen, [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
 }

@@ -363,6 +363,8 @@ fn ternary_alternating(w: &[f32], d: &[f32], idx: &[usize], iters: u32, levels: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
 
     /// Dequantizing with AVX2 gives the portable bits, on both signs and both scales.
     #[cfg(target_arch = "x86_64")]
@@ -385,8 +387,6 @@ mod tests {
         assert_eq!(bits(&portable), bits(&avx2));
         assert_eq!(bits(&q.dequantize()), bits(&portable));
     }
-    use proptest::prelude::*;
-    use proptest::strategy::ValueTree;
 
     /// Minimum of Σ d (w − α b/k)² over every level vector b and the optimal α ≥ 0 for each.
     fn brute_force(w: &[f32], d: &[f32], k: i32, split: bool) -> f64 {
