@@ -221,7 +221,8 @@ struct UniformGrid {
 }
 
 impl UniformGrid {
-    /// Writes the codes of `block` under the dither `uniforms` and appends their decoded
+    /// Writes the codes of `block` under the dither `uniforms` (each in `[0, 1)`, as
+    /// `fill_uniforms` draws them) and appends their decoded
     /// values to `decoded`; with AVX2 where the CPU has it, the same operations either way
     /// (so the same bits on every machine).
     fn codes(self, block: &[f32], uniforms: &[f32], codes: &mut [u8], decoded: &mut Vec<f32>) {
@@ -260,7 +261,8 @@ impl UniformGrid {
             let pos = ((v + s) * inv_step).clamp(0.0, levels);
             let up = (pos + u).min(levels);
             // SAFETY: `up` is finite and in `0..=levels ⊆ 0..=255`: the clamp bounds `pos`
-            // (a NaN stays NaN and `min` then gives `levels`), `u < 1` and `min` caps it.
+            // (a NaN stays NaN and `min` then gives `levels`), `u` is a uniform in `[0, 1)`
+            // (every caller draws it with `fill_uniforms`) and `min` caps the sum.
             *c = unsafe { up.to_int_unchecked::<i32>() } as u8;
         }
         // Same expression as `uniform_levels`, so bit-identical to what decoding yields.
