@@ -100,6 +100,12 @@ impl candle_core::InplaceOp1 for Overwrite<'_> {
     }
 }
 
+/// Whether `t` is a contiguous CPU `f32` tensor: one whose elements the CPU paths here
+/// read or write directly.
+pub(crate) fn is_contiguous_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+}
+
 /// Writes `values` into `var` (same element count) in place where it is a contiguous CPU
 /// `f32` tensor, and through `Var::set` otherwise.
 pub(crate) fn overwrite(var: &candle_core::Var, values: &[f32]) -> Result<()> {
@@ -111,8 +117,7 @@ pub(crate) fn overwrite(var: &candle_core::Var, values: &[f32]) -> Result<()> {
             t.elem_count()
         )
     }
-    let in_place = t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous();
-    if in_place {
+    if is_contiguous_cpu_f32(t) {
         t.inplace_op1(&Overwrite(values))
     } else {
         var.set(&Tensor::from_slice(values, t.shape(), t.device())?)
@@ -125,9 +130,7 @@ pub(crate) fn with_f32_elements<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> anyhow::Result<R>,
 ) -> anyhow::Result<R> {
-    let borrowable =
-        t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous();
-    if !borrowable {
+    if !is_contiguous_cpu_f32(t) {
         return f(&t.flatten_all()?.to_vec1::<f32>()?);
     }
     let (storage, layout) = t.storage_and_layout();

@@ -120,10 +120,7 @@ impl AdamStep {
     ) -> Result<Option<(Tensor, Tensor)>> {
         let w = var.as_tensor();
         let cpu_f32 = |t: &Tensor| {
-            t.device().is_cpu()
-                && t.dtype() == candle_core::DType::F32
-                && t.is_contiguous()
-                && t.elem_count() == w.elem_count()
+            crate::train::cpu_buffers::is_contiguous_cpu_f32(t) && t.elem_count() == w.elem_count()
         };
         if ![w, g, m, v].into_iter().all(cpu_f32) {
             return Ok(None);
@@ -323,8 +320,7 @@ impl Optimizer {
         let (mul, add) = ((1.0 / correction) as f32, 0.0f32);
         let curvature = |v: f32| (v * mul + add).max(0.0).sqrt() + eps;
         out.clear();
-        let cpu = v.device().is_cpu() && v.dtype() == candle_core::DType::F32 && v.is_contiguous();
-        if cpu {
+        if crate::train::cpu_buffers::is_contiguous_cpu_f32(v) {
             crate::train::cpu_buffers::with_cpu_f32(v, "Adam's second moment", |v| {
                 out.extend(v.iter().map(|&v| curvature(v)));
                 Ok(())
